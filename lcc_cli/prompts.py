@@ -1,0 +1,83 @@
+"""How documents, questions and instructions become token ids, for every condition alike.
+
+The document goes into a system turn; the question into a user turn. A cartridge replaces
+exactly the tokens of that system turn, so `ask --context`, `ask` with a cartridge and the
+no-context baseline share one user turn and one decoding path. Models without a chat
+template (the tiny test models) get a plain-text layout with the same split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+
+SYSTEM_WITH_DOCUMENT = "Answer using the document below. Be brief.\n\nDocument:\n{document}"
+SYSTEM_PLAIN = "Answer the question. Be brief."
+RECONSTRUCT_INSTRUCTION = "Repeat the document word for word."
+
+
+@dataclass
+class Prompter:
+    """Formats turns for one tokenizer."""
+
+    tokenizer: object
+
+    @cached_property
+    def chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def context_ids(self, document: str | None) -> list[int]:
+        """The turn that a cartridge replaces: the document (or nothing, for `none`)."""
+        system = SYSTEM_PLAIN if document is None else SYSTEM_WITH_DOCUMENT.format(document=document)
+        if not self.chat:
+            return self.encode(system + "\n\n")
+        return self.encode(self.tokenizer.apply_chat_template([{"role": "system", "content": system}],
+                                                              tokenize=False))
+
+    def query_ids(self, question: str) -> list[int]:
+        """A user turn and the assistant header, as it follows the context turn."""
+        if not self.chat:
+            return self.encode(f"Question: {question}\nAnswer:")
+        system = [{"role": "system", "content": "x"}]
+        head = self.tokenizer.apply_chat_template(system, tokenize=False)
+        full = self.tokenizer.apply_chat_template(system + [{"role": "user", "content": question}],
+                                                  tokenize=False, add_generation_prompt=True)
+        if not full.startswith(head):
+            raise ValueError("chat template does not render the system turn as a prefix")
+        return self.encode(full[len(head):])
+
+    def document_ids(self, document: str) -> list[int]:
+        """The reconstruction target: the document's tokens followed by the end of the turn."""
+        return self.encode(document) + self.end_ids
+
+    @cached_property
+    def end_ids(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return [eos] if eos is not None else []
+
+    @cached_property
+    def stop_ids(self) -> set[int]:
+        ids = set(self.end_ids)
+        for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != getattr(self.tokenizer, "unk_token_id", None):
+                ids.add(tid)
+        return ids
+
+
+def generic_instructions() -> tuple[list[str], list[str]]:
+    """The shipped instructions for the KL regulariser (package data), as two lists:
+    context-agnostic ones, and ones that refer to "the document" without depending on it."""
+    text = resources.files("lcc_cli").joinpath("data/instructions.txt").read_text(encoding="utf-8")
+    sections: list[list[str]] = [[]]
+    for line in text.splitlines():
+        if line.startswith("# Section 2"):
+            sections.append([])
+        elif line.strip() and not line.startswith("#"):
+            sections[-1].append(line.strip())
+    agnostic, about_document = sections
+    return agnostic, about_document

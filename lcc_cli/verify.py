@@ -1,0 +1,130 @@
+"""`lcc verify`: run every integrity and compatibility check on a cartridge and report each.
+
+Unlike `load_cartridge`, which stops at the first defect, this runs the checks in order
+and records pass / fail / skipped for each, so users see exactly which one failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cartridge as fmt
+from .errors import LccError
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: skipped because an earlier check failed
+    detail: str = ""
+
+
+def verify_file(path: str | Path, loaded=None, source: str | Path | None = None) -> tuple[list[Check], object]:
+    """Run the checks. `loaded` (a LoadedModel) enables the model checks; `source` the
+    source-hash check. Returns the checks and the cartridge (None if it did not load)."""
+    path = Path(path)
+    checks: list[Check] = []
+    state: dict = {}
+
+    def run(name: str, fn) -> bool:
+        if checks and checks[-1].ok is not True and name in _DEPENDENT:
+            checks.append(Check(name, None, "skipped"))
+            return False
+        try:
+            checks.append(Check(name, True, fn() or ""))
+            return True
+        except LccError as exc:
+            checks.append(Check(name, False, exc.message))
+            return False
+
+    def parse():
+        state["data"] = path.read_bytes() if path.is_file() else _missing(path)
+        state["header"] = fmt._parse_header(state["data"], path.name)
+        meta = state["header"].get("__metadata__") or {}
+        if "lcc_manifest" not in meta:
+            raise fmt.CartridgeError("safetensors file without an lcc manifest")
+        try:
+            state["manifest"] = json.loads(meta["lcc_manifest"])
+        except ValueError as exc:
+            raise fmt.CartridgeError("manifest is not valid JSON") from exc
+        state["meta"] = meta
+        return f"{len(state['data']):,} bytes"
+
+    def version():
+        m = state["manifest"]
+        v = m.get("format_version") if isinstance(m, dict) else None
+        if m.get("format") != fmt.FORMAT_NAME or v != fmt.FORMAT_VERSION:
+            raise fmt.CartridgeError(f"format {m.get('format')!r} version {v!r}; expected "
+                                     f"{fmt.FORMAT_NAME!r} version {fmt.FORMAT_VERSION}")
+        return f"{fmt.FORMAT_NAME} v{v}"
+
+    def schema():
+        fmt.validate_manifest(state["manifest"], path.name)
+
+    def checksum():
+        state["tensors"] = fmt._load_tensors(state["data"], path.name)
+        digest = fmt.tensor_sha256(state["tensors"])
+        if digest != state["manifest"]["tensor_sha256"]:
+            raise fmt.CartridgeError("tensor sha256 differs from the manifest")
+        if state["meta"].get("lcc_checksum") != fmt._checksum(state["meta"]["lcc_manifest"], digest):
+            raise fmt.CartridgeError("manifest checksum differs (manifest edited)")
+        return digest[:16]
+
+    def shapes():
+        kv = fmt._check_shapes(state["manifest"], state["tensors"], path.name)
+        state["cart"] = fmt.Cartridge(state["manifest"], kv)
+        return f"{len(kv)} layers x {state['cart'].slots} slots"
+
+    run("parse", parse)
+    run("version", version)
+    run("schema", schema)
+    run("checksum", checksum)
+    run("shapes", shapes)
+    cart = state.get("cart")
+    if loaded is not None:
+        run("model-shape", lambda: _model_shape(cart, loaded))
+        run("fingerprint", lambda: _fingerprint(cart, loaded))
+    if source is not None:
+        run("source", lambda: _source(cart, Path(source)))
+    return checks, cart
+
+
+# Checks that make no sense once an earlier one failed.
+_DEPENDENT = {"version", "schema", "checksum", "shapes", "model-shape", "fingerprint", "source"}
+
+
+def _missing(path: Path):
+    raise fmt.CartridgeError(f"no such file: {path}")
+
+
+def _model_shape(cart, loaded) -> str:
+    facts, want = loaded.facts, cart.manifest["model"]
+    for key in ("num_layers", "num_kv_heads", "head_dim"):
+        if want[key] != facts[key]:
+            raise fmt.ModelMismatchError(f"{key}: cartridge {want[key]}, model {facts[key]}")
+    if want.get("rope_theta") and facts.get("rope_theta") and want["rope_theta"] != facts["rope_theta"]:
+        raise fmt.ModelMismatchError(f"rope_theta: cartridge {want['rope_theta']}, model {facts['rope_theta']}")
+    limit = facts.get("max_positions")
+    if limit and cart.first_query_position >= limit:
+        raise fmt.ModelMismatchError(f"first query position {cart.first_query_position} is past the model window")
+    return f"layers {facts['num_layers']}, kv heads {facts['num_kv_heads']}, head dim {facts['head_dim']}"
+
+
+def _fingerprint(cart, loaded) -> str:
+    want = cart.manifest["model"]["fingerprint"]
+    if want != loaded.fingerprint:
+        raise fmt.ModelMismatchError(f"made for {cart.manifest['model']['id']} ({want[:12]}), "
+                                     f"loaded {loaded.model_id} ({loaded.fingerprint[:12]})")
+    return want[:16]
+
+
+def _source(cart, source: Path) -> str:
+    if not source.is_file():
+        raise fmt.CartridgeError(f"source not found: {source}")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    if digest != cart.manifest["source"].get("sha256"):
+        raise fmt.CartridgeError(f"{source.name} is not the document this cartridge was compiled from")
+    return digest[:16]

@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny random Llama with a tiny tokenizer, saved as a real model
+directory (so tests go through the same loading code as users), and a temp LCC_HOME."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CORPUS = (
+    "The lighthouse stands on a granite spur at the edge of the bay. It was completed in 1868 by the "
+    "engineer Ada Pellinger. The tower is 41 metres tall and painted in red and white bands. "
+    "Question Answer Document Repeat the document word for word. Name three colours. "
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()-\n"
+)
+DOC = ("The lighthouse stands on a granite spur at the edge of the bay. It was completed in 1868 "
+       "by the engineer Ada Pellinger. The tower is 41 metres tall.")
+
+
+@pytest.fixture(autouse=True)
+def lcc_home(tmp_path, monkeypatch):
+    home = tmp_path / "lcc-home"
+    monkeypatch.setenv("LCC_HOME", str(home))
+    monkeypatch.delenv("LCC_MODEL", raising=False)
+    return home
+
+
+def build_tiny_model(directory: Path, seed: int = 0, layers: int = 2) -> Path:
+    """Write a random 2-layer Llama (hidden 64) and a byte-level BPE tokenizer to `directory`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      rope_theta=10000.0, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                      bos_token_id=None, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory) -> Path:
+    """Same shapes as tiny_model_dir, different weights: a different model."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model-b"), seed=1)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    from lcc_cli.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture
+def doc_file(tmp_path) -> Path:
+    path = tmp_path / "doc.txt"
+    path.write_text(DOC)
+    return path
+
+
+def fast_config(**overrides):
+    from lcc_cli.config import CompileConfig
+
+    base = dict(ratio=8, steps=3, lr=1e-2, kl_pool=4, kl_per_step=2, response_tokens=4, segment_tokens=256)
+    base.update(overrides)
+    return CompileConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory, tiny_model_dir):
+    """One cartridge compiled from DOC with the tiny model, shared by read-only tests."""
+    from lcc_cli.engine import compile_file
+
+    d = tmp_path_factory.mktemp("compiled")
+    src = d / "doc.txt"
+    src.write_text(DOC)
+    old = os.environ.get("LCC_HOME")
+    os.environ["LCC_HOME"] = str(d / "home")
+    try:
+        compile_file(src, d / "doc.lcc", fast_config(), model=str(tiny_model_dir))
+    finally:
+        if old is None:
+            os.environ.pop("LCC_HOME", None)
+        else:
+            os.environ["LCC_HOME"] = old
+    return d / "doc.lcc", src
