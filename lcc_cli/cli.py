@@ -103,7 +103,7 @@ def compile_cmd(
     cfg = CompileConfig(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank, lora_alpha=2 * lora_rank,
                         teacher=teacher, segment_tokens=segment_tokens, seed=seed)
     output = output or source.with_suffix(".lcc")
-    with _compile_progress(quiet=as_json) as progress:
+    with _compile_progress(quiet=as_json or not err.is_terminal) as progress:
         result = engine.compile_file(source, output, cfg, model=model, force=force, max_bytes=max_bytes,
                                      progress=progress)
     if as_json:
@@ -144,7 +144,8 @@ class _compile_progress:
     def segment(self, index: int, total: int, tokens: int, steps: int):
         if self.task is None:
             self.task = self.bar.add_task("compiling", total=total * steps, losses="")
-        self.bar.print(f"segment {index + 1}/{total}: {tokens} tokens", highlight=False)
+        if not self.quiet:
+            self.bar.print(f"segment {index + 1}/{total}: {tokens} tokens", highlight=False)
 
     def step(self, step: int, total: int, metrics: dict):
         losses = f"recon {metrics['recon']:.3f} kl {metrics['kl']:.3f}"

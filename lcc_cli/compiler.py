@@ -262,6 +262,9 @@ def compile_document(loaded, doc, cfg: CompileConfig, on_segment: Callable[[int,
     Returns (segments, texts).
     """
     texts = document_segments(loaded, doc.text, cfg)
+    prompter = Prompter(loaded.tokenizer)
+    for text in texts:  # every segment must fit the ratio before minutes are spent on the first
+        slot_count(len(prompter.context_ids(text)), cfg.ratio)
     segments = list(done or [])
     for index in range(len(segments), len(texts)):
         if on_segment:

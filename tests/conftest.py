@@ -41,7 +41,7 @@ def build_tiny_model(directory: Path, seed: int = 0, layers: int = 2) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                       rope_theta=10000.0, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
                       bos_token_id=None, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
