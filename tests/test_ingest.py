@@ -1,0 +1,82 @@
+"""Reading sources: text, Markdown, PDF, and every unusable input as a one-line InputError."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from lcc_cli.errors import InputError
+from lcc_cli.ingest import read_document, split_segments
+from pdfs import blank_pdf, encrypted_pdf, text_pdf
+
+
+def test_text_and_markdown(tmp_path):
+    p = tmp_path / "a.md"
+    p.write_bytes("# Title\r\n\r\n\r\n\r\nBody text.\r\n".encode())
+    doc = read_document(p)
+    assert doc.text == "# Title\n\nBody text."
+    assert doc.sha256 == hashlib.sha256(p.read_bytes()).hexdigest() and doc.name == "a.md"
+
+
+def test_pdf_text_is_extracted(tmp_path):
+    p = tmp_path / "a.pdf"
+    p.write_bytes(text_pdf([["The bridge has seven arches."], ["It was built in 1742."]]))
+    doc = read_document(p)
+    assert "seven arches" in doc.text and "1742" in doc.text
+
+
+@pytest.mark.parametrize("name,data,fragment", [
+    ("empty.txt", b"", "empty"),
+    ("blank.txt", b"\n\n   \n", "empty"),
+    ("bin.txt", b"\x00\x01\x02\x03" * 50, "binary"),
+    ("latin.txt", "caf\xe9 cr\xe8me".encode("latin-1"), "not valid UTF-8"),
+    ("x.docx", b"PK\x03\x04 zip", "unsupported file type"),
+    ("scan.pdf", None, "no extractable text"),
+    ("locked.pdf", None, "encrypted"),
+    ("broken.pdf", b"%PDF-1.4\n this is not really a pdf", "PDF"),
+])
+def test_unusable_inputs(tmp_path, name, data, fragment):
+    if name == "scan.pdf":
+        data = blank_pdf()
+    if name == "locked.pdf":
+        data = encrypted_pdf(["secret text"])
+    p = tmp_path / name
+    p.write_bytes(data)
+    with pytest.raises(InputError, match=fragment) as info:
+        read_document(p)
+    assert "\n" not in info.value.message
+
+
+def test_size_limit(tmp_path):
+    p = tmp_path / "big.txt"
+    p.write_text("word " * 1000)
+    with pytest.raises(InputError, match="limit"):
+        read_document(p, max_bytes=100)
+    assert read_document(p, max_bytes=10_000).text.startswith("word")
+
+
+def test_missing_and_directory(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        read_document(tmp_path / "nope.txt")
+    with pytest.raises(InputError, match="not a regular file"):
+        read_document(tmp_path)
+
+
+def count_words(s: str) -> int:
+    return len(s.split())
+
+
+def test_split_prefers_paragraphs_and_respects_the_limit():
+    paras = [" ".join(f"p{i}w{j}." for j in range(8)) for i in range(6)]
+    segments = split_segments("\n\n".join(paras), count_words, 20)
+    assert all(count_words(s) <= 20 for s in segments)
+    assert len(segments) == 3  # two 8-word paragraphs fit in 20, a third does not
+    assert " ".join(segments).split() == "\n\n".join(paras).split()  # nothing lost or reordered
+
+
+def test_split_breaks_long_paragraphs_by_sentence_then_word():
+    text = "One two three. " * 10 + " ".join(["long"] * 50)
+    segments = split_segments(text, count_words, 12)
+    assert all(count_words(s) <= 12 for s in segments)
+    assert " ".join(segments).split() == text.split()

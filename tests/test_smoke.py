@@ -1,0 +1,41 @@
+"""End to end on the real embedded SmolLM2-135M-Instruct: de-quantise, compile a few steps, ask.
+
+Slow-ish (about a minute on 2 CPU cores) but part of the default suite: it is the one test
+that proves the product works on the model users get.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lcc_cli.cli import app
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "harbor.md"
+
+
+@pytest.mark.slow
+def test_real_model_compile_then_ask(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "harbor.lcc"
+    result = runner.invoke(app, ["compile", str(EXAMPLE), "--ratio", "16", "--steps", "3", "-o", str(out),
+                                 "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model"] == "smollm2-135m"
+    assert summary["slots"] == -(-summary["tokens"] // 16)
+
+    verify = runner.invoke(app, ["verify", str(out), "--source", str(EXAMPLE)])
+    assert verify.exit_code == 0, verify.stdout + verify.stderr
+
+    answer = runner.invoke(app, ["ask", str(out), "Who designed the lighthouse?", "--json"])
+    payload = json.loads(answer.stdout)
+    assert answer.exit_code == 0 and payload["answer"].strip()
+    assert payload["kv_positions"] == summary["slots"]
+
+    full = json.loads(runner.invoke(app, ["ask", "--context", str(EXAMPLE), "When was the lighthouse completed?",
+                                          "--json"]).stdout)
+    assert "1868" in full["answer"]  # the real model reads the document: the baseline works
