@@ -245,5 +245,68 @@ def verify(
         raise VerifyFailed(f"check '{failed.name}' failed: {failed.detail}")
 
 
+@app.command("eval")
+@_errors
+def eval_cmd(
+    data: Path = typer.Argument(..., help="JSONL dataset: {id, title, context, questions: [{q, answers}]} per line."),
+    ratio: Optional[list[float]] = typer.Option(None, "--ratio", help="Compression ratio; repeat for several."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N documents."),
+    questions: Optional[int] = typer.Option(None, help="At most N questions per document."),
+    steps: Optional[int] = typer.Option(None, help="Compile steps per segment (default: compile default)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML with [eval] and [compile] tables."),
+    out_dir: Path = typer.Option(Path("eval-out"), "--out", help="Directory for report.md, results.json, plot."),
+    model: Optional[str] = ModelOpt,
+    as_json: bool = JsonOpt,
+):
+    """Measure cartridge quality and cost against full / none / truncate baselines.
+
+    Finished documents are kept in --out; re-running resumes where an interrupted run stopped."""
+    from dataclasses import replace
+
+    from . import engine
+    from .report import cost_table, score_table
+
+    settings = engine.load_eval_config(config)
+    if ratio:
+        settings.ratios = list(ratio)
+    if limit is not None:
+        settings.limit = limit
+    if questions is not None:
+        settings.questions_per_doc = questions
+    if steps is not None:
+        settings.compile = replace(settings.compile, steps=steps)
+    with _eval_progress(quiet=as_json or not err.is_terminal) as progress:
+        result = engine.run_eval(data, settings, out_dir, model=model, progress=progress)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    from rich.markdown import Markdown
+
+    out.print(Markdown(score_table(result["summary"]) + "\n\n" + cost_table(result["summary"])))
+    out.print(f"report: {out_dir / 'report.md'}")
+
+
+class _eval_progress(_compile_progress):
+    """One bar across documents; the step bar of the current compile below it."""
+
+    def __enter__(self):
+        super().__enter__()
+        self.docs = self.bar.add_task("documents", total=None, losses="")
+        return self
+
+    def doc(self, index: int, total: int, row: dict, cached: bool):
+        self.bar.update(self.docs, total=total, completed=index, description=f"doc {row['id']}")
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+            self.task = None
+
+    def step(self, step: int, total: int, metrics: dict):
+        if self.task is None or step == 1:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task("compiling", total=total, losses="")
+        super().step(step, total, metrics)
+
+
 def main():
     app()

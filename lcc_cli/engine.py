@@ -86,3 +86,79 @@ def verify(path: Path, model: str | None = None, source: Path | None = None):
         loaded = load_model(model or None)
     checks, _ = verify_file(path, loaded, source)
     return checks
+
+
+def load_eval_config(path: Path | None):
+    """Read an eval TOML: an [eval] table (ratios, limit, questions_per_doc, max_new_tokens,
+    general_probes) and a [compile] table of CompileConfig fields."""
+    from dataclasses import fields
+
+    from .evaluate import EvalSettings
+
+    settings = EvalSettings()
+    if path is None:
+        return settings
+    import tomli
+
+    try:
+        data = tomli.loads(Path(path).read_text())
+    except (OSError, tomli.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read config {path}: {exc}") from exc
+    known = {f.name for f in fields(CompileConfig)}
+    comp = data.get("compile", {})
+    unknown = set(comp) - known
+    if unknown:
+        raise UsageError(f"unknown [compile] settings in {path}: {', '.join(sorted(unknown))}")
+    if "lora_targets" in comp:
+        comp["lora_targets"] = tuple(comp["lora_targets"])
+    settings.compile = CompileConfig(**comp)
+    ev = data.get("eval", {})
+    settings.ratios = [float(r) for r in ev.get("ratios", settings.ratios)]
+    settings.limit = ev.get("limit", settings.limit)
+    settings.questions_per_doc = ev.get("questions_per_doc", settings.questions_per_doc)
+    settings.general_probes = ev.get("general_probes", settings.general_probes)
+    settings.ask.max_new_tokens = ev.get("max_new_tokens", settings.ask.max_new_tokens)
+    settings.documents = ev.get("documents", settings.documents)
+    return settings
+
+
+def run_eval(data: Path, settings, out: Path, model: str | None = None, progress=None) -> dict:
+    """`lcc eval`: evaluate, then write report.md, results.json and the plot into `out`."""
+    import platform
+    from datetime import datetime, timezone
+
+    from .evaluate import evaluate, load_dataset
+    from .models import load_model
+    from .report import write_report
+
+    for ratio in settings.ratios:
+        validate_compile_config(CompileConfig(**{**settings.compile.to_dict(), "ratio": ratio,
+                                                 "lora_targets": settings.compile.lora_targets}))
+    rows = load_dataset(Path(data))
+    if settings.documents:
+        rows = [r for r in rows if r["id"] in set(settings.documents)]
+    rows = rows[: settings.limit] if settings.limit else rows
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {out}: {exc.strerror}") from exc
+    loaded = load_model(model)
+    results = evaluate(loaded, rows, settings, out, on_doc=progress.doc if progress else None,
+                       on_step=progress.step if progress else None)
+    facts = loaded.facts
+    meta = {"model": loaded.model_id, "fingerprint": loaded.fingerprint, "data": Path(data).name,
+            "compile": settings.compile.to_dict(), "ratios": settings.ratios, "lcc_version": __version__,
+            "ask": vars(settings.ask), "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, "
+                                                  f"{'cuda' if loaded.model.device.type == 'cuda' else 'no GPU'}",
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "kv_bytes_per_position": 2 * facts["num_layers"] * facts["num_kv_heads"] * facts["head_dim"]
+            * next(loaded.model.parameters()).element_size()}
+    summary = write_report(results, out, meta)
+    return {"out": str(out), "summary": summary}
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

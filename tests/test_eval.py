@@ -1,0 +1,100 @@
+"""lcc eval on a 2-document toy dataset with the tiny model: structure, numbers, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import DOC, fast_config
+from lcc_cli import engine, evaluate
+from lcc_cli.cli import app
+from lcc_cli.errors import InputError
+
+TOY = [
+    {"id": "a", "title": "Lighthouse", "context": DOC,
+     "questions": [{"q": "Who built it?", "answers": ["Ada Pellinger"], "qid": "a1"},
+                   {"q": "When?", "answers": ["1868"], "qid": "a2"}]},
+    {"id": "b", "title": "Tower", "context": "The tower is 41 metres tall and painted in red and white bands.",
+     "questions": [{"q": "How tall?", "answers": ["41 metres"], "qid": "b1"}]},
+]
+
+
+@pytest.fixture
+def toy(tmp_path):
+    path = tmp_path / "toy.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in TOY) + "\n")
+    return path
+
+
+def settings():
+    s = evaluate.EvalSettings(ratios=[4.0, 8.0], compile=fast_config(steps=2))
+    s.ask.max_new_tokens = 4
+    s.general_probes = True
+    return s
+
+
+def test_results_structure_and_numbers(toy, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    result = engine.run_eval(toy, settings(), out, model=str(tiny_model_dir))
+    data = json.loads((out / "results.json").read_text())
+    assert (out / "report.md").is_file() and (out / "score_vs_ratio.png").stat().st_size > 1000
+    rows = [r for d in data["documents"] for r in d["rows"]]
+    # 3 questions x (full + none + 2 ratios x (truncate + cartridge)) = 18 rows
+    assert len(rows) == 18
+    assert {(r["condition"], r["ratio"]) for r in rows} == {
+        ("full", None), ("none", None), ("truncate", 4.0), ("truncate", 8.0), ("cartridge", 4.0), ("cartridge", 8.0)}
+    for r in rows:
+        assert 0 <= r["f1"] <= 1 and r["em"] in (0.0, 1.0) and r["contains"] in (0.0, 1.0)
+    summary = result["summary"]
+    assert summary["documents"] == 2 and summary["questions"] == 3
+    cart4 = next(c for c in summary["conditions"] if c["condition"] == "cartridge" and c["ratio"] == 4.0)
+    assert cart4["n"] == 3
+    costs = {c["ratio"]: c for c in summary["costs"]}
+    doc_a = data["documents"][0]
+    assert doc_a["compiles"]["4.0"]["slots"] == -(-doc_a["context_tokens"] // 4)
+    assert costs[4.0]["prefill_equivalents"] > 0 and costs[8.0]["slots"] < costs[4.0]["slots"]
+    # cartridge KV at question time = slots + question tokens; full = document + question tokens
+    cart_rows = [r for r in rows if r["condition"] == "cartridge" and r["ratio"] == 8.0]
+    full_rows = [r for r in rows if r["condition"] == "full"]
+    assert all(c["kv_positions"] < f["kv_positions"] for c, f in zip(cart_rows, full_rows))
+    assert costs[8.0]["kv_ratio"] > 1
+    assert summary["general"] and summary["general"][0]["n"] == 2 * len(evaluate.GENERAL_PROBES)
+    report = (out / "report.md").read_text()
+    assert "| cartridge | 8.0 |" in report and "prefill equiv." in report
+
+
+def test_resume_after_interrupt_keeps_finished_documents(toy, tmp_path, tiny_model_dir, monkeypatch):
+    out = tmp_path / "out"
+    real = evaluate.evaluate_document
+    calls = []
+
+    def interrupt_on_b(loaded, row, *args, **kwargs):
+        calls.append(row["id"])
+        if row["id"] == "b" and len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(loaded, row, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_document", interrupt_on_b)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_eval(toy, settings(), out, model=str(tiny_model_dir))
+    assert len(list((out / "docs").glob("a-*.json"))) == 1 and not list((out / "docs").glob("b-*.json"))
+    engine.run_eval(toy, settings(), out, model=str(tiny_model_dir))
+    assert calls == ["a", "b", "b"]  # a was not evaluated again
+    assert json.loads((out / "results.json").read_text())["summary"]["documents"] == 2
+
+
+def test_bad_dataset_is_an_input_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"no": "context"}\n')
+    with pytest.raises(InputError, match="line 1"):
+        evaluate.load_dataset(bad)
+
+
+def test_eval_cli_json(toy, tmp_path, tiny_model_dir):
+    result = CliRunner().invoke(app, ["eval", str(toy), "--ratio", "8", "--steps", "1", "--limit", "1",
+                                      "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir), "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)["summary"]
+    assert summary["documents"] == 1 and [c["ratio"] for c in summary["costs"]] == [8.0]
