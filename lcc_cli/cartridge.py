@@ -149,7 +149,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def load_cartridge(path: str | Path) -> Cartridge:
+def load_cartridge(path: str | Path, allow_partial: bool = False) -> Cartridge:
+    """Load and validate a cartridge. Partial files (an interrupted compile) are refused
+    unless `allow_partial` (resume reads them)."""
     path = Path(path)
     if not path.is_file():
         raise CartridgeError(f"no such cartridge: {path}")
@@ -157,7 +159,11 @@ def load_cartridge(path: str | Path) -> Cartridge:
         data = path.read_bytes()
     except OSError as exc:
         raise CartridgeError(f"cannot read {path}: {exc.strerror}") from exc
-    return from_bytes(data, path.name)
+    cart = from_bytes(data, path.name)
+    if cart.manifest.get("partial") and not allow_partial:
+        raise CartridgeError(f"{path.name} is an unfinished compile, not a cartridge",
+                             hint="finish it with `lcc compile ... --resume`")
+    return cart
 
 
 def from_bytes(data: bytes, name: str = "cartridge") -> Cartridge:
@@ -295,8 +301,8 @@ def from_segments(loaded, segments, doc, settings: dict, version: str, partial: 
     """Assemble a cartridge from compiled segments (compiler.Segment) of `doc`."""
     facts = loaded.facts
     model = {"id": loaded.model_id, "fingerprint": loaded.fingerprint, **facts, "rope_baked_into_keys": True}
-    seg_rows = [{"index": i, "position_start": s.position_start, "slots": s.slots, "token_count": s.token_count}
-                for i, s in enumerate(segments)]
+    seg_rows = [{"index": s.index, "position_start": s.position_start, "slots": s.slots,
+                 "token_count": s.token_count} for s in segments]
     tokens = sum(s.token_count for s in segments)
     source = {"name": doc.name, "sha256": doc.sha256, "token_count": tokens, "ratio": settings.get("ratio")}
     metrics = {"seconds": round(sum(s.metrics.get("seconds", 0) for s in segments), 3),

@@ -94,10 +94,15 @@ def compile_cmd(
     seed: int = typer.Option(CompileConfig.seed, help="Random seed; a compile is deterministic for a seed."),
     max_bytes: int = typer.Option(20 * 1024 * 1024, help="Refuse source files larger than this."),
     model: Optional[str] = ModelOpt,
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output (and discard a partial one)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted compile from OUTPUT.partial."),
+    workers: int = typer.Option(1, "--workers", help="Compile segments in N processes, each with its own model."),
     as_json: bool = JsonOpt,
 ):
-    """Compile SOURCE into a .lcc cartridge (latent context compilation)."""
+    """Compile SOURCE into a .lcc cartridge (latent context compilation).
+
+    Long documents are split into segments of at most --segment-tokens; each gets its own
+    buffer. Ctrl-C keeps finished segments in OUTPUT.partial for --resume."""
     from . import engine
 
     cfg = CompileConfig(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank, lora_alpha=2 * lora_rank,
@@ -105,7 +110,7 @@ def compile_cmd(
     output = output or source.with_suffix(".lcc")
     with _compile_progress(quiet=as_json or not err.is_terminal) as progress:
         result = engine.compile_file(source, output, cfg, model=model, force=force, max_bytes=max_bytes,
-                                     progress=progress)
+                                     progress=progress, resume=resume, workers=workers)
     if as_json:
         out.print_json(json.dumps(result))
     else:

@@ -46,6 +46,7 @@ class Segment:
     position_start: int  # RoPE position of the first buffer slot (= context-turn length)
     token_count: int  # tokens of the context turn the buffer replaces
     metrics: dict = field(default_factory=dict)
+    index: int = 0  # segment number within its document
 
     @property
     def slots(self) -> int:
@@ -83,6 +84,7 @@ def compile_segment(loaded, text: str, cfg: CompileConfig, on_step: ProgressFn |
         teacher = make_teacher_targets(loaded, text, ctx_kv, cfg)
     recon_prompt = prompter.query_ids(RECONSTRUCT_INSTRUCTION)
     recon_target = prompter.document_ids(text)
+    clozes = cloze_items(prompter, text, cfg.seed) if cfg.cloze_weight > 0 else []
 
     peft_model = attach_lora(model, cfg)
     try:
@@ -98,12 +100,14 @@ def compile_segment(loaded, text: str, cfg: CompileConfig, on_step: ProgressFn |
                 recon = reconstruction_loss(model, buf_kv, n + k, recon_prompt, recon_target)
                 batch = rng.sample(range(len(teacher.prompts)), min(cfg.kl_per_step, len(teacher.prompts)))
                 kl = kl_loss(model, buf_kv, n + k, teacher, batch) if batch else torch.zeros(())
-            loss = cfg.recon_weight * recon + cfg.kl_weight * kl
+                cloze = (ce_loss(model, buf_kv, n + k, rng.sample(clozes, min(cfg.cloze_per_step, len(clozes))))
+                         if clozes else torch.zeros(()))
+            loss = cfg.recon_weight * recon + cfg.kl_weight * kl + cfg.cloze_weight * cloze
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            metrics = {"loss": loss.item(), "recon": recon.item(), "kl": kl.item()}
+            metrics = {"loss": loss.item(), "recon": recon.item(), "kl": kl.item(), "cloze": cloze.item()}
             if step == 0:
                 first = {f"first_{key}": v for key, v in metrics.items()}
             if on_step:
@@ -169,11 +173,39 @@ def _reader_logits(model, buf_kv: KV, first_position: int, rows: list[list[int]]
     return forward(model, cache, first_position, input_ids=ids)
 
 
+def ce_loss(model, buf_kv: KV, first_position: int, items: list[tuple[list[int], list[int]]]):
+    """Mean cross-entropy of each item's target tokens after its prompt, read through the
+    buffer only. Used for reconstruction (one long item) and span cloze (several short)."""
+    logits = _reader_logits(model, buf_kv, first_position, [p + t for p, t in items])
+    preds = [logits[i, len(p) - 1: len(p) + len(t) - 1] for i, (p, t) in enumerate(items)]
+    targets = torch.tensor([tok for _, t in items for tok in t], device=logits.device)
+    return F.cross_entropy(torch.cat(preds).float(), targets)
+
+
 def reconstruction_loss(model, buf_kv: KV, first_position: int, prompt: list[int], target: list[int]):
     """Cross-entropy of the segment's tokens, read back through the buffer only."""
-    logits = _reader_logits(model, buf_kv, first_position, [prompt + target])[0]
-    pred = logits[len(prompt) - 1: len(prompt) + len(target) - 1]
-    return F.cross_entropy(pred.float(), torch.tensor(target, device=pred.device))
+    return ce_loss(model, buf_kv, first_position, [(prompt, target)])
+
+
+def cloze_items(prompter: Prompter, text: str, seed: int, limit: int = 96) -> list[tuple[list[int], list[int]]]:
+    """Span-cloze tasks (an extension beyond the paper): the start of a sentence of the
+    segment as the cue, the rest of it as the target. Fact retrieval from a partial cue is
+    closer to question answering than reciting the whole segment in order."""
+    import re
+
+    rng = random.Random(seed)
+    items = []
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        words = sentence.split()
+        if len(words) < 5:
+            continue
+        for _ in range(2):
+            cut = rng.randint(2, len(words) - 2)
+            prompt = prompter.query_ids(f"Continue this sentence from the document: \"{' '.join(words[:cut])}\"")
+            # Targets are capped: the fact right after the cue is what matters, not the tail.
+            items.append((prompt, prompter.encode(" ".join(words[cut:cut + 12])) + prompter.end_ids))
+    rng.shuffle(items)
+    return items[:limit]
 
 
 def kl_loss(model, buf_kv: KV, first_position: int, teacher: TeacherTargets, batch: list[int]):
@@ -210,6 +242,7 @@ def make_teacher_targets(loaded, text: str, ctx_kv: KV, cfg: CompileConfig) -> T
     prompts = [prompter.query_ids(q) for q in chosen]
     responses, logprobs = batched_greedy(loaded.model, kv, n, prompts, cfg.response_tokens, prompter.stop_ids)
     return TeacherTargets(prompts, responses, logprobs)
+
 
 
 def batched_greedy(model, kv: KV, n: int, prompts: list[list[int]], max_tokens: int, stop_ids: set[int]):
@@ -251,38 +284,3 @@ def batched_greedy(model, kv: KV, n: int, prompts: list[list[int]], max_tokens: 
         next_pos = next_pos + 1
     return tokens, [torch.stack(s) for s in steps]
 
-
-def compile_document(loaded, doc, cfg: CompileConfig, on_segment: Callable[[int, int, int], None] | None = None,
-                     on_step: ProgressFn | None = None, done: list[Segment] | None = None,
-                     on_segment_done: Callable[[list[Segment]], None] | None = None):
-    """Split a document into segments and compile each one independently.
-
-    `done` holds segments already compiled by an interrupted run (resume); after each new
-    segment `on_segment_done` gets the full list so far, so the caller can checkpoint it.
-    Returns (segments, texts).
-    """
-    texts = document_segments(loaded, doc.text, cfg)
-    prompter = Prompter(loaded.tokenizer)
-    for text in texts:  # every segment must fit the ratio before minutes are spent on the first
-        slot_count(len(prompter.context_ids(text)), cfg.ratio)
-    segments = list(done or [])
-    for index in range(len(segments), len(texts)):
-        if on_segment:
-            on_segment(index, len(texts), len(loaded.tokenizer(texts[index], add_special_tokens=False)["input_ids"]))
-        segments.append(compile_segment(loaded, texts[index], cfg, on_step))
-        if on_segment_done:
-            on_segment_done(segments)
-    return segments, texts
-
-
-def document_segments(loaded, text: str, cfg: CompileConfig) -> list[str]:
-    from .ingest import split_segments
-
-    if cfg.segment_tokens < 16:
-        raise UsageError(f"--segment-tokens must be at least 16 (got {cfg.segment_tokens})")
-    limit = loaded.facts["max_positions"]
-    if limit and cfg.segment_tokens > limit // 2:
-        raise UsageError(f"--segment-tokens {cfg.segment_tokens} leaves no room in the model's {limit}-position window",
-                         hint=f"use at most {limit // 2}")
-    tok = loaded.tokenizer
-    return split_segments(text, lambda s: len(tok(s, add_special_tokens=False)["input_ids"]), cfg.segment_tokens)

@@ -47,6 +47,9 @@ class CompileConfig:
     kl_pool: int = 24
     kl_per_step: int = 3
     response_tokens: int = 32
+    # Span cloze (extension beyond the paper): cue = start of a sentence, target = its rest.
+    cloze_weight: float = 0.0
+    cloze_per_step: int = 4
     # Longest segment compiled at once. Longer documents are split (or refused in v0).
     segment_tokens: int = 1024
 

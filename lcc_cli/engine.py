@@ -10,7 +10,7 @@ from pathlib import Path
 from . import __version__
 from .cartridge import check_model, check_writable, combine, from_segments, load_cartridge, save_cartridge
 from .config import AskConfig, CompileConfig
-from .errors import UsageError
+from .errors import Interrupted, OutputExistsError, UsageError
 from .ingest import DEFAULT_MAX_BYTES, read_document
 
 
@@ -29,26 +29,43 @@ def validate_compile_config(cfg: CompileConfig) -> None:
 
 
 def compile_file(source: Path, output: Path, cfg: CompileConfig, model: str | None = None, force: bool = False,
-                 max_bytes: int = DEFAULT_MAX_BYTES, progress=None) -> dict:
-    """Read, compile and write a cartridge. `progress` (optional) gets status / segment /
-    step calls. Returns a summary dict."""
-    from .compiler import compile_document
+                 max_bytes: int = DEFAULT_MAX_BYTES, progress=None, resume: bool = False, workers: int = 1) -> dict:
+    """Read, compile and write a cartridge. Finished segments are checkpointed to
+    OUTPUT.partial; on Ctrl-C they stay there for `resume`, and OUTPUT is never written
+    half-way. `progress` (optional) gets status / segment / step calls."""
+    from .build import compile_document, partial_path, read_partial, write_partial
     from .models import load_model
 
     validate_compile_config(cfg)
-    check_writable(Path(output), force)  # fail now, not after minutes of compiling
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1 (got {workers})")
+    output = Path(output)
+    check_writable(output, force)  # fail now, not after minutes of compiling
+    partial = partial_path(output)
+    if partial.exists() and not (resume or force):
+        raise OutputExistsError(f"an unfinished compile exists: {partial}",
+                                hint="pass --resume to continue it or --force to start over")
     doc = read_document(source, max_bytes=max_bytes)
     if progress:
         progress.status("loading model…")
     loaded = load_model(model)
-    segments, _ = compile_document(
-        loaded, doc, cfg,
-        on_segment=(lambda i, n, t: progress.segment(i, n, t, cfg.steps)) if progress else None,
-        on_step=progress.step if progress else None)
+    done = read_partial(partial, loaded, doc, cfg) if resume and partial.exists() else {}
+    if done and progress:
+        progress.status(f"resuming: {len(done)} segment(s) already compiled in {partial.name}")
+    try:
+        segments = compile_document(
+            loaded, doc, cfg, done=done, workers=workers, model=model,
+            on_segment=(lambda i, n, t: progress.segment(i, n, t, cfg.steps)) if progress else None,
+            on_step=progress.step if progress else None,
+            on_segment_done=lambda d: write_partial(partial, loaded, d, doc, cfg))
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted" + (f"; finished segments are kept in {partial}" if partial.exists() else ""),
+                          hint="rerun with --resume to continue" if partial.exists() else None) from None
     cart = from_segments(loaded, segments, doc, cfg.to_dict(), __version__)
-    save_cartridge(cart, output, force=force)
+    save_cartridge(cart, output, force=True)
+    partial.unlink(missing_ok=True)
     return {"path": str(output), "slots": cart.slots, "tokens": cart.manifest["source"]["token_count"],
-            "metrics": cart.manifest["metrics"], "model": loaded.model_id}
+            "segments": len(segments), "metrics": cart.manifest["metrics"], "model": loaded.model_id}
 
 
 def ask(question: str, cartridges: list[Path], context: Path | None = None, cfg: AskConfig | None = None,

@@ -78,6 +78,12 @@ class OutputExistsError(LccError):
     exit_code = EXIT_EXISTS
 
 
+class Interrupted(LccError):
+    """Ctrl-C; work that can be resumed is kept and the message says where."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 EXIT_CODES = {
     EXIT_UNEXPECTED: "unexpected error",
     EXIT_USAGE: "usage: bad flag or argument value",

@@ -152,7 +152,7 @@ def compiled_cartridge(loaded, row, doc_sha, ratio, settings: EvalSettings, cart
     """Compile (or reuse a cached) cartridge; returns it and its compile seconds."""
     from dataclasses import replace
 
-    from .compiler import compile_document
+    from .build import compile_document
 
     cfg = replace(settings.compile, ratio=ratio)
     path = cart_dir / f"{doc_sha[:12]}-r{ratio:g}-{compile_key(loaded, cfg)}.lcc"
@@ -161,7 +161,7 @@ def compiled_cartridge(loaded, row, doc_sha, ratio, settings: EvalSettings, cart
         return cart, cart.manifest["metrics"]["seconds"]
     doc = Document(text=row["context"], sha256=doc_sha, name=f"{row['id']}.txt")
     started = time.perf_counter()
-    segments, _ = compile_document(loaded, doc, cfg, on_step=on_step)
+    segments = compile_document(loaded, doc, cfg, on_step=on_step)
     seconds = time.perf_counter() - started
     cart = from_segments(loaded, segments, doc, cfg.to_dict(), __version__)
     cart.manifest["metrics"]["seconds"] = round(seconds, 3)
