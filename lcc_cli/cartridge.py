@@ -123,8 +123,12 @@ def check_writable(path: Path, force: bool) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"output directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output directory is not writable: {parent}")
+    try:  # really try: permission bits say nothing for root or on a read-only mount
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"output directory is not writable: {parent} ({exc.strerror})") from exc
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -229,6 +229,7 @@ def verify(
     cartridge: Path = typer.Argument(..., help="A .lcc file."),
     source: Optional[Path] = typer.Option(None, "--source", help="Also check it was compiled from this document."),
     no_model: bool = typer.Option(False, "--no-model", help="Skip the checks that load the base model."),
+    probe: bool = typer.Option(False, "--probe", help="With --source: measure reconstruction fidelity."),
     model: Optional[str] = ModelOpt,
     as_json: bool = JsonOpt,
 ):
@@ -237,10 +238,10 @@ def verify(
     Exits 0 only if every check passes, 7 if any fails."""
     from . import engine
 
-    checks = engine.verify(cartridge, model=None if no_model else (model or ""), source=source)
+    checks, probed = engine.verify(cartridge, model=None if no_model else (model or ""), source=source, probe=probe)
     ok = all(c.ok for c in checks)
     if as_json:
-        out.print_json(json.dumps({"ok": ok, "checks": [c.__dict__ for c in checks]}))
+        out.print_json(json.dumps({"ok": ok, "checks": [c.__dict__ for c in checks], "probe": probed}))
     else:
         for c in checks:
             mark = {True: "[green]ok[/]  ", False: "[red]FAIL[/]", None: "[dim]skip[/]"}[c.ok]

@@ -92,8 +92,9 @@ def ask(question: str, cartridges: list[Path], context: Path | None = None, cfg:
             "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.token_ids)}
 
 
-def verify(path: Path, model: str | None = None, source: Path | None = None):
-    """Run `verify.verify_file`; `model=None` skips the model checks, "" means the default."""
+def verify(path: Path, model: str | None = None, source: Path | None = None, probe: bool = False):
+    """Run `verify.verify_file`; `model=None` skips the model checks, "" means the default.
+    Returns (checks, probe result or None)."""
     from .verify import verify_file
 
     loaded = None
@@ -101,8 +102,9 @@ def verify(path: Path, model: str | None = None, source: Path | None = None):
         from .models import load_model
 
         loaded = load_model(model or None)
-    checks, _ = verify_file(path, loaded, source)
-    return checks
+    if probe and (source is None or loaded is None):
+        raise UsageError("--probe needs --source and the model (not --no-model)")
+    return verify_file(path, loaded, source, probe=probe)
 
 
 def load_eval_config(path: Path | None):

@@ -22,9 +22,11 @@ class Check:
     detail: str = ""
 
 
-def verify_file(path: str | Path, loaded=None, source: str | Path | None = None) -> tuple[list[Check], object]:
+def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
+                probe: bool = False) -> tuple[list[Check], object]:
     """Run the checks. `loaded` (a LoadedModel) enables the model checks; `source` the
-    source-hash check. Returns the checks and the cartridge (None if it did not load)."""
+    source-hash check, and `probe` (with both) the reconstruction-fidelity probe. Returns
+    the checks and the probe result (None without a probe)."""
     path = Path(path)
     checks: list[Check] = []
     state: dict = {}
@@ -63,6 +65,8 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None)
 
     def schema():
         fmt.validate_manifest(state["manifest"], path.name)
+        if state["manifest"].get("partial"):
+            raise fmt.CartridgeError("an unfinished compile (partial file), not a cartridge")
 
     def checksum():
         state["tensors"] = fmt._load_tensors(state["data"], path.name)
@@ -89,11 +93,22 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None)
         run("fingerprint", lambda: _fingerprint(cart, loaded))
     if source is not None:
         run("source", lambda: _source(cart, Path(source)))
-    return checks, cart
+        if probe and loaded is not None:
+            run("probe", lambda: _probe(cart, loaded, Path(source), state))
+    state.pop("data", None)
+    return checks, state.get("probe")
+
+
+def _probe(cart, loaded, source: Path, state: dict) -> str:
+    from .ingest import read_document
+
+    result = probe_fidelity(cart, loaded, read_document(source).text)
+    state["probe"] = result
+    return f"reconstruction fidelity {result['fidelity']:.1%} of {result['tokens']} tokens"
 
 
 # Checks that make no sense once an earlier one failed.
-_DEPENDENT = {"version", "schema", "checksum", "shapes", "model-shape", "fingerprint", "source"}
+_DEPENDENT = {"version", "schema", "checksum", "shapes", "model-shape", "fingerprint", "source", "probe"}
 
 
 def _missing(path: Path):
@@ -128,3 +143,37 @@ def _source(cart, source: Path) -> str:
     if digest != cart.manifest["source"].get("sha256"):
         raise fmt.CartridgeError(f"{source.name} is not the document this cartridge was compiled from")
     return digest[:16]
+
+
+def probe_fidelity(cart, loaded, source_text: str) -> dict:
+    """Reconstruction fidelity: the fraction of the source's tokens that the cartridge
+    reproduces, teacher-forced (the reader, given each segment's buffer and the "repeat the
+    document" instruction, predicts every next source token; we count exact hits)."""
+    import torch
+
+    from .build import document_segments, split_segments_of
+    from .config import CompileConfig
+    from .kvcache import forward, make_cache
+    from .prompts import RECONSTRUCT_INSTRUCTION, Prompter
+
+    settings = dict(cart.manifest["compile"])
+    settings["lora_targets"] = tuple(settings.get("lora_targets", ()))
+    cfg = CompileConfig(**{k: v for k, v in settings.items() if k in CompileConfig.__dataclass_fields__})
+    texts = document_segments(loaded, source_text, cfg)
+    segments = split_segments_of(cart)
+    if len(texts) != len(segments):
+        raise fmt.CartridgeError(f"source splits into {len(texts)} segments, cartridge has {len(segments)}")
+    p = Prompter(loaded.tokenizer)
+    prompt = p.query_ids(RECONSTRUCT_INSTRUCTION)
+    hits = total = 0
+    with torch.inference_mode():
+        for index, text in enumerate(texts):
+            seg = segments[index]
+            target = p.document_ids(text)
+            cache = make_cache([(k[None], v[None]) for k, v in seg.kv])
+            logits = forward(loaded.model, cache, seg.position_start + seg.slots,
+                             input_ids=torch.tensor([prompt + target]))[0]
+            pred = logits[len(prompt) - 1: len(prompt) + len(target) - 1].argmax(-1)
+            hits += int((pred == torch.tensor(target)).sum())
+            total += len(target)
+    return {"fidelity": hits / total, "tokens": total, "segments": len(texts)}

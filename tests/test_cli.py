@@ -165,3 +165,87 @@ def test_verify_wrong_source_fails(compiled, tmp_path):
 def test_subcommand_help(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_verify_probe_reports_fidelity(compiled, tiny_model_dir):
+    path, src = compiled
+    result = run("verify", path, "--model", tiny_model_dir, "--source", src, "--probe", "--json")
+    assert result.exit_code == 0, result.stderr
+    probe = json.loads(result.stdout)["probe"]
+    assert 0.0 <= probe["fidelity"] <= 1.0 and probe["tokens"] > 10 and probe["segments"] == 1
+
+
+def test_verify_probe_needs_source(compiled):
+    assert_error(run("verify", compiled[0], "--probe", "--no-model"), 2, "--probe")
+
+
+def _corrupt_variants(path, tmp_path):
+    """(name, file) for each kind of damaged cartridge in the bad-input table."""
+    from test_cartridge import _rewrite_manifest
+
+    data = path.read_bytes()
+    variants = {}
+    for cut in (7, 64, len(data) // 2, len(data) - 1):
+        variants[f"truncated-{cut}"] = data[:cut]
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x10
+    variants["flipped-byte"] = bytes(flipped)
+    variants["not-safetensors"] = b"PK\x03\x04" + b"zip archive, not a cartridge" * 10
+    out = {}
+    for name, blob in variants.items():
+        p = tmp_path / f"{name}.lcc"
+        p.write_bytes(blob)
+        out[name] = p
+    out["manifest-edited"] = _rewrite_manifest(path, tmp_path, lambda m: m["buffer"].__setitem__("first_query_position", 1))
+    (tmp_path / "edited.lcc").rename(tmp_path / "manifest-edited.lcc")
+    out["manifest-edited"] = tmp_path / "manifest-edited.lcc"
+    out["future-version"] = _rewrite_manifest(path, tmp_path, lambda m: m.__setitem__("format_version", 2))
+    return out
+
+
+def test_every_damaged_cartridge_exits_5_on_ask_inspect_and_7_on_verify(compiled, tmp_path, tiny_model_dir):
+    for name, path in _corrupt_variants(compiled[0], tmp_path).items():
+        assert_error(run("ask", path, "q?", "--model", tiny_model_dir), 5)
+        assert_error(run("inspect", path), 5)
+        assert_error(run("verify", path, "--no-model"), 7)
+
+
+def test_output_on_read_only_path(doc_file, tiny_model_dir, tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        target = "/sys/lcc-test.lcc"  # sysfs refuses new files even to root
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        target = ro / "o.lcc"
+    assert_error(run("compile", doc_file, "-o", target, "--model", tiny_model_dir), 2, "not writable")
+
+
+def test_source_over_size_limit(tmp_path, tiny_model_dir):
+    (tmp_path / "big.txt").write_text("word " * 500)
+    assert_error(run("compile", tmp_path / "big.txt", "--max-bytes", "100", "--model", tiny_model_dir), 3, "limit")
+
+
+def test_scanned_and_encrypted_pdfs(tmp_path, tiny_model_dir):
+    from pdfs import blank_pdf, encrypted_pdf
+
+    (tmp_path / "scan.pdf").write_bytes(blank_pdf())
+    (tmp_path / "lock.pdf").write_bytes(encrypted_pdf(["secret"]))
+    assert_error(run("compile", tmp_path / "scan.pdf", "--model", tiny_model_dir), 3, "no extractable text")
+    assert_error(run("compile", tmp_path / "lock.pdf", "--model", tiny_model_dir), 3, "encrypted")
+
+
+def test_non_utf8_text(tmp_path, tiny_model_dir):
+    (tmp_path / "l1.txt").write_bytes("caf\xe9".encode("latin-1") * 20)
+    assert_error(run("compile", tmp_path / "l1.txt", "--model", tiny_model_dir), 3, "UTF-8")
+
+
+def test_ask_partial_file_is_refused(tmp_path, tiny_model_dir, compiled):
+    from lcc_cli.cartridge import from_bytes, load_cartridge, to_bytes
+
+    cart = load_cartridge(compiled[0])
+    cart.manifest["partial"] = True
+    (tmp_path / "x.lcc.partial").write_bytes(to_bytes(cart))
+    assert from_bytes((tmp_path / "x.lcc.partial").read_bytes()).manifest["partial"]
+    assert_error(run("ask", tmp_path / "x.lcc.partial", "q?", "--model", tiny_model_dir), 5, "unfinished")
