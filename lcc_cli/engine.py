@@ -136,6 +136,7 @@ def load_eval_config(path: Path | None):
     settings.limit = ev.get("limit", settings.limit)
     settings.questions_per_doc = ev.get("questions_per_doc", settings.questions_per_doc)
     settings.general_probes = ev.get("general_probes", settings.general_probes)
+    settings.compose = ev.get("compose", settings.compose)
     settings.ask.max_new_tokens = ev.get("max_new_tokens", settings.ask.max_new_tokens)
     settings.documents = ev.get("documents", settings.documents)
     return settings

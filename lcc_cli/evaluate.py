@@ -49,6 +49,9 @@ class EvalSettings:
     compile: CompileConfig = field(default_factory=CompileConfig)
     ask: AskConfig = field(default_factory=lambda: AskConfig(max_new_tokens=32))
     general_probes: bool = True
+    # Also answer each article's questions from its paragraphs' cartridges composed together
+    # (and, as the baseline, from all its paragraphs in the prompt).
+    compose: bool = False
     documents: list[str] | None = None  # dataset ids to keep (before `limit`)
 
 
@@ -104,7 +107,58 @@ def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, on_doc
         result = evaluate_document(loaded, row, doc_sha, settings, out / "cartridges", on_step)
         atomic_write(done_path, json.dumps(result).encode())
         results.append(result)
+    if settings.compose:
+        results += evaluate_compositions(loaded, rows, settings, out)
     return results
+
+
+def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out: Path) -> list[dict]:
+    """For each article with several paragraphs: answer all its questions from the
+    paragraphs' cartridges composed (`composed`), and from all paragraphs in the prompt
+    (`full_article`). Compare with `cartridge` and `full` on single paragraphs."""
+    from .cartridge import combine
+
+    from .reader import answer_from_kv, answer_from_text
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row.get("title") or row["id"], []).append(row)
+    results = []
+    for title, members in groups.items():
+        if len(members) < 2:
+            continue
+        key = _key(docs=[hashlib.sha256(m["context"].encode()).hexdigest() for m in members],
+                   s=settings_key(loaded, settings))
+        done_path = out / "docs" / f"article-{title}-{key}.json"
+        if done_path.exists():
+            results.append(json.loads(done_path.read_text()))
+            continue
+        joined = "\n\n".join(m["context"] for m in members)
+        result = {"id": f"article:{title}", "title": title, "rows": [], "compiles": {}, "general": {}}
+        carts = {}
+        for ratio in settings.ratios:
+            carts[ratio] = [compiled_cartridge(loaded, m, hashlib.sha256(m["context"].encode()).hexdigest(), ratio,
+                                               settings, out / "cartridges")[0] for m in members]
+        for m in members:
+            for q in _questions(m, settings):
+                def add(condition, ratio, a):
+                    result["rows"].append({"doc": m["id"], "qid": q.get("qid"), "question": q["q"],
+                                           "answers": q["answers"], "condition": condition, "ratio": ratio,
+                                           "prediction": a.text, **score(a.text, q["answers"]),
+                                           "ttft": a.seconds_to_first_token, "seconds": a.seconds_total,
+                                           "kv_positions": a.kv_positions + a.prompt_tokens})
+                add("full_article", None, answer_from_text(loaded, q["q"], joined, settings.ask))
+                for ratio in settings.ratios:
+                    kv, first = combine(carts[ratio])
+                    add("composed", ratio, answer_from_kv(loaded, kv, first, q["q"], settings.ask))
+        atomic_write(done_path, json.dumps(result).encode())
+        results.append(result)
+    return results
+
+
+def _questions(row: dict, settings: EvalSettings) -> list[dict]:
+    qs = row["questions"]
+    return qs[: settings.questions_per_doc] if settings.questions_per_doc else qs
 
 
 def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, cart_dir: Path, on_step=None) -> dict:
@@ -112,7 +166,7 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
     from .reader import answer_from_kv, answer_from_text
 
     text = row["context"]
-    questions = row["questions"][: settings.questions_per_doc] if settings.questions_per_doc else row["questions"]
+    questions = _questions(row, settings)
     prompter = Prompter(loaded.tokenizer)
     doc_tokens = prompter.encode(text)
     prefill_s = time_prefill(loaded, prompter.context_ids(text))

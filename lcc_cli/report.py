@@ -29,12 +29,13 @@ def summarize(results: list[dict], kv_bytes_per_position: int) -> dict:
     for c in conditions:
         for m in ("em", "f1", "contains"):
             c[f"{m}_vs_full"] = c[m] / full[m] if full and full[m] else None
-    return {"documents": len(results), "questions": len({(r["doc"], r["question"]) for r in rows}),
+    return {"documents": sum(1 for d in results if not d["id"].startswith("article:")),
+            "questions": len({(r["doc"], r["question"]) for r in rows}),
             "conditions": conditions, "costs": _costs(results, conditions, kv_bytes_per_position),
             "general": _general(results)}
 
 
-_ORDER = {"full": 0, "none": 1, "truncate": 2, "cartridge": 3}
+_ORDER = {"full": 0, "none": 1, "truncate": 2, "cartridge": 3, "full_article": 4, "composed": 5}
 
 
 def _costs(results, conditions, kv_bytes_per_position) -> list[dict]:
@@ -96,7 +97,10 @@ def render_markdown(summary: dict, meta: dict, plot: str | None) -> str:
              f"Compile settings: `{json.dumps(meta['compile'], sort_keys=True)}`", "",
              "## Quality", "", score_table(summary), "",
              "`*_vs_full` is the condition's mean score divided by the full-context mean, same run.",
-             "`truncate` gives the model the first K document tokens, K = the cartridge's slots.", "",
+             "`truncate` gives the model the first K document tokens, K = the cartridge's slots.",
+             "`composed` answers each article's questions from all its paragraphs' cartridges at once (one "
+             "cartridge per paragraph, concatenated); its baseline is `full_article`, all paragraphs in the "
+             "prompt. Composition costs what `composed` loses against `cartridge` on the same questions.", "",
              "## Cost", "", cost_table(summary), "",
              "Prefill equivalents: compile seconds / seconds of one forward pass over the document, timed "
              "in the same run. Break-even: compile seconds / ask seconds saved per question (none if the "

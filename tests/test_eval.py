@@ -98,3 +98,26 @@ def test_eval_cli_json(toy, tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)["summary"]
     assert summary["documents"] == 1 and [c["ratio"] for c in summary["costs"]] == [8.0]
+
+
+def test_composition_rows_use_all_paragraph_cartridges(toy, tmp_path, tiny_model_dir):
+    rows = [dict(r, title="Same article") for r in TOY]
+    path = tmp_path / "article.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    s = settings()
+    s.compose, s.ratios, s.general_probes = True, [8.0], False
+    out = tmp_path / "out"
+    result = engine.run_eval(path, s, out, model=str(tiny_model_dir))
+    data = json.loads((out / "results.json").read_text())
+    article = next(d for d in data["documents"] if d["id"].startswith("article:"))
+    composed = [r for r in article["rows"] if r["condition"] == "composed"]
+    singles = [r for d in data["documents"] for r in d["rows"] if r["condition"] == "cartridge"]
+    assert len(composed) == 3 and len([r for r in article["rows"] if r["condition"] == "full_article"]) == 3
+    slots = sum(d["compiles"]["8.0"]["slots"] for d in data["documents"] if d["compiles"])
+    for c, single in zip(composed, singles):
+        assert c["question"] == single["question"]
+        # composed cache = every paragraph's slots; single = its own paragraph's slots
+        assert c["kv_positions"] - single["kv_positions"] == slots - data["documents"][
+            [d["id"] for d in data["documents"]].index(single["doc"])]["compiles"]["8.0"]["slots"]
+    assert result["summary"]["documents"] == 2
+    assert any(c["condition"] == "composed" for c in result["summary"]["conditions"])
