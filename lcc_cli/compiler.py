@@ -228,17 +228,18 @@ def make_teacher_targets(loaded, text: str, ctx_kv: KV, cfg: CompileConfig) -> T
     prompter = Prompter(loaded.tokenizer)
     agnostic, about_document = generic_instructions()
     if cfg.teacher == "context":
-        pool, kv = agnostic + about_document, ctx_kv
-        n = len(prompter.context_ids(text))
+        kv, n = ctx_kv, len(prompter.context_ids(text))
     elif cfg.teacher == "plain":
         plain_ids = prompter.context_ids(None)
-        pool, (kv, _) = agnostic, prefill(loaded.model, plain_ids)
-        n = len(plain_ids)
+        (kv, _), n = prefill(loaded.model, plain_ids), len(plain_ids)
+        about_document = []  # without the document these have no meaningful answer
     else:
         raise UsageError(f"unknown teacher '{cfg.teacher}' (use context or plain)")
     if cfg.kl_pool <= 0 or cfg.kl_weight == 0:
         return TeacherTargets([], [], [])
-    chosen = random.Random(cfg.seed).sample(pool, min(cfg.kl_pool, len(pool)))
+    rng = random.Random(cfg.seed)
+    n_about = min(len(about_document), round(cfg.kl_pool * cfg.kl_about_share))
+    chosen = rng.sample(about_document, n_about) + rng.sample(agnostic, min(len(agnostic), cfg.kl_pool - n_about))
     prompts = [prompter.query_ids(q) for q in chosen]
     responses, logprobs = batched_greedy(loaded.model, kv, n, prompts, cfg.response_tokens, prompter.stop_ids)
     return TeacherTargets(prompts, responses, logprobs)

@@ -45,6 +45,9 @@ class CompileConfig:
     # Generic instructions whose teacher responses are prepared per segment, and how many of
     # them join each step. Responses are capped short: the KL signal lives in the first tokens.
     kl_pool: int = 24
+    # Share of the pool drawn from instructions that refer to the document ("What dates appear
+    # in the document?"): with the full-context teacher they carry its facts into the KL term.
+    kl_about_share: float = 0.3
     kl_per_step: int = 3
     response_tokens: int = 32
     # Span cloze (extension beyond the paper): cue = start of a sentence, target = its rest.

@@ -19,7 +19,7 @@ def text_pdf(pages: list[list[str]]) -> bytes:
         page_ids.append(page_id)
         bodies.append((page_id, f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 842] /Contents {content_id} 0 R "
                                 f"/Resources << /Font << /F1 {font_id} 0 R >> >> >>".encode()))
-        stream = content.encode("latin-1")
+        stream = content.encode("latin-1", errors="replace")  # Helvetica here is Latin-1 only
         bodies.append((content_id, b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream"))
         kids.append(f"{page_id} 0 R")
     objects = [(1, b"<< /Type /Catalog /Pages 2 0 R >>"),
