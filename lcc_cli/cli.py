@@ -108,7 +108,7 @@ def compile_cmd(
     cfg = CompileConfig(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank, lora_alpha=2 * lora_rank,
                         teacher=teacher, segment_tokens=segment_tokens, seed=seed)
     output = output or source.with_suffix(".lcc")
-    with _compile_progress(quiet=as_json or not err.is_terminal) as progress:
+    with CompileProgress(quiet=as_json or not err.is_terminal) as progress:
         result = engine.compile_file(source, output, cfg, model=model, force=force, max_bytes=max_bytes,
                                      progress=progress, resume=resume, workers=workers)
     if as_json:
@@ -122,7 +122,7 @@ def compile_cmd(
                   f"kl {segs[-1].get('final_kl', float('nan')):.3f}")
 
 
-class _compile_progress:
+class CompileProgress:
     """A rich progress bar over segments x steps, with the current losses."""
 
     def __init__(self, quiet: bool):
@@ -281,7 +281,7 @@ def eval_cmd(
         settings.questions_per_doc = questions
     if steps is not None:
         settings.compile = replace(settings.compile, steps=steps)
-    with _eval_progress(quiet=as_json or not err.is_terminal) as progress:
+    with EvalProgress(quiet=as_json or not err.is_terminal) as progress:
         result = engine.run_eval(data, settings, out_dir, model=model, progress=progress)
     if as_json:
         out.print_json(json.dumps(result))
@@ -292,7 +292,7 @@ def eval_cmd(
     out.print(f"report: {out_dir / 'report.md'}")
 
 
-class _eval_progress(_compile_progress):
+class EvalProgress(CompileProgress):
     """One bar across documents; the step bar of the current compile below it."""
 
     def __enter__(self):
