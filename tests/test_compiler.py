@@ -117,3 +117,26 @@ def test_batched_teacher_matches_one_at_a_time(tiny):
             alone, alone_lp = compiler.batched_greedy(tiny.model, ctx_kv, n, [prompt], 5, set())
             assert alone[0] == batch[i]
             torch.testing.assert_close(alone_lp[0], batch_lp[i], rtol=1e-4, atol=1e-4)
+
+
+def test_kl_about_share_draws_document_referring_instructions(tiny):
+    from lcc_cli.prompts import generic_instructions
+
+    _, about = generic_instructions()
+    p = Prompter(tiny.tokenizer)
+    ctx_kv, _ = kvcache.prefill(tiny.model, p.context_ids(DOC))
+    about_ids = {tuple(p.query_ids(q)) for q in about}
+    targets = compiler.make_teacher_targets(tiny, DOC, ctx_kv, fast_config(kl_pool=6, kl_about_share=1.0))
+    assert len(targets.prompts) == 6 and all(tuple(q) in about_ids for q in targets.prompts)
+    mixed = compiler.make_teacher_targets(tiny, DOC, ctx_kv, fast_config(kl_pool=6, kl_about_share=0.5))
+    assert sum(tuple(q) in about_ids for q in mixed.prompts) == 3
+
+
+def test_cloze_items_cue_a_sentence_start_and_target_its_continuation(tiny):
+    p = Prompter(tiny.tokenizer)
+    items = compiler.cloze_items(p, DOC, seed=0)
+    assert items
+    for prompt, target in items:
+        cue = tiny.tokenizer.decode(prompt)
+        rest = tiny.tokenizer.decode(target[:-1]).strip()
+        assert "Continue this sentence" in cue and rest and rest.split()[-1].rstrip(".") in DOC
