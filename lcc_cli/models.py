@@ -156,6 +156,7 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF de-quantiser uses plain tqdm
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
