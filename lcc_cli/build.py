@@ -8,15 +8,15 @@ concatenated in the cartridge in segment order.
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
 from .cartridge import Cartridge, atomic_write, from_segments, load_cartridge, to_bytes
 from .compiler import Segment, compile_segment, slot_count
-from .config import CompileConfig
-from .errors import CartridgeError, UsageError
+from .config import CompileConfig, cpu_count
+from .errors import CartridgeError, ModelError, UsageError
 from .prompts import Prompter
 
 PARTIAL_SUFFIX = ".partial"
@@ -30,9 +30,12 @@ def document_segments(loaded, text: str, cfg: CompileConfig) -> list[str]:
     if cfg.segment_tokens < 16:
         raise UsageError(f"--segment-tokens must be at least 16 (got {cfg.segment_tokens})")
     limit = loaded.facts["max_positions"]
-    if limit and cfg.segment_tokens > limit // 2:
-        raise UsageError(f"--segment-tokens {cfg.segment_tokens} leaves no room in the model's "
-                         f"{limit}-position window", hint=f"use at most {limit // 2}")
+    # Training places the segment, its slots, then an instruction and the whole segment again.
+    need = 2 * cfg.segment_tokens + math.ceil(cfg.segment_tokens / max(cfg.ratio, 1)) + 64
+    if limit and need > limit:
+        fit = (limit - 64) * 2 // 5
+        raise UsageError(f"--segment-tokens {cfg.segment_tokens} does not fit the model's {limit}-position "
+                         f"window during training", hint=f"use at most about {fit}")
     tok = loaded.tokenizer
     texts = split_segments(text, lambda s: len(tok(s, add_special_tokens=False)["input_ids"]), cfg.segment_tokens)
     prompter = Prompter(tok)
@@ -93,14 +96,19 @@ def _run_parallel(texts, todo, cfg, done, workers, model, on_segment, on_step, o
     """Segments in `workers` spawned processes. Progress advances a whole segment at a time."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // workers)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(model, threads)) as pool:
+    threads = max(1, cpu_count() // workers)
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_init_worker, initargs=(model, threads))
+    try:
         futures = {pool.submit(_compile_in_worker, i, texts[i], cfg): i for i in todo}
         for future in as_completed(futures):
-            seg = future.result()
+            try:
+                seg = future.result()
+            except BrokenProcessPool as exc:
+                raise ModelError("a worker process died (out of memory?)", hint="try fewer --workers") from exc
             done[seg.index] = seg
             if on_segment:
                 on_segment(seg.index, len(texts), seg.token_count)
@@ -110,6 +118,8 @@ def _run_parallel(texts, todo, cfg, done, workers, model, on_segment, on_step, o
                                                   if k.startswith("final_")})
             if on_segment_done:
                 on_segment_done(done)
+    finally:  # on Ctrl-C or an error, do not wait for the segments still queued
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- partial files (interrupt and resume) --------------------------------------------------
@@ -130,12 +140,13 @@ def read_partial(path: Path, loaded, doc, cfg: CompileConfig) -> dict[int, Segme
     """Finished segments from a partial file, after checking it belongs to this compile."""
     cart = load_cartridge(path, allow_partial=True)
     m = cart.manifest
+    hint = "rerun with --force and without --resume to start over"
     if m["source"]["sha256"] != doc.sha256:
-        raise UsageError(f"{path.name} was made from a different source file", hint="delete it or use --force")
+        raise UsageError(f"{path.name} was made from a different source file", hint=hint)
     if m["compile"] != cfg.to_dict():
-        raise UsageError(f"{path.name} was made with different settings", hint="delete it or use --force")
+        raise UsageError(f"{path.name} was made with different settings", hint=hint)
     if m["model"]["fingerprint"] != loaded.fingerprint:
-        raise UsageError(f"{path.name} was made with a different model", hint="delete it or use --force")
+        raise UsageError(f"{path.name} was made with a different model", hint=hint)
     return split_segments_of(cart)
 
 

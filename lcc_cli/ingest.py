@@ -32,11 +32,14 @@ def read_document(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Docum
         raise InputError(f"no such file: {path}")
     if not path.is_file():
         raise InputError(f"not a regular file: {path}")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise InputError(f"{path.name} is {size:,} bytes, over the {max_bytes:,}-byte limit",
-                         hint="raise it with --max-bytes")
-    data = path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise InputError(f"{path.name} is {size:,} bytes, over the {max_bytes:,}-byte limit",
+                             hint="raise it with --max-bytes")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     if not data.strip():
         raise InputError(f"{path.name} is empty")
     suffix = path.suffix.lower()
@@ -123,11 +126,19 @@ def split_segments(text: str, count_tokens, max_tokens: int) -> list[str]:
 
 
 def _hard_split(sentence: str, count_tokens, max_tokens: int) -> list[str]:
-    """Split an over-long sentence by words (never mid-word)."""
+    """Split an over-long sentence by words; a single word longer than the limit (a URL, a
+    base64 blob) is cut into character windows."""
     if count_tokens(sentence) <= max_tokens:
         return [sentence]
     out, current = [], ""
+    words = []
     for word in sentence.split():
+        while count_tokens(word) > max_tokens:
+            cut = max(1, len(word) * max_tokens // (2 * count_tokens(word)))
+            words.append(word[:cut])
+            word = word[cut:]
+        words.append(word)
+    for word in words:
         joined = f"{current} {word}" if current else word
         if current and count_tokens(joined) > max_tokens:
             out.append(current)

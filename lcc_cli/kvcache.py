@@ -46,13 +46,3 @@ def prefill(model, ids: list[int], first_position: int = 0) -> tuple[KV, torch.T
     logits = forward(model, cache, first_position, input_ids=torch.tensor([ids], device=device), logits_to_keep=1)
     return cache_kv(cache), logits[0, -1]
 
-
-def concat_kv(parts: list[KV]) -> KV:
-    """Concatenate several caches along the position axis (composition of buffers)."""
-    layers = len(parts[0])
-    return [(torch.cat([p[i][0] for p in parts], dim=-2), torch.cat([p[i][1] for p in parts], dim=-2))
-            for i in range(layers)]
-
-
-def kv_bytes(kv: KV) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)

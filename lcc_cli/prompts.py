@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 
+from .errors import ModelError
+
 SYSTEM_WITH_DOCUMENT = "Answer using the document below. Be brief.\n\nDocument:\n{document}"
 SYSTEM_PLAIN = "Answer the question. Be brief."
 RECONSTRUCT_INSTRUCTION = "Repeat the document word for word."
@@ -47,7 +49,8 @@ class Prompter:
         full = self.tokenizer.apply_chat_template(system + [{"role": "user", "content": question}],
                                                   tokenize=False, add_generation_prompt=True)
         if not full.startswith(head):
-            raise ValueError("chat template does not render the system turn as a prefix")
+            raise ModelError("the model's chat template does not render the system turn as a prefix",
+                             hint="lcc needs a template with a system role")
         return self.encode(full[len(head):])
 
     def document_ids(self, document: str) -> list[int]:

@@ -7,7 +7,6 @@ and records pass / fail / skipped for each, so users see exactly which one faile
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,21 +42,16 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
             return False
 
     def parse():
-        state["data"] = path.read_bytes() if path.is_file() else _missing(path)
-        state["header"] = fmt._parse_header(state["data"], path.name)
-        meta = state["header"].get("__metadata__") or {}
-        if "lcc_manifest" not in meta:
-            raise fmt.CartridgeError("safetensors file without an lcc manifest")
         try:
-            state["manifest"] = json.loads(meta["lcc_manifest"])
-        except ValueError as exc:
-            raise fmt.CartridgeError("manifest is not valid JSON") from exc
-        state["meta"] = meta
+            state["data"] = path.read_bytes() if path.is_file() else _missing(path)
+        except OSError as exc:
+            raise fmt.CartridgeError(f"cannot read {path}: {exc.strerror}") from exc
+        state["meta"], state["manifest"] = fmt.read_manifest(state["data"], path.name)
         return f"{len(state['data']):,} bytes"
 
     def version():
         m = state["manifest"]
-        v = m.get("format_version") if isinstance(m, dict) else None
+        v = m.get("format_version")
         if m.get("format") != fmt.FORMAT_NAME or v != fmt.FORMAT_VERSION:
             raise fmt.CartridgeError(f"format {m.get('format')!r} version {v!r}; expected "
                                      f"{fmt.FORMAT_NAME!r} version {fmt.FORMAT_VERSION}")
@@ -116,16 +110,7 @@ def _missing(path: Path):
 
 
 def _model_shape(cart, loaded) -> str:
-    facts, want = loaded.facts, cart.manifest["model"]
-    for key in ("num_layers", "num_kv_heads", "head_dim"):
-        if want[key] != facts[key]:
-            raise fmt.ModelMismatchError(f"{key}: cartridge {want[key]}, model {facts[key]}")
-    if want.get("rope_theta") and facts.get("rope_theta") and want["rope_theta"] != facts["rope_theta"]:
-        raise fmt.ModelMismatchError(f"rope_theta: cartridge {want['rope_theta']}, model {facts['rope_theta']}")
-    limit = facts.get("max_positions")
-    if limit and cart.first_query_position >= limit:
-        raise fmt.ModelMismatchError(f"first query position {cart.first_query_position} is past the model window")
-    return f"layers {facts['num_layers']}, kv heads {facts['num_kv_heads']}, head dim {facts['head_dim']}"
+    return fmt.check_compatible(cart, loaded.facts)
 
 
 def _fingerprint(cart, loaded) -> str:
@@ -137,9 +122,10 @@ def _fingerprint(cart, loaded) -> str:
 
 
 def _source(cart, source: Path) -> str:
-    if not source.is_file():
-        raise fmt.CartridgeError(f"source not found: {source}")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    try:
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise fmt.CartridgeError(f"cannot read source {source}: {exc.strerror}") from exc
     if digest != cart.manifest["source"].get("sha256"):
         raise fmt.CartridgeError(f"{source.name} is not the document this cartridge was compiled from")
     return digest[:16]

@@ -91,6 +91,16 @@ def test_resume_refuses_a_partial_from_other_settings(long_doc, tmp_path, tiny_m
                             model=str(tiny_model_dir), resume=True)
 
 
+def test_force_discards_a_stale_partial(long_doc, tmp_path, tiny_model_dir):
+    out = tmp_path / "out.lcc"
+    with pytest.raises(Interrupted):
+        engine.compile_file(long_doc, out, cfg(), model=str(tiny_model_dir), progress=StopAt(1))
+    assert build.partial_path(out).exists()
+    with pytest.raises(Interrupted) as info:  # interrupted before any segment of the new run
+        engine.compile_file(long_doc, out, cfg(), model=str(tiny_model_dir), force=True, progress=StopAt(0))
+    assert "kept" not in info.value.message and not build.partial_path(out).exists()
+
+
 def test_two_workers_give_the_same_cartridge(long_doc, tmp_path, tiny_model_dir):
     one, two = tmp_path / "one.lcc", tmp_path / "two.lcc"
     engine.compile_file(long_doc, one, cfg(), model=str(tiny_model_dir))

@@ -142,6 +142,10 @@ def test_wrong_model_is_refused_unless_forced(compiled, other_model_dir):
 
 def test_combine_places_query_after_the_largest_buffer(compiled):
     cart = fmt.load_cartridge(compiled[0])
-    kv, first = fmt.combine([cart, cart])
-    assert kv[0][0].shape[-2] == 2 * cart.slots
-    assert first == cart.first_query_position
+    short = fmt.Cartridge({**cart.manifest, "buffer": {**cart.manifest["buffer"], "first_query_position": 3}},
+                          [(k[:, :1], v[:, :1]) for k, v in cart.kv])
+    kv, first = fmt.combine([short, cart])
+    assert kv[0][0].shape[-2] == cart.slots + 1
+    assert torch.equal(kv[0][0][0, :, 1:], cart.kv[0][0])  # order kept: short's slot first
+    assert first == cart.first_query_position > 3
+    assert fmt.combine([cart, short])[1] == first

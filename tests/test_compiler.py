@@ -6,7 +6,7 @@ import torch
 
 from conftest import DOC, fast_config
 from lcc_cli import compiler, kvcache
-from lcc_cli.cartridge import from_bytes, from_segments, to_bytes
+from lcc_cli.cartridge import from_bytes, from_segments, load_cartridge, to_bytes
 from lcc_cli.ingest import Document
 from lcc_cli.prompts import Prompter
 
@@ -38,32 +38,43 @@ def test_base_weights_bit_identical_and_no_lora_left(tiny):
 
 
 def test_training_reader_sees_only_the_buffer(tiny, monkeypatch):
-    """Structural bottleneck: every reader cache built during compile holds K positions."""
-    lengths = []
+    """Structural bottleneck: every reader cache built during compile holds K positions, and
+    the reader's questions start where the cartridge says they will at ask time."""
+    lengths, positions = [], []
     real = compiler._reader_logits
 
     def spy(model, buf_kv, first_position, rows):
         lengths.append(buf_kv[0][0].shape[-2])
+        positions.append(first_position)
         return real(model, buf_kv, first_position, rows)
 
     monkeypatch.setattr(compiler, "_reader_logits", spy)
     seg = compiler.compile_segment(tiny, DOC, fast_config())
     assert lengths and set(lengths) == {seg.slots}
     assert seg.slots < seg.token_count
-
-
-def test_reader_output_independent_of_source_text(tiny):
-    """With a fixed cartridge the answer cannot depend on the document: nothing of it is reachable."""
-    seg = compiler.compile_segment(tiny, DOC, fast_config())
     cart = from_segments(tiny, [seg], _doc(), fast_config().to_dict(), "test")
-    from lcc_cli.reader import answer_from_kv
+    assert set(positions) == {cart.first_query_position}
 
-    a = answer_from_kv(tiny, cart.reader_kv(), cart.first_query_position, "Who built it?")
-    other_source = DOC.replace("Ada Pellinger", "somebody else")
-    assert other_source != DOC
-    b = answer_from_kv(tiny, cart.reader_kv(), cart.first_query_position, "Who built it?")
-    assert a.token_ids == b.token_ids
-    assert a.kv_positions == cart.slots  # the reader's cache held the buffer and nothing else
+
+def test_reader_output_independent_of_source_text(compiled, tiny_model_dir, monkeypatch):
+    """With a fixed cartridge the answer cannot depend on the document: rewriting the source
+    file changes nothing, and the reader's cache holds exactly the buffer."""
+    from lcc_cli import engine, reader
+
+    path, src = compiled
+    lengths = []
+    real = reader.make_cache
+    monkeypatch.setattr(reader, "make_cache", lambda kv: lengths.append(kv[0][0].shape[-2]) or real(kv))
+    a = engine.ask("Who built it?", [path], model=str(tiny_model_dir))
+    original = src.read_text()
+    try:
+        src.write_text("Something else entirely: the moon is made of basalt and was never built.")
+        b = engine.ask("Who built it?", [path], model=str(tiny_model_dir))
+    finally:
+        src.write_text(original)
+    assert a["answer"] == b["answer"]
+    slots = load_cartridge(path).slots
+    assert lengths == [slots, slots] and a["kv_positions"] == slots
 
 
 def test_cartridge_round_trip_reproduces_compile_time_logits(tiny):
