@@ -54,9 +54,9 @@ class Cartridge:
     def fingerprint(self) -> str:
         return self.manifest["model"]["fingerprint"]
 
-    def reader_kv(self):
+    def reader_kv(self, device=None):
         """The buffer KV with a batch axis, ready for the reader's cache."""
-        return [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in self.kv]
+        return [(k.unsqueeze(0).to(device), v.unsqueeze(0).to(device)) for k, v in self.kv]
 
 
 def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:

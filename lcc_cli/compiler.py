@@ -251,10 +251,11 @@ def batched_greedy(model, kv: KV, n: int, prompts: list[list[int]], max_tokens: 
     that every row's last prompt token is aligned; padding is masked out and each row's
     RoPE positions start right after the shared cache at position n."""
     batch, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, kv[0][0].shape[-2] + width, dtype=torch.long)
+    device = model.device
+    ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, kv[0][0].shape[-2] + width, dtype=torch.long, device=device)
     mask[:, : kv[0][0].shape[-2]] = 1
-    positions = torch.zeros(batch, width, dtype=torch.long)
+    positions = torch.zeros(batch, width, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         pad = width - len(p)
         ids[i, pad:] = torch.tensor(p)
@@ -278,7 +279,7 @@ def batched_greedy(model, kv: KV, n: int, prompts: list[list[int]], max_tokens: 
                 done[i] = int(pick[i]) in stop_ids
         if all(done):
             break
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
         out = model(input_ids=pick[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache,
                     use_cache=True)
         logits = out.logits[:, -1]

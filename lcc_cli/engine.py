@@ -83,6 +83,7 @@ def ask(question: str, cartridges: list[Path], context: Path | None = None, cfg:
         check_model(cart, loaded, path.name, force=force)
     if carts:
         kv, first = combine(carts)
+        kv = [(k.to(loaded.model.device), v.to(loaded.model.device)) for k, v in kv]
         result = answer_from_kv(loaded, kv, first, question, cfg, on_text)
         mode = "cartridge"
     else:

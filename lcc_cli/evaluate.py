@@ -152,6 +152,7 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
                 add("full_article", None, answer_from_text(loaded, q["q"], joined, settings.ask))
                 for ratio in settings.ratios:
                     kv, first = combine(carts[ratio])
+                    kv = [(k.to(loaded.model.device), v.to(loaded.model.device)) for k, v in kv]
                     add("composed", ratio, answer_from_kv(loaded, kv, first, q["q"], settings.ask))
         atomic_write(done_path, json.dumps(result).encode())
         results.append(result)
@@ -198,7 +199,7 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
         k = cart.slots
         truncated = loaded.tokenizer.decode(doc_tokens[:k], skip_special_tokens=True)
         ask_all("truncate", ratio, lambda q: answer_from_text(loaded, q, truncated, ask))
-        kv, first = cart.reader_kv(), cart.first_query_position
+        kv, first = cart.reader_kv(loaded.model.device), cart.first_query_position
         ask_all("cartridge", ratio, lambda q: answer_from_kv(loaded, kv, first, q, ask))
         compiles[str(ratio)] = {"slots": k, "seconds": seconds, "prefill_equivalents": seconds / prefill_s,
                                 "metrics": cart.manifest["metrics"]["segments"]}

@@ -140,8 +140,10 @@ def _write_dequantised(gguf: Path, target: Path) -> None:
         raise ModelError(f"cannot de-quantise {gguf.name}: {exc}".splitlines()[0]) from exc
 
 
-def load_model(model: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Load the base model frozen, in eval mode, with its fingerprint."""
+def load_model(model: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load the base model frozen, in eval mode, with its fingerprint. The device is
+    LCC_DEVICE (e.g. "cuda") or the CPU."""
+    device = device or os.environ.get("LCC_DEVICE") or "cpu"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -156,10 +156,11 @@ def probe_fidelity(cart, loaded, source_text: str) -> dict:
         for index, text in enumerate(texts):
             seg = segments[index]
             target = p.document_ids(text)
-            cache = make_cache([(k[None], v[None]) for k, v in seg.kv])
+            device = loaded.model.device
+            cache = make_cache([(k[None].to(device), v[None].to(device)) for k, v in seg.kv])
             logits = forward(loaded.model, cache, seg.position_start + seg.slots,
-                             input_ids=torch.tensor([prompt + target]))[0]
+                             input_ids=torch.tensor([prompt + target], device=device))[0]
             pred = logits[len(prompt) - 1: len(prompt) + len(target) - 1].argmax(-1)
-            hits += int((pred == torch.tensor(target)).sum())
+            hits += int((pred == torch.tensor(target, device=device)).sum())
             total += len(target)
     return {"fidelity": hits / total, "tokens": total, "segments": len(texts)}
