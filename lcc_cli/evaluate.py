@@ -137,10 +137,12 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
             continue
         joined = "\n\n".join(m["context"] for m in members)
         result = {"id": f"article:{title}", "title": title, "rows": [], "compiles": {}, "general": {}}
-        carts = {}
+        composed = {}
         for ratio in settings.ratios:
-            carts[ratio] = [compiled_cartridge(loaded, m, hashlib.sha256(m["context"].encode()).hexdigest(), ratio,
-                                               settings, out / "cartridges")[0] for m in members]
+            carts = [compiled_cartridge(loaded, m, hashlib.sha256(m["context"].encode()).hexdigest(), ratio,
+                                        settings, out / "cartridges")[0] for m in members]
+            kv, first = combine(carts)
+            composed[ratio] = ([(k.to(loaded.model.device), v.to(loaded.model.device)) for k, v in kv], first)
         for m in members:
             for q in _questions(m, settings):
                 def add(condition, ratio, a):
@@ -150,9 +152,7 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
                                            "ttft": a.seconds_to_first_token, "seconds": a.seconds_total,
                                            "kv_positions": a.kv_positions + a.prompt_tokens})
                 add("full_article", None, answer_from_text(loaded, q["q"], joined, settings.ask))
-                for ratio in settings.ratios:
-                    kv, first = combine(carts[ratio])
-                    kv = [(k.to(loaded.model.device), v.to(loaded.model.device)) for k, v in kv]
+                for ratio, (kv, first) in composed.items():
                     add("composed", ratio, answer_from_kv(loaded, kv, first, q["q"], settings.ask))
         atomic_write(done_path, json.dumps(result).encode())
         results.append(result)
