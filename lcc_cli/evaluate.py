@@ -145,18 +145,21 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
             composed[ratio] = ([(k.to(loaded.model.device), v.to(loaded.model.device)) for k, v in kv], first)
         for m in members:
             for q in _questions(m, settings):
-                def add(condition, ratio, a):
-                    result["rows"].append({"doc": m["id"], "qid": q.get("qid"), "question": q["q"],
-                                           "answers": q["answers"], "condition": condition, "ratio": ratio,
-                                           "prediction": a.text, **score(a.text, q["answers"]),
-                                           "ttft": a.seconds_to_first_token, "seconds": a.seconds_total,
-                                           "kv_positions": a.kv_positions + a.prompt_tokens})
-                add("full_article", None, answer_from_text(loaded, q["q"], joined, settings.ask))
+                rows = result["rows"]
+                rows.append(_row(m, q, "full_article", None, answer_from_text(loaded, q["q"], joined, settings.ask)))
                 for ratio, (kv, first) in composed.items():
-                    add("composed", ratio, answer_from_kv(loaded, kv, first, q["q"], settings.ask))
+                    rows.append(_row(m, q, "composed", ratio, answer_from_kv(loaded, kv, first, q["q"], settings.ask)))
         atomic_write(done_path, json.dumps(result).encode())
         results.append(result)
     return results
+
+
+def _row(doc: dict, q: dict, condition: str, ratio: float | None, a) -> dict:
+    """One scored answer. kv_positions: every cache position the answer's prompt attended to."""
+    return {"doc": doc["id"], "qid": q.get("qid"), "question": q["q"], "answers": q["answers"],
+            "condition": condition, "ratio": ratio, "prediction": a.text, **score(a.text, q["answers"]),
+            "ttft": a.seconds_to_first_token, "seconds": a.seconds_total,
+            "kv_positions": a.kv_positions + a.prompt_tokens}
 
 
 def _slug(text: str) -> str:
@@ -185,10 +188,7 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
     def ask_all(condition, ratio, fn):
         for q in questions:
             a = fn(q["q"])
-            rows.append({"doc": row["id"], "qid": q.get("qid"), "question": q["q"], "answers": q["answers"],
-                         "condition": condition, "ratio": ratio, "prediction": a.text, **score(a.text, q["answers"]),
-                         "ttft": a.seconds_to_first_token, "seconds": a.seconds_total,
-                         "kv_positions": a.kv_positions + a.prompt_tokens})
+            rows.append(_row(row, q, condition, ratio, a))
 
     ask = settings.ask
     ask_all("full", None, lambda q: answer_from_text(loaded, q, text, ask))
