@@ -55,7 +55,7 @@ class EvalSettings:
     documents: list[str] | None = None  # dataset ids to keep (before `limit`)
 
 
-def load_dataset(path: Path, limit: int | None = None) -> list[dict]:
+def load_dataset(path: Path) -> list[dict]:
     """Rows of {"id","title","context","questions":[{"q","answers","qid"}]} from JSONL."""
     if not path.is_file():
         raise InputError(f"no such dataset: {path}")
@@ -75,7 +75,7 @@ def load_dataset(path: Path, limit: int | None = None) -> list[dict]:
         rows.append(row)
     if not rows:
         raise InputError(f"{path.name} holds no documents")
-    return rows[:limit] if limit else rows
+    return rows
 
 
 def _key(**blob) -> str:
