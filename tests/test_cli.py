@@ -249,3 +249,33 @@ def test_ask_partial_file_is_refused(tmp_path, tiny_model_dir, compiled):
     (tmp_path / "x.lcc.partial").write_bytes(to_bytes(cart))
     assert from_bytes((tmp_path / "x.lcc.partial").read_bytes()).manifest["partial"]
     assert_error(run("ask", tmp_path / "x.lcc.partial", "q?", "--model", tiny_model_dir), 5, "unfinished")
+
+
+@pytest.mark.parametrize("exc,code,fragment", [(KeyboardInterrupt, 130, "interrupted"),
+                                               (MemoryError, 8, "out of memory"),
+                                               (RuntimeError("boom"), 1, "unexpected RuntimeError")])
+def test_interrupt_memory_and_unexpected_rows(doc_file, tmp_path, monkeypatch, exc, code, fragment):
+    from lcc_cli import engine
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(engine, "compile_file", fail)
+    assert_error(run("compile", doc_file, "-o", tmp_path / "o.lcc"), code, fragment)
+
+
+def test_no_space_left_is_exit_8(compiled, tmp_path, monkeypatch):
+    import errno
+
+    from lcc_cli import cartridge
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cart = cartridge.load_cartridge(compiled[0])
+    monkeypatch.setattr(cartridge.os, "replace", full_disk)
+    from lcc_cli.errors import ResourceError
+
+    with pytest.raises(ResourceError):
+        cartridge.save_cartridge(cart, tmp_path / "o.lcc")
+    assert list(tmp_path.iterdir()) == []

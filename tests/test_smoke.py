@@ -28,8 +28,11 @@ def test_real_model_compile_then_ask(tmp_path):
     assert summary["model"] == "smollm2-135m"
     assert summary["slots"] == -(-summary["tokens"] // 16)
 
-    verify = runner.invoke(app, ["verify", str(out), "--source", str(EXAMPLE)])
+    verify = runner.invoke(app, ["verify", str(out), "--source", str(EXAMPLE), "--probe", "--json"])
     assert verify.exit_code == 0, verify.stdout + verify.stderr
+    report = json.loads(verify.stdout)
+    assert [c["name"] for c in report["checks"]][-2:] == ["source", "probe"]
+    assert 0.0 <= report["probe"]["fidelity"] <= 1.0 and report["probe"]["tokens"] > 200
 
     answer = runner.invoke(app, ["ask", str(out), "Who designed the lighthouse?", "--json"])
     payload = json.loads(answer.stdout)
