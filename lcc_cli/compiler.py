@@ -225,18 +225,18 @@ def kl_loss(model, buf_kv: KV, first_position: int, teacher: TeacherTargets, bat
 def make_teacher_targets(loaded, text: str, ctx_kv: KV, cfg: CompileConfig) -> TeacherTargets:
     """Generate the teacher's responses to a seeded sample of generic instructions, in one
     batched greedy decode, keeping its log-probabilities at every response position."""
+    if cfg.kl_pool <= 0 or cfg.kl_weight == 0:
+        return TeacherTargets([], [], [])
     prompter = Prompter(loaded.tokenizer)
     agnostic, about_document = generic_instructions()
     if cfg.teacher == "context":
-        kv, n = ctx_kv, len(prompter.context_ids(text))
+        kv = ctx_kv
     elif cfg.teacher == "plain":
-        plain_ids = prompter.context_ids(None)
-        (kv, _), n = prefill(loaded.model, plain_ids), len(plain_ids)
+        kv, _ = prefill(loaded.model, prompter.context_ids(None))
         about_document = []  # without the document these have no meaningful answer
     else:
         raise UsageError(f"unknown teacher '{cfg.teacher}' (use context or plain)")
-    if cfg.kl_pool <= 0 or cfg.kl_weight == 0:
-        return TeacherTargets([], [], [])
+    n = kv[0][0].shape[-2]  # the teacher's questions follow its context turn
     rng = random.Random(cfg.seed)
     n_about = min(len(about_document), round(cfg.kl_pool * cfg.kl_about_share))
     chosen = rng.sample(about_document, n_about) + rng.sample(agnostic, min(len(agnostic), cfg.kl_pool - n_about))
