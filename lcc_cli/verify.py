@@ -1,17 +1,21 @@
 """`lcc verify`: run every integrity and compatibility check on a cartridge and report each.
 
-Unlike `load_cartridge`, which stops at the first defect, this runs the checks in order
-and records pass / fail / skipped for each, so users see exactly which one failed.
+The loader (format/cartridge.py) stops at the first defect; this runs the same public load
+steps one by one and records pass / fail / skipped for each, so users see exactly which one
+failed. Model checks need a loaded model; the probe also needs the source document.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import stat
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import cartridge as fmt
-from .errors import LccError
+from .errors import CartridgeError, LccError
+from .format import cartridge as fmt
+from .format import manifest as mf
+from .format.checks import check_compatible, check_fingerprint
 
 
 @dataclass
@@ -21,114 +25,116 @@ class Check:
     detail: str = ""
 
 
-def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
-                probe: bool = False) -> tuple[list[Check], object]:
+@dataclass
+class VerifyReport:
+    path: str
+    format_version: int | None = None  # the version found in the file (1 is converted on load)
+    checks: list[Check] = field(default_factory=list)
+    probe: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def first_failure(self) -> Check | None:
+        return next((c for c in self.checks if c.ok is False), None)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "ok": self.ok, "format_version": self.format_version,
+                "checks": [asdict(c) for c in self.checks], "probe": self.probe}
+
+
+def verify_file(path: str | Path, loaded=None, source: str | Path | None = None, probe: bool = False) -> VerifyReport:
     """Run the checks. `loaded` (a LoadedModel) enables the model checks; `source` the
-    source-hash check, and `probe` (with both) the reconstruction-fidelity probe. Returns
-    the checks and the probe result (None without a probe)."""
+    source-hash check, and `probe` (with both) the reconstruction-fidelity probe."""
     path = Path(path)
-    checks: list[Check] = []
+    report = VerifyReport(str(path))
     state: dict = {}
 
-    def run(name: str, fn) -> bool:
-        if checks and checks[-1].ok is not True and name in _DEPENDENT:
-            checks.append(Check(name, None, "skipped"))
-            return False
+    def run(name: str, fn) -> None:
+        if report.checks and report.checks[-1].ok is not True:
+            report.checks.append(Check(name, None, "skipped"))
+            return
         try:
-            checks.append(Check(name, True, fn() or ""))
-            return True
+            report.checks.append(Check(name, True, fn() or ""))
         except LccError as exc:
-            checks.append(Check(name, False, exc.message))
-            return False
+            report.checks.append(Check(name, False, exc.message))
 
     def parse():
-        try:
-            state["data"] = path.read_bytes() if path.is_file() else _missing(path)
-        except OSError as exc:
-            raise fmt.CartridgeError(f"cannot read {path}: {exc.strerror}") from exc
-        state["meta"], state["manifest"] = fmt.read_manifest(state["data"], path.name)
-        return f"{len(state['data']):,} bytes"
+        if not path.exists():
+            raise CartridgeError(f"no such file: {path}")
+        if not path.is_file():
+            raise CartridgeError(f"{path} is not a regular file")
+        state["raw"] = fmt.read_raw(path, path.name)
+        state["meta"], state["manifest"] = fmt.read_manifest(state["raw"], path.name)
+        return f"{state['raw'].size:,} bytes"
 
     def version():
         m = state["manifest"]
         v = m.get("format_version")
-        if m.get("format") != fmt.FORMAT_NAME or v != fmt.FORMAT_VERSION:
-            raise fmt.CartridgeError(f"format {m.get('format')!r} version {v!r}; expected "
-                                     f"{fmt.FORMAT_NAME!r} version {fmt.FORMAT_VERSION}")
-        return f"{fmt.FORMAT_NAME} v{v}"
+        if m.get("format") != mf.FORMAT_NAME or v not in mf.READABLE_VERSIONS:
+            raise CartridgeError(f"format {str(m.get('format'))[:40]!r} version {str(v)[:12]}; this lcc reads "
+                                 f"{mf.FORMAT_NAME!r} versions {', '.join(map(str, mf.READABLE_VERSIONS))}")
+        report.format_version = v
+        return f"{mf.FORMAT_NAME} v{v}" + (" (converted to v2 on load)" if v == 1 else "")
 
     def schema():
-        fmt.validate_manifest(state["manifest"], path.name)
+        mf.validate(state["manifest"], path.name)
         if state["manifest"].get("partial"):
-            raise fmt.CartridgeError("an unfinished compile (partial file), not a cartridge")
+            raise CartridgeError("an unfinished compile (partial file), not a cartridge")
+        return "positions match the layout"
+
+    def tensors():
+        fmt.check_tensor_entries(state["raw"], state["manifest"], path.name)
+        state["tensors"] = fmt.read_tensors(state["raw"], path.name)
+        return f"{len(state['tensors'])} tensors"
 
     def checksum():
-        state["tensors"] = fmt._load_tensors(state["data"], path.name)
-        digest = fmt.tensor_sha256(state["tensors"])
-        if digest != state["manifest"]["tensor_sha256"]:
-            raise fmt.CartridgeError("tensor sha256 differs from the manifest")
-        if state["meta"].get("lcc_checksum") != fmt._checksum(state["meta"]["lcc_manifest"], digest):
-            raise fmt.CartridgeError("manifest checksum differs (manifest edited)")
-        return digest[:16]
+        return fmt.check_checksums(state["meta"], state["manifest"], state["tensors"], path.name)[:16]
 
-    def shapes():
-        kv = fmt._check_shapes(state["manifest"], state["tensors"], path.name)
-        state["cart"] = fmt.Cartridge(state["manifest"], kv)
-        return f"{len(kv)} layers x {state['cart'].slots} slots"
+    def values():
+        largest = fmt.check_values(state["tensors"], path.name)
+        state["cart"] = fmt.to_cartridge(state["manifest"], state["tensors"])
+        return f"all finite, largest magnitude {largest:.3g}"
 
     run("parse", parse)
     run("version", version)
     run("schema", schema)
+    run("tensors", tensors)
     run("checksum", checksum)
-    run("shapes", shapes)
+    run("values", values)
     cart = state.get("cart")
     if loaded is not None:
-        run("model-shape", lambda: _model_shape(cart, loaded))
-        run("fingerprint", lambda: _fingerprint(cart, loaded))
+        run("model-shape", lambda: check_compatible(cart.manifest["model"], loaded.facts,
+                                                    cart.buffer.first_query_position, path.name))
+        run("fingerprint", lambda: check_fingerprint(cart.manifest["model"], loaded.model_id, loaded.fingerprint,
+                                                     path.name))
     if source is not None:
         run("source", lambda: _source(cart, Path(source)))
         if probe and loaded is not None:
-            run("probe", lambda: _probe(cart, loaded, Path(source), state))
-    state.pop("data", None)
-    return checks, state.get("probe")
-
-
-def _probe(cart, loaded, source: Path, state: dict) -> str:
-    from .ingest import read_document
-
-    result = probe_fidelity(cart, loaded, read_document(source).text)
-    state["probe"] = result
-    return f"reconstruction fidelity {result['fidelity']:.1%} of {result['tokens']} tokens"
-
-
-# Checks that make no sense once an earlier one failed.
-_DEPENDENT = {"version", "schema", "checksum", "shapes", "model-shape", "fingerprint", "source", "probe"}
-
-
-def _missing(path: Path):
-    raise fmt.CartridgeError(f"no such file: {path}")
-
-
-def _model_shape(cart, loaded) -> str:
-    return fmt.check_compatible(cart, loaded.facts)
-
-
-def _fingerprint(cart, loaded) -> str:
-    want = cart.manifest["model"]["fingerprint"]
-    if want != loaded.fingerprint:
-        raise fmt.ModelMismatchError(f"made for {cart.manifest['model']['id']} ({want[:12]}), "
-                                     f"loaded {loaded.model_id} ({loaded.fingerprint[:12]})")
-    return want[:16]
+            run("probe", lambda: _probe(cart, loaded, Path(source), report))
+    return report
 
 
 def _source(cart, source: Path) -> str:
     try:
+        st = source.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise CartridgeError(f"source {source} is not a regular file")
         digest = hashlib.sha256(source.read_bytes()).hexdigest()
     except OSError as exc:
-        raise fmt.CartridgeError(f"cannot read source {source}: {exc.strerror}") from exc
+        raise CartridgeError(f"cannot read source {source}: {exc.strerror}") from exc
     if digest != cart.manifest["source"].get("sha256"):
-        raise fmt.CartridgeError(f"{source.name} is not the document this cartridge was compiled from")
+        raise CartridgeError(f"{source.name} is not the document this cartridge was compiled from")
     return digest[:16]
+
+
+def _probe(cart, loaded, source: Path, report: VerifyReport) -> str:
+    from .ingest import read_document
+
+    report.probe = probe_fidelity(cart, loaded, read_document(source).text)
+    return f"reconstruction fidelity {report.probe['fidelity']:.1%} of {report.probe['tokens']} tokens"
 
 
 def probe_fidelity(cart, loaded, source_text: str) -> dict:
@@ -137,30 +143,29 @@ def probe_fidelity(cart, loaded, source_text: str) -> dict:
     document" instruction, predicts every next source token; we count exact hits)."""
     import torch
 
-    from .build import document_segments, split_segments_of
     from .config import CompileConfig
-    from .kvcache import forward, make_cache
-    from .prompts import RECONSTRUCT_INSTRUCTION, Prompter
+    from .ingest import split_text
+    from .runtime.cache import forward, make_cache
+    from .runtime.prompts import RECONSTRUCT_INSTRUCTION
 
-    settings = dict(cart.manifest["compile"])
-    settings["lora_targets"] = tuple(settings.get("lora_targets", ()))
-    cfg = CompileConfig(**{k: v for k, v in settings.items() if k in CompileConfig.__dataclass_fields__})
-    texts = document_segments(loaded, source_text, cfg)
-    segments = split_segments_of(cart)
-    if len(texts) != len(segments):
-        raise fmt.CartridgeError(f"source splits into {len(texts)} segments, cartridge has {len(segments)}")
-    p = Prompter(loaded.tokenizer)
+    cfg = CompileConfig.from_dict(cart.manifest["compile"], strict=False)
+    tok = loaded.tokenizer
+    texts = split_text(source_text, lambda s: tok(s, add_special_tokens=False, return_offsets_mapping=True)
+                       ["offset_mapping"], cfg.segment_tokens)
+    buffers = cart.segment_buffers()
+    if len(texts) != len(buffers):
+        raise CartridgeError(f"source splits into {len(texts)} segments, cartridge has {len(buffers)}")
+    p = loaded.prompter
     prompt = p.query_ids(RECONSTRUCT_INSTRUCTION)
     hits = total = 0
     with torch.inference_mode():
-        for index, text in enumerate(texts):
-            seg = segments[index]
+        for text, buffer in zip(texts, buffers):
             target = p.document_ids(text)
-            device = loaded.model.device
-            cache = make_cache([(k[None].to(device), v[None].to(device)) for k, v in seg.kv])
-            logits = forward(loaded.model, cache, seg.position_start + seg.slots,
-                             input_ids=torch.tensor([prompt + target], device=device))[0]
+            buffer = buffer.to(loaded.device, loaded.dtype)
+            cache = make_cache(buffer.cache_layers())
+            logits = forward(loaded.model, cache, buffer.first_query_position,
+                             input_ids=torch.tensor([prompt + target], device=loaded.device))[0]
             pred = logits[len(prompt) - 1: len(prompt) + len(target) - 1].argmax(-1)
-            hits += int((pred == torch.tensor(target, device=device)).sum())
+            hits += int((pred == torch.tensor(target, device=loaded.device)).sum())
             total += len(target)
     return {"fidelity": hits / total, "tokens": total, "segments": len(texts)}

@@ -64,7 +64,7 @@ def other_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny(tiny_model_dir):
-    from lcc_cli.models import load_model
+    from lcc_cli.runtime.model import load_model
 
     return load_model(str(tiny_model_dir))
 
@@ -74,6 +74,12 @@ def doc_file(tmp_path) -> Path:
     path = tmp_path / "doc.txt"
     path.write_text(DOC)
     return path
+
+
+def run_opts(model_dir, **extra):
+    from lcc_cli.api import RunOptions
+
+    return RunOptions(model=str(model_dir), **extra)
 
 
 def fast_config(**overrides):
@@ -87,7 +93,7 @@ def fast_config(**overrides):
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory, tiny_model_dir):
     """One cartridge compiled from DOC with the tiny model, shared by read-only tests."""
-    from lcc_cli.engine import compile_file
+    from lcc_cli.api import RunOptions, compile_file
 
     d = tmp_path_factory.mktemp("compiled")
     src = d / "doc.txt"
@@ -95,7 +101,7 @@ def compiled(tmp_path_factory, tiny_model_dir):
     old = os.environ.get("LCC_HOME")
     os.environ["LCC_HOME"] = str(d / "home")
     try:
-        compile_file(src, d / "doc.lcc", fast_config(), model=str(tiny_model_dir))
+        compile_file(src, d / "doc.lcc", fast_config(), run=RunOptions(model=str(tiny_model_dir)))
     finally:
         if old is None:
             os.environ.pop("LCC_HOME", None)

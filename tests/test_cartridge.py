@@ -8,7 +8,8 @@ import struct
 import pytest
 import torch
 
-from lcc_cli import cartridge as fmt
+from lcc_cli.format import cartridge as fmt
+from lcc_cli.format import fsio
 from lcc_cli.errors import CartridgeError, ModelMismatchError, OutputExistsError, UsageError
 
 
@@ -17,9 +18,10 @@ def test_round_trip_keeps_tensors_and_manifest(compiled):
     cart = fmt.load_cartridge(path)
     again = fmt.from_bytes(fmt.to_bytes(cart))
     assert again.manifest == cart.manifest
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(cart.kv, again.kv))
+    assert all(torch.equal(a, b) for a, b in zip(cart.buffer.keys + cart.buffer.values,
+                                                 again.buffer.keys + again.buffer.values))
     m = cart.manifest
-    assert m["format"] == "lcc-cartridge" and m["format_version"] == 1
+    assert m["format"] == "lcc-cartridge" and m["format_version"] == 2
     assert m["buffer"]["first_query_position"] == m["buffer"]["segments"][0]["position_start"] + cart.slots
     assert len(m["model"]["fingerprint"]) == 64 and len(m["source"]["sha256"]) == 64
     for key in ("steps", "lr", "lora_rank", "seed", "teacher", "recon_weight", "kl_weight"):
@@ -107,7 +109,7 @@ def test_save_refuses_to_overwrite_without_force(compiled, tmp_path):
     with pytest.raises(OutputExistsError):
         fmt.save_cartridge(cart, target)
     assert target.read_bytes() == b"precious"
-    fmt.save_cartridge(cart, target, force=True)
+    fmt.save_cartridge(cart, target, overwrite=True)
     assert fmt.load_cartridge(target).manifest == cart.manifest
 
 
@@ -124,28 +126,38 @@ def test_interrupted_write_leaves_no_file(compiled, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fmt.os, "fsync", boom)
+    monkeypatch.setattr(fsio.os, "fsync", boom)
     with pytest.raises(KeyboardInterrupt):
         fmt.save_cartridge(cart, target)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_wrong_model_is_refused_unless_forced(compiled, other_model_dir):
-    from lcc_cli.models import load_model
+    from lcc_cli.format.checks import check_fingerprint
+    from lcc_cli.runtime.model import load_model
 
     cart = fmt.load_cartridge(compiled[0])
     other = load_model(str(other_model_dir))
     with pytest.raises(ModelMismatchError, match=cart.fingerprint[:12]):
-        fmt.check_model(cart, other)
-    fmt.check_model(cart, other, force=True)
+        check_fingerprint(cart.manifest["model"], other.model_id, other.fingerprint)
+    check_fingerprint(cart.manifest["model"], other.model_id, other.fingerprint, force=True)
 
 
-def test_combine_places_query_after_the_largest_buffer(compiled):
+def test_combine_lays_cartridges_side_by_side(compiled):
+    """Composition (consecutive layout): the second cartridge's buffer follows the first,
+    re-rotated, and the question follows both."""
+    from lcc_cli.compose import combine
+
     cart = fmt.load_cartridge(compiled[0])
-    short = fmt.Cartridge({**cart.manifest, "buffer": {**cart.manifest["buffer"], "first_query_position": 3}},
-                          [(k[:, :1], v[:, :1]) for k, v in cart.kv])
-    kv, first = fmt.combine([short, cart])
-    assert kv[0][0].shape[-2] == cart.slots + 1
-    assert torch.equal(kv[0][0][0, :, 1:], cart.kv[0][0])  # order kept: short's slot first
-    assert first == cart.first_query_position > 3
-    assert fmt.combine([cart, short])[1] == first
+    short = fmt.Cartridge(cart.manifest, cart.buffer.select(0, 1))
+    buffer = combine([short, cart])
+    assert buffer.slots == cart.slots + 1
+    assert buffer.positions.tolist() == list(range(cart.slots + 1)) and buffer.first_query_position == cart.slots + 1
+    assert torch.equal(buffer.keys[0][:, :1], cart.buffer.keys[0][:, :1])  # the first keeps its place
+    assert torch.equal(buffer.values[0][:, 1:], cart.buffer.values[0])  # values never move
+    moved = cart.buffer.moved(cart.rope, 1)
+    torch.testing.assert_close(buffer.keys[0][:, 1:], moved.keys[0])  # keys re-rotated by one position
+    assert not torch.allclose(buffer.keys[0][:, 1:], cart.buffer.keys[0])
+    overlap = combine([short, cart], layout="overlap")
+    assert overlap.positions.tolist() == [0] + list(range(cart.slots))
+    assert overlap.first_query_position == cart.slots

@@ -199,7 +199,7 @@ def _corrupt_variants(path, tmp_path):
     out["manifest-edited"] = _rewrite_manifest(path, tmp_path, lambda m: m["buffer"].__setitem__("first_query_position", 1))
     (tmp_path / "edited.lcc").rename(tmp_path / "manifest-edited.lcc")
     out["manifest-edited"] = tmp_path / "manifest-edited.lcc"
-    out["future-version"] = _rewrite_manifest(path, tmp_path, lambda m: m.__setitem__("format_version", 2))
+    out["future-version"] = _rewrite_manifest(path, tmp_path, lambda m: m.__setitem__("format_version", 3))
     return out
 
 
@@ -242,12 +242,13 @@ def test_non_utf8_text(tmp_path, tiny_model_dir):
 
 
 def test_ask_partial_file_is_refused(tmp_path, tiny_model_dir, compiled):
-    from lcc_cli.cartridge import from_bytes, load_cartridge, to_bytes
+    from lcc_cli.format.cartridge import from_bytes, load_cartridge, to_bytes
 
     cart = load_cartridge(compiled[0])
     cart.manifest["partial"] = True
     (tmp_path / "x.lcc.partial").write_bytes(to_bytes(cart))
-    assert from_bytes((tmp_path / "x.lcc.partial").read_bytes()).manifest["partial"]
+    with pytest.raises(Exception, match="unfinished"):
+        from_bytes((tmp_path / "x.lcc.partial").read_bytes())
     assert_error(run("ask", tmp_path / "x.lcc.partial", "q?", "--model", tiny_model_dir), 5, "unfinished")
 
 
@@ -255,25 +256,25 @@ def test_ask_partial_file_is_refused(tmp_path, tiny_model_dir, compiled):
                                                (MemoryError, 8, "out of memory"),
                                                (RuntimeError("boom"), 1, "unexpected RuntimeError")])
 def test_interrupt_memory_and_unexpected_rows(doc_file, tmp_path, monkeypatch, exc, code, fragment):
-    from lcc_cli import engine
+    from lcc_cli import api
 
     def fail(*a, **k):
         raise exc
 
-    monkeypatch.setattr(engine, "compile_file", fail)
+    monkeypatch.setattr(api, "compile_file", fail)
     assert_error(run("compile", doc_file, "-o", tmp_path / "o.lcc"), code, fragment)
 
 
 def test_no_space_left_is_exit_8(compiled, tmp_path, monkeypatch):
     import errno
 
-    from lcc_cli import cartridge
+    from lcc_cli.format import cartridge, fsio
 
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     cart = cartridge.load_cartridge(compiled[0])
-    monkeypatch.setattr(cartridge.os, "replace", full_disk)
+    monkeypatch.setattr(fsio.os, "link", full_disk)
     from lcc_cli.errors import ResourceError
 
     with pytest.raises(ResourceError):

@@ -7,10 +7,13 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import DOC, fast_config
-from lcc_cli import engine, evaluate
+from conftest import DOC, fast_config, run_opts
+from lcc_cli import api
 from lcc_cli.cli import app
+from lcc_cli.config import EvalSettings
 from lcc_cli.errors import InputError
+from lcc_cli.eval import data as eval_data
+from lcc_cli.eval import run as evaluate
 
 TOY = [
     {"id": "a", "title": "Lighthouse", "context": DOC,
@@ -29,15 +32,12 @@ def toy(tmp_path):
 
 
 def settings():
-    s = evaluate.EvalSettings(ratios=[4.0, 8.0], compile=fast_config(steps=2))
-    s.ask.max_new_tokens = 4
-    s.general_probes = True
-    return s
+    return EvalSettings(ratios=[4.0, 8.0], compile=fast_config(steps=2), max_new_tokens=4, general_probes=True)
 
 
 def test_results_structure_and_numbers(toy, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
-    result = engine.run_eval(toy, settings(), out, model=str(tiny_model_dir))
+    result = api.run_eval(toy, settings(), out, run=run_opts(tiny_model_dir))
     data = json.loads((out / "results.json").read_text())
     assert (out / "report.md").is_file() and (out / "score_vs_ratio.png").stat().st_size > 1000
     rows = [r for d in data["documents"] for r in d["rows"]]
@@ -78,9 +78,9 @@ def test_resume_after_interrupt_keeps_finished_documents(toy, tmp_path, tiny_mod
 
     monkeypatch.setattr(evaluate, "evaluate_document", interrupt_on_b)
     with pytest.raises(KeyboardInterrupt):
-        engine.run_eval(toy, settings(), out, model=str(tiny_model_dir))
+        api.run_eval(toy, settings(), out, run=run_opts(tiny_model_dir))
     assert len(list((out / "docs").glob("a-*.json"))) == 1 and not list((out / "docs").glob("b-*.json"))
-    engine.run_eval(toy, settings(), out, model=str(tiny_model_dir))
+    api.run_eval(toy, settings(), out, run=run_opts(tiny_model_dir))
     assert calls == ["a", "b", "b"]  # a was not evaluated again
     assert json.loads((out / "results.json").read_text())["summary"]["documents"] == 2
 
@@ -89,7 +89,7 @@ def test_bad_dataset_is_an_input_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"no": "context"}\n')
     with pytest.raises(InputError, match="line 1"):
-        evaluate.load_dataset(bad)
+        eval_data.load_dataset(bad)
 
 
 def test_eval_cli_json(toy, tmp_path, tiny_model_dir):
@@ -107,7 +107,7 @@ def test_composition_rows_use_all_paragraph_cartridges(toy, tmp_path, tiny_model
     s = settings()
     s.compose, s.ratios, s.general_probes = True, [8.0], False
     out = tmp_path / "out"
-    result = engine.run_eval(path, s, out, model=str(tiny_model_dir))
+    result = api.run_eval(path, s, out, run=run_opts(tiny_model_dir))
     data = json.loads((out / "results.json").read_text())
     article = next(d for d in data["documents"] if d["id"].startswith("article:"))
     composed = [r for r in article["rows"] if r["condition"] == "composed"]

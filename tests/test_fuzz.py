@@ -8,7 +8,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lcc_cli.cartridge import from_bytes
+from lcc_cli.format.cartridge import from_bytes
 from lcc_cli.errors import CartridgeError
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -29,8 +29,8 @@ def _load(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "f.lcc"
         path.write_bytes(data)
-        checks, _ = verify_file(path)
-        assert checks and all(c.ok in (True, False, None) for c in checks)
+        report = verify_file(path)
+        assert report.checks and all(c.ok in (True, False, None) for c in report.checks)
 
 
 @FUZZ
@@ -70,5 +70,6 @@ def test_random_manifests_in_a_valid_container(manifest):
     import torch
     from safetensors.torch import save
 
-    for m in (manifest, {**manifest, "format": "lcc-cartridge", "format_version": 1}):
+    for m in (manifest, {**manifest, "format": "lcc-cartridge", "format_version": 1},
+              {**manifest, "format": "lcc-cartridge", "format_version": 2}):
         _load(save({"k.0": torch.zeros(1, 1, 2)}, metadata={"lcc_manifest": json.dumps(m), "lcc_checksum": "x"}))

@@ -7,7 +7,9 @@ import hashlib
 import pytest
 
 from lcc_cli.errors import InputError
-from lcc_cli.ingest import read_document, split_segments
+import re
+
+from lcc_cli.ingest import read_document, split_text
 from pdfs import blank_pdf, encrypted_pdf, text_pdf
 
 
@@ -67,9 +69,14 @@ def count_words(s: str) -> int:
     return len(s.split())
 
 
+def word_spans(s: str) -> list[tuple[int, int]]:
+    """A whitespace "tokenizer" for split tests: one token per word."""
+    return [(m.start(), m.end()) for m in re.finditer(r"\S+", s)]
+
+
 def test_split_prefers_paragraphs_and_respects_the_limit():
     paras = [" ".join(f"p{i}w{j}." for j in range(8)) for i in range(6)]
-    segments = split_segments("\n\n".join(paras), count_words, 20)
+    segments = split_text("\n\n".join(paras), word_spans, 20)
     assert all(count_words(s) <= 20 for s in segments)
     assert len(segments) == 3  # two 8-word paragraphs fit in 20, a third does not
     assert " ".join(segments).split() == "\n\n".join(paras).split()  # nothing lost or reordered
@@ -77,6 +84,6 @@ def test_split_prefers_paragraphs_and_respects_the_limit():
 
 def test_split_breaks_long_paragraphs_by_sentence_then_word():
     text = "One two three. " * 10 + " ".join(["long"] * 50)
-    segments = split_segments(text, count_words, 12)
+    segments = split_text(text, word_spans, 12)
     assert all(count_words(s) <= 12 for s in segments)
     assert " ".join(segments).split() == text.split()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lcc_cli import models
+from lcc_cli.runtime import model as models
 from lcc_cli.errors import ModelError
 
 
@@ -32,7 +32,7 @@ def test_different_models_have_different_fingerprints(tiny_model_dir, other_mode
 
 def test_loaded_model_is_frozen(tiny):
     assert not any(p.requires_grad for p in tiny.model.parameters())
-    assert tiny.facts["num_layers"] == 2 and tiny.facts["num_kv_heads"] == 2 and tiny.facts["head_dim"] == 16
+    assert tiny.facts.num_layers == 2 and tiny.facts.num_kv_heads == 2 and tiny.facts.head_dim == 16
 
 
 def test_missing_model_directory(tmp_path):

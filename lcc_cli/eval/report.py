@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .cartridge import atomic_write
+from ..format.fsio import atomic_write
 from .scoring import normalize, token_f1
 
 

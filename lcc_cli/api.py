@@ -1,0 +1,244 @@
+"""The typed Python API: the workflows behind each command. The CLI calls these and renders
+what they return; nothing here prints or exits.
+
+This is the only module that combines the file formats (format/), the model at run time
+(runtime/), the compile path (compile/) and the executors (backends/).
+
+    from lcc_cli import api
+    from lcc_cli.config import CompileConfig
+    result = api.compile_file("doc.md", "doc.lcc", CompileConfig(ratio=16))
+    print(api.ask("Who founded it?", ["doc.lcc"]).text)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .compile.base import CompilerSpec
+from .config import AskConfig, CompileConfig, EvalSettings
+from .errors import Interrupted, OutputExistsError, UsageError
+from .ingest import DEFAULT_MAX_BYTES, read_document
+from .progress import NO_PROGRESS, Progress
+
+# Above this estimated compile time, `compile` asks for --yes before starting.
+CONFIRM_SECONDS = 3600.0
+# Rough seconds per context token per optimisation step on 2 CPU cores (docs/experiments.md:
+# ~2.4 s a step for a ~200-token paragraph), and per token for one forward pass.
+_STEP_SECONDS_PER_TOKEN = 0.012
+_PASS_SECONDS_PER_TOKEN = 0.002
+
+
+@dataclass
+class RunOptions:
+    """How and where work runs (never changes what a compile produces)."""
+
+    model: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    backend: str = "local"
+    workers: int = 1
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise UsageError(f"workers must be at least 1 (got {self.workers!r})", field="workers")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise UsageError(f"threads must be at least 1 (got {self.threads!r})", field="threads")
+        if self.backend == "local" and self.workers > 1:
+            self.backend = "processes"
+
+
+@dataclass
+class CompileResult:
+    path: str
+    slots: int
+    tokens: int
+    segments: int
+    seconds: float
+    model: str
+    compiler: dict
+    metrics: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load(run: RunOptions):
+    """The base model, on the chosen device, with the chosen thread count."""
+    from .runtime.model import load_model, set_threads
+
+    set_threads(run.threads)
+    return load_model(run.model, device=run.device)
+
+
+def _executor(run: RunOptions, loaded):
+    from .backends import make_executor
+
+    return make_executor(run.backend, loaded, model=run.model, device=run.device, workers=run.workers,
+                         threads=run.threads, ray_address=run.ray_address)
+
+
+def estimate_seconds(segment_tokens: list[int], cfg: CompileConfig) -> float:
+    return sum(n * (cfg.steps * _STEP_SECONDS_PER_TOKEN + _PASS_SECONDS_PER_TOKEN) for n in segment_tokens)
+
+
+def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConfig,
+                 compiler: CompilerSpec = CompilerSpec(), run: RunOptions | None = None, force: bool = False,
+                 resume: bool = False, max_bytes: int = DEFAULT_MAX_BYTES, yes: bool = False,
+                 progress: Progress = NO_PROGRESS) -> CompileResult:
+    """Read, compile and write one cartridge. Finished segments are checkpointed to
+    OUTPUT.partial; on Ctrl-C they stay there for `resume`, and OUTPUT is never written
+    half-way, nor over a file that appeared meanwhile (without `force`)."""
+    from .compile.document import DocumentTask, compile_all, read_partial, text_segments
+    from .format.cartridge import partial_path
+    from .format.fsio import check_output
+    from .ingest import STDIN
+
+    run = run or RunOptions()
+    if output is None:
+        if str(source) == STDIN:
+            raise UsageError("reading the document from stdin needs an output path", field="output")
+        output = Path(source).with_suffix(".lcc")
+    output = Path(output)
+    inputs = () if str(source) == STDIN else (Path(source),)
+    check_output(output, force, inputs)  # fail now, not after minutes of compiling
+    partial = partial_path(output)
+    if partial.exists() and not (resume or force):
+        raise OutputExistsError(f"an unfinished compile exists: {partial}",
+                                hint="pass --resume to continue it or --force to start over")
+    if partial.exists() and force and not resume:
+        partial.unlink()  # starting over: its segments must not be mistaken for this run's
+    doc = read_document(source, max_bytes=max_bytes)
+    progress.status("loading model…")
+    loaded = load(run)
+    segments = text_segments(loaded, doc.text, cfg)
+    _confirm(loaded, segments, cfg, yes, progress)
+    from .compile.base import build_compiler
+
+    info = build_compiler(compiler, loaded).describe()
+    task = DocumentTask(doc, output, segments, overwrite=force, inputs=inputs)
+    if resume and partial.exists():
+        task.done = read_partial(partial, loaded, doc, cfg, info)
+        progress.status(f"resuming: {len(task.done)} segment(s) already compiled in {partial.name}")
+    try:
+        compile_all(loaded, [task], cfg, compiler, _executor(run, loaded), progress)
+    except KeyboardInterrupt:
+        kept = partial.exists()
+        raise Interrupted("interrupted" + (f"; finished segments are kept in {partial}" if kept else ""),
+                          hint="rerun with --resume to continue" if kept else None) from None
+    cart = task.cartridge
+    m = cart.manifest
+    return CompileResult(str(output), cart.slots, m["source"]["token_count"], len(segments), m["metrics"]["seconds"],
+                         loaded.model_id, m["compiler"], m["metrics"]["segments"])
+
+
+def _confirm(loaded, segments, cfg: CompileConfig, yes: bool, progress: Progress) -> None:
+    tokens = [len(loaded.prompter.context_ids(s.text)) for s in segments]
+    seconds = estimate_seconds(tokens, cfg)
+    if seconds > CONFIRM_SECONDS and not yes:
+        raise UsageError(f"this compile would take about {_duration(seconds)} here ({len(segments):,} segments, "
+                         f"{cfg.steps} steps each)", hint="pass --yes to start it anyway, or split the document")
+    if len(segments) > 1:
+        progress.status(f"{len(segments)} segments, estimated {_duration(seconds)}")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+# --- ask --------------------------------------------------------------------------------------
+
+def load_cartridges(paths: list[Path]):
+    from .format.cartridge import load_cartridge
+
+    return [load_cartridge(p) for p in paths]
+
+
+def ask(questions: list[str], cartridges: list[Path] = (), context: Path | None = None,
+        cfg: AskConfig | None = None, run: RunOptions | None = None, force: bool = False, on_text=None,
+        loaded=None) -> list:
+    """Answer questions from cartridges (composed), from a document in the prompt, or from
+    nothing; one model load for all of them. Returns runtime.reader.Answer per question."""
+    from .compose import combine
+    from .format.checks import check_compatible, check_fingerprint
+    from .runtime.reader import answer
+
+    if cartridges and context is not None:
+        raise UsageError("give cartridges or --context, not both")
+    carts = load_cartridges(list(cartridges))  # format errors before the slow model load
+    document = read_document(context).text if context is not None else None
+    loaded = loaded or load(run or RunOptions())
+    buffer = None
+    if carts:
+        for path, cart in zip(cartridges, carts):
+            check_compatible(cart.manifest["model"], loaded.facts, cart.buffer.first_query_position, Path(path).name)
+            check_fingerprint(cart.manifest["model"], loaded.model_id, loaded.fingerprint, Path(path).name, force)
+        buffer = combine(carts)
+    return answer(loaded, list(questions), buffer=buffer, document=document, cfg=cfg, on_text=on_text)
+
+
+# --- verify and inspect -----------------------------------------------------------------------
+
+def verify(path: Path, model: bool = True, run: RunOptions | None = None, source: Path | None = None,
+           probe: bool = False):
+    """Run verify.verify_file; model=False skips the model checks."""
+    from .verify import verify_file
+
+    if probe and (source is None or not model):
+        raise UsageError("--probe needs --source and the model (not --no-model)")
+    loaded = load(run or RunOptions()) if model else None
+    return verify_file(path, loaded, source, probe=probe)
+
+
+def inspect(path: Path) -> dict:
+    """The manifest of a cartridge or a compiler file, checked as on load, plus file facts."""
+    from .format.cartridge import load_cartridge
+
+    path = Path(path)
+    cart = load_cartridge(path)
+    return {"path": str(path), "kind": "cartridge", "bytes": path.stat().st_size, "manifest": cart.manifest}
+
+
+# --- eval -------------------------------------------------------------------------------------
+
+def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSpec = CompilerSpec(),
+             run: RunOptions | None = None, progress: Progress = NO_PROGRESS) -> dict:
+    """`lcc eval`: evaluate, then write report.md, results.json and the plot into `out`."""
+    import platform
+    from datetime import datetime, timezone
+
+    from ._version import __version__
+    from .config import cpu_count
+    from .eval.data import load_dataset
+    from .eval.report import write_report
+    from .eval.run import evaluate
+
+    rows = load_dataset(Path(data))
+    if settings.documents:
+        wanted = set(settings.documents)
+        rows = [r for r in rows if r["id"] in wanted]
+    rows = rows[: settings.limit] if settings.limit else rows
+    if not rows:
+        raise UsageError("no documents left to evaluate after --limit / documents")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {out}: {exc.strerror}") from exc
+    loaded = load(run or RunOptions())
+    results = evaluate(loaded, rows, settings, out, compiler, progress)
+    facts = loaded.facts
+    meta = {"model": loaded.model_id, "fingerprint": loaded.fingerprint, "data": Path(data).name,
+            "compile": settings.compile.to_dict(), "compiler": [compiler.name, compiler.path],
+            "ratios": settings.ratios, "lcc_version": __version__, "ask": vars(settings.ask),
+            "machine": f"{platform.machine()}, {cpu_count()} CPU cores, "
+                       f"{'cuda' if loaded.device.type == 'cuda' else 'no GPU'}",
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "kv_bytes_per_position": 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim
+            * loaded.model.dtype.itemsize}
+    summary = write_report(results, out, meta)
+    return {"out": str(out), "summary": summary}

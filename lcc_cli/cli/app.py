@@ -1,0 +1,287 @@
+"""The `lcc` command line: parse flags, call the API (api.py), render what it returns.
+
+This is the only module that knows flag names, prints or exits. Engine code raises
+`LccError` subclasses; `_errors` turns them into one `lcc: error: ...` line on stderr and the
+exit code from errors.py. Heavy modules (torch, transformers) are imported inside commands,
+never at import time, so `lcc --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .._version import __version__
+from ..config import DEFAULT_MODEL, DEVICE_ENV, MODEL_ENV, AskConfig, CompileConfig
+from ..errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_RESOURCES, EXIT_UNEXPECTED, LccError, UsageError, VerifyFailed
+from .render import clean, inspect_rows, markup_safe, print_json
+
+app = typer.Typer(
+    help="Compile documents into memory cartridges that a frozen language model reads instead of the document.",
+    epilog="Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,  # never dump locals (which hold document text) at users
+    add_completion=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ModelOpt = typer.Option(None, "--model", "-m", envvar=MODEL_ENV,
+                        help=f"Base model: '{DEFAULT_MODEL}' (embedded) or a local Hugging Face model directory.")
+DeviceOpt = typer.Option(None, "--device", envvar=DEVICE_ENV, help="auto | cpu | cuda (bf16 on CUDA).")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU math threads (default: torch's choice).")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of text.")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _errors(fn):
+    """Map engine errors to one stderr line and the exit-code table. LCC_DEBUG=1 adds the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except LccError as exc:
+            message = exc.message
+            field = getattr(exc, "field", None)
+            if field and message.startswith(field + " "):  # config fields read as the flags users typed
+                message = _flag(field) + message[len(field):]
+            _fail(message, exc.exit_code, exc.hint)
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except MemoryError:
+            _fail("out of memory", EXIT_RESOURCES, "close other programs or use a smaller model")
+        except RecursionError:
+            _fail("input nested too deeply to process", 2)
+        except Exception as exc:  # the last resort: still one line, still a distinct code
+            _fail(f"unexpected {type(exc).__name__}: {exc}".splitlines()[0], EXIT_UNEXPECTED,
+                  "set LCC_DEBUG=1 for the traceback")
+
+    return wrapper
+
+
+def _fail(message: str, code: int, hint: str | None = None):
+    if os.environ.get("LCC_DEBUG"):
+        traceback.print_exc()
+    line = clean(f"lcc: error: {message}".replace("\n", " ") + (f" ({hint})" if hint else ""))
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"lcc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version and exit.")):
+    """lcc: latent context compilation for a frozen language model."""
+
+
+def _progress(quiet: bool):
+    from .progress import RichProgress
+
+    return RichProgress(err, quiet=quiet or not err.is_terminal)
+
+
+def _run(model, device, threads, **extra):
+    from ..api import RunOptions
+
+    return RunOptions(model=model, device=device, threads=threads, **extra)
+
+
+@app.command("compile")
+@_errors
+def compile_cmd(
+    source: Path = typer.Argument(..., help="Document to compile: .txt, .md or .pdf ('-' reads stdin)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Cartridge path (default: SOURCE with .lcc suffix)."),
+    ratio: float = typer.Option(CompileConfig.ratio, help="Compression: document tokens per buffer slot."),
+    steps: int = typer.Option(CompileConfig.steps, help="Optimisation steps per segment."),
+    lr: float = typer.Option(CompileConfig.lr, help="Learning rate for the LoRA compiler and buffer embeddings."),
+    lora_rank: int = typer.Option(CompileConfig.lora_rank, help="Rank of the throwaway LoRA compiler."),
+    teacher: str = typer.Option(CompileConfig.teacher, help="KL teacher for generic queries: context | plain."),
+    segment_tokens: int = typer.Option(CompileConfig.segment_tokens, help="Longest segment compiled at once."),
+    seed: int = typer.Option(CompileConfig.seed, help="Random seed; a compile is deterministic for a seed."),
+    max_bytes: int = typer.Option(20 * 1024 * 1024, help="Refuse source files larger than this."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    force: bool = typer.Option(False, "--force", "-f",
+                               help="Overwrite an existing output (a regular file only) and discard a partial one."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted compile from OUTPUT.partial."),
+    workers: int = typer.Option(1, "--workers", help="Compile segments in N processes, each with its own model."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Start even if the estimate is over an hour."),
+    as_json: bool = JsonOpt,
+):
+    """Compile SOURCE into a .lcc cartridge (latent context compilation).
+
+    Long documents are split into segments of at most --segment-tokens; each gets its own
+    buffer. Ctrl-C keeps finished segments in OUTPUT.partial for --resume."""
+    from .. import api
+
+    cfg = CompileConfig(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank, lora_alpha=2 * lora_rank,
+                        teacher=teacher, segment_tokens=segment_tokens, seed=seed)
+    run = _run(model, device, threads, workers=workers)
+    with _progress(as_json) as progress:
+        result = api.compile_file(source, output, cfg, run=run, force=force, resume=resume, max_bytes=max_bytes,
+                                  yes=yes, progress=progress)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    last = result.metrics[-1] if result.metrics else {}
+    out.print(f"wrote {clean(result.path)}: {result.slots} slots from {result.tokens} tokens "
+              f"({result.segments} segment{'s' if result.segments != 1 else ''}) in {result.seconds:.1f}s; "
+              f"final recon {last.get('final_recon', float('nan')):.3f}, kl {last.get('final_kl', float('nan')):.3f}",
+              markup=False)
+
+
+@app.command()
+@_errors
+def ask(
+    args: list[str] = typer.Argument(..., metavar="[CARTRIDGE...] QUESTION",
+                                     help="Zero or more .lcc cartridges, then the question ('-' reads stdin)."),
+    context: Optional[Path] = typer.Option(None, "--context", "-c",
+                                           help="Answer with this document in the prompt instead (baseline)."),
+    max_new_tokens: int = typer.Option(AskConfig.max_new_tokens, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(AskConfig.temperature, help="0 decodes greedily."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    force: bool = typer.Option(False, "--force", help="Use a cartridge even if it was made for another model."),
+    as_json: bool = JsonOpt,
+):
+    """Answer QUESTION from cartridges (or from --context FILE, or from nothing)."""
+    from .. import api
+
+    *cartridges, question = args
+    if question.endswith(".lcc") and Path(question).is_file():
+        raise UsageError("the question is missing (usage: lcc ask [CARTRIDGE...] QUESTION)")
+    if question == "-":
+        import sys
+
+        question = sys.stdin.read()
+    if not question.strip():
+        raise UsageError("the question is empty")
+    cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    stream = None if as_json else (lambda piece: out.print(clean(piece), end="", markup=False, highlight=False))
+    (result,) = api.ask([question], [Path(c) for c in cartridges], context=context, cfg=cfg,
+                        run=_run(model, device, threads), force=force, on_text=stream)
+    if as_json:
+        print_json(_answer_json(result, "cartridge" if cartridges else "context" if context else "none"))
+    else:
+        out.print()
+
+
+def _answer_json(a, mode: str) -> dict:
+    return {"answer": a.text, "mode": mode, "question": a.question,
+            "seconds_to_first_token": round(a.seconds_to_first_token, 4), "seconds_total": round(a.seconds_total, 4),
+            "kv_positions": a.kv_positions, "prompt_tokens": a.prompt_tokens, "new_tokens": len(a.token_ids)}
+
+
+@app.command()
+@_errors
+def inspect(cartridge: Path = typer.Argument(..., help="A .lcc file."), as_json: bool = JsonOpt):
+    """Show what is inside a cartridge: model, buffer layout, source, settings, metrics."""
+    from .. import api
+
+    info = api.inspect(cartridge)
+    if as_json:
+        print_json(info)
+        return
+    table = Table(title=markup_safe(cartridge), show_header=False, title_justify="left")
+    for key, value in inspect_rows(info):
+        table.add_row(markup_safe(key), markup_safe(value))
+    out.print(table)
+
+
+@app.command()
+@_errors
+def verify(
+    cartridge: Path = typer.Argument(..., help="A .lcc file."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Also check it was compiled from this document."),
+    no_model: bool = typer.Option(False, "--no-model", help="Skip the checks that load the base model."),
+    probe: bool = typer.Option(False, "--probe", help="With --source: measure reconstruction fidelity."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    as_json: bool = JsonOpt,
+):
+    """Check a cartridge: parse, version, schema, tensors, checksum, values, model and
+    fingerprint (and the source, and a reconstruction probe, when asked).
+
+    Exits 0 only if every check passes, 7 if any fails."""
+    from .. import api
+
+    report = api.verify(cartridge, model=not no_model, run=_run(model, device, threads), source=source, probe=probe)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        for c in report.checks:
+            mark = {True: "[green]ok[/]  ", False: "[red]FAIL[/]", None: "[dim]skip[/]"}[c.ok]
+            out.print(f"{mark} {c.name:<12} {markup_safe(c.detail)}")
+    failed = report.first_failure
+    if failed:
+        raise VerifyFailed(f"check '{failed.name}' failed: {failed.detail}")
+
+
+@app.command("eval")
+@_errors
+def eval_cmd(
+    data: Path = typer.Argument(..., help="JSONL dataset: {id, title, context, questions: [{q, answers}]} per line."),
+    ratio: Optional[list[float]] = typer.Option(None, "--ratio", help="Compression ratio; repeat for several."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N documents."),
+    questions: Optional[int] = typer.Option(None, help="At most N questions per document."),
+    steps: Optional[int] = typer.Option(None, help="Compile steps per segment (default: compile default)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML with [eval] and [compile] tables."),
+    out_dir: Path = typer.Option(Path("eval-out"), "--out", help="Directory for report.md, results.json, plot."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    as_json: bool = JsonOpt,
+):
+    """Measure cartridge quality and cost against full / none / truncate baselines.
+
+    Finished documents are kept in --out; re-running resumes where an interrupted run stopped."""
+    from dataclasses import replace
+
+    from .. import api
+    from ..config import load_eval_config
+    from ..eval.report import cost_table, score_table
+
+    settings = load_eval_config(config)
+    if ratio:
+        settings = replace(settings, ratios=list(ratio))
+    if limit is not None:
+        settings = replace(settings, limit=limit)
+    if questions is not None:
+        settings = replace(settings, questions_per_doc=questions)
+    if steps is not None:
+        settings.compile = replace(settings.compile, steps=steps)
+    with _progress(as_json) as progress:
+        result = api.run_eval(data, settings, out_dir, run=_run(model, device, threads), progress=progress)
+    if as_json:
+        print_json(result)
+        return
+    from rich.markdown import Markdown
+
+    out.print(Markdown(score_table(result["summary"]) + "\n\n" + cost_table(result["summary"])))
+    out.print(f"report: {clean(out_dir / 'report.md')}", markup=False)
+
+
+def main():
+    app()

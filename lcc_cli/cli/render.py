@@ -1,0 +1,58 @@
+"""Everything the CLI shows passes through here. Strings that come from files (model ids,
+source names, manifest fields, answers) are data, never markup or terminal commands: control
+characters are escaped visibly, rich markup is escaped, and JSON is printed with every
+non-ASCII character escaped, so it stays exact and cannot drive the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.markup import escape
+
+
+def clean(value) -> str:
+    """A string safe to print: control characters (ESC, OSC, BEL, C1...) and lone
+    surrogates shown as escapes; ordinary text, including non-Latin scripts, unchanged."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch in "\n\t" else ascii(ch)[1:-1] for ch in text)
+
+
+def markup_safe(value) -> str:
+    """`clean` plus rich markup escaped, for strings placed inside rich tables or markup."""
+    return escape(clean(value))
+
+
+def print_json(payload) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def inspect_rows(info: dict):
+    """(label, value) rows for `lcc inspect`, every value cleaned."""
+    m = info["manifest"]
+    model, buf, src, c = m["model"], m["buffer"], m["source"], m["compile"]
+    rope = model.get("rope") or {}
+    converted = " (converted from v1 on load)" if m.get("converted_from") == 1 else ""
+    yield "format", f"{m['format']} v{m['format_version']}{converted} (lcc {m['lcc_version']}, {m['created']})"
+    yield "model", f"{model['id']}  sha256:{model['fingerprint'][:16]}…"
+    yield "model shape", (f"{model['num_layers']} layers, {model['num_kv_heads']} kv heads, head dim "
+                          f"{model['head_dim']}, rope {rope.get('rope_type')} theta {rope.get('rope_theta')}")
+    yield "buffer", (f"{buf['total_slots']} slots in {len(buf['segments'])} segment(s), {buf.get('dtype')}; "
+                     f"question starts at position {buf['first_query_position']}")
+    for s in buf["segments"][:8]:
+        sink = ", first is an attention sink" if s.get("sink") else ""
+        yield f"  segment {s['index']}", (f"{s['token_count']} tokens -> {s['slots']} slots at positions "
+                                          f"{s['position_start']}..{s['position_start'] + s['slots'] - 1}{sink}")
+    if len(buf["segments"]) > 8:
+        yield "  …", f"{len(buf['segments']) - 8} more segments"
+    yield "source", f"{src.get('name')}  sha256:{str(src.get('sha256'))[:16]}…  {src.get('token_count')} tokens"
+    yield "ratio", src.get("ratio")
+    compiler = m.get("compiler") or {}
+    yield "compiler", ", ".join(f"{k}={v}" for k, v in compiler.items())
+    yield "compile", ", ".join(f"{k}={v}" for k, v in c.items() if k != "lora_targets")
+    yield "compile time", f"{m['metrics'].get('seconds')} s"
+    yield "file size", f"{info['bytes']:,} bytes"

@@ -1,0 +1,225 @@
+"""The one compile path: documents -> text segments -> segment compiles -> cartridges.
+
+`lcc compile` (one file or many), `lcc eval` and `--resume` all go through `compile_all`:
+
+1. each document is split into `TextSegment`s that fit the model's window and the ratio;
+2. every segment not already in the document's partial file becomes a `Unit` of work, and an
+   executor (backends/) runs the units through a segment compiler (compile/base.py), in this
+   process, in worker processes or on Ray, and streams results back;
+3. here, in the driver alone, each result is checkpointed to OUT.partial, and a document whose
+   segments are all done is assembled into one cartridge and written atomically.
+
+Segments are independent (DESIGN.md §2, "Long documents"): each is compiled as if it were the
+only text, and its buffer comes back at positions 0..K-1. The cartridge lays them out one
+after another (consecutive positions, like consecutive text).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._version import __version__
+from ..buffer import Buffer
+from ..config import CompileConfig
+from ..errors import CartridgeError, LccError, UsageError
+from ..format import manifest as mf
+from ..format.cartridge import Cartridge, load_cartridge, partial_path, save_cartridge, to_bytes
+from ..format.fsio import atomic_write
+from ..ingest import Document, TextSegment, split_text
+from ..progress import NO_PROGRESS, Progress
+from .base import CompilerSpec, SegmentResult, slot_count
+
+
+def text_segments(loaded, text: str, cfg: CompileConfig) -> list[TextSegment]:
+    """Split into segments of at most cfg.segment_tokens, and check that each fits the ratio
+    and the model's window before minutes are spent on the first one."""
+    limit = loaded.facts.max_positions
+    # Training places the segment, its slots, then an instruction and the whole segment again.
+    need = 2 * cfg.segment_tokens + math.ceil(cfg.segment_tokens / cfg.ratio) + 64
+    if limit and need > limit:
+        fit = (limit - 64) * 2 // 5
+        raise UsageError(f"segment_tokens {cfg.segment_tokens} does not fit the model's {limit}-position "
+                         f"window during training", hint=f"use at most about {fit}", field="segment_tokens")
+    tok = loaded.tokenizer
+
+    def spans(s: str) -> list[tuple[int, int]]:
+        return tok(s, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+    texts = split_text(text, spans, cfg.segment_tokens)
+    for t in texts:
+        slot_count(len(loaded.prompter.context_ids(t)), cfg.ratio)
+    return [TextSegment(i, t) for i, t in enumerate(texts)]
+
+
+@dataclass
+class DocumentTask:
+    """One document on its way to one cartridge."""
+
+    doc: Document
+    output: Path | None  # None: keep the cartridge in memory only (eval)
+    segments: list[TextSegment]
+    done: dict[int, SegmentResult] = field(default_factory=dict)
+    overwrite: bool = False
+    inputs: tuple = ()
+    cartridge: Cartridge | None = None
+    error: LccError | None = None
+    seconds: float = 0.0
+
+    @property
+    def partial(self) -> Path | None:
+        return partial_path(self.output) if self.output else None
+
+    @property
+    def finished(self) -> bool:
+        return self.cartridge is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One segment to compile: what executors send to workers."""
+
+    task: int  # index into the task list
+    segment: TextSegment
+    of: int  # segments in its document
+    name: str  # its document's name, for progress lines
+
+
+def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: CompilerSpec, executor,
+                progress: Progress = NO_PROGRESS, fail_fast: bool = True) -> list[DocumentTask]:
+    """Compile every unfinished segment of every task, write each cartridge as soon as its
+    document is complete. With fail_fast, the first error propagates (a single `compile`);
+    otherwise it is recorded on its task and the other documents go on (batch compile)."""
+    from .base import build_compiler
+
+    compiler_info = build_compiler(spec, loaded).describe()
+    for task in tasks:
+        if task.segments and len(task.done) == len(task.segments):
+            _finish(loaded, task, cfg, compiler_info)  # resumed with every segment already done
+    units = [Unit(i, s, len(t.segments), t.doc.name) for i, t in enumerate(tasks) if not t.finished
+             for s in t.segments if s.index not in t.done]
+    started = time.perf_counter()
+
+    class Sink:
+        def wanted(self, unit: Unit) -> bool:
+            return not tasks[unit.task].finished
+
+        def done(self, unit: Unit, result: SegmentResult) -> None:
+            task = tasks[unit.task]
+            if task.finished:
+                return
+            task.done[unit.segment.index] = result
+            progress.advance("segments")
+            try:
+                if len(task.done) == len(task.segments):
+                    task.seconds = time.perf_counter() - started
+                    _finish(loaded, task, cfg, compiler_info)
+                    if task.output is not None:
+                        progress.note(f"wrote {task.output}")
+                elif task.output is not None:
+                    write_partial(loaded, task, cfg, compiler_info)
+            except LccError as exc:
+                self.failed(unit, exc)
+
+        def failed(self, unit: Unit, error: BaseException) -> None:
+            if fail_fast:
+                raise error
+            task = tasks[unit.task]
+            if not task.finished:
+                task.error = error if isinstance(error, LccError) else LccError(
+                    f"unexpected {type(error).__name__}: {error}".splitlines()[0])
+                progress.note(f"failed {task.doc.name}: {task.error.message}")
+
+    progress.start("segments", len(units))
+    executor.run(units, cfg, spec, Sink(), progress)
+    return tasks
+
+
+def _finish(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict) -> None:
+    """Assemble and (if it has an output) write a complete document, then drop its partial."""
+    cart = assemble(loaded, task.doc, [task.done[s.index] for s in task.segments], cfg, compiler_info)
+    if task.output is not None:
+        _write_final(task, cart)
+    task.cartridge = cart
+
+
+def _write_final(task: DocumentTask, cart: Cartridge) -> None:
+    """The finished cartridge replaces its partial file. If the disk is too full for both,
+    the partial (whose content is in memory) is removed first and the write retried."""
+    from ..errors import ResourceError
+
+    data = to_bytes(cart)
+    try:
+        atomic_write(task.output, data, overwrite=task.overwrite, inputs=task.inputs)
+    except ResourceError:
+        if not task.partial.exists():
+            raise
+        kept = task.partial.read_bytes()
+        task.partial.unlink()
+        try:
+            atomic_write(task.output, data, overwrite=task.overwrite, inputs=task.inputs)
+        except ResourceError:
+            try:
+                atomic_write(task.partial, kept)
+            except LccError:
+                raise ResourceError(f"no space left to write {task.output}; the finished segments in "
+                                    f"{task.partial.name} were lost too") from None
+            raise ResourceError(f"no space left to write {task.output} (needs {len(data):,} bytes); finished "
+                                f"segments are kept in {task.partial}", hint="free space, then --resume") from None
+    task.partial.unlink(missing_ok=True)
+
+
+def assemble(loaded, doc: Document, results: list[SegmentResult], cfg: CompileConfig, compiler_info: dict,
+             indices: list[int] | None = None, partial: bool = False) -> Cartridge:
+    """A cartridge from compiled segments: buffers laid out consecutively. A partial file
+    keeps each buffer at its own positions 0..K-1 instead (never read as a cartridge), so
+    that resuming reproduces the uninterrupted compile bit for bit."""
+    indices = indices if indices is not None else list(range(len(results)))
+    rows = [{"index": i, "slots": r.buffer.slots, "token_count": r.token_count, "sink": r.sink}
+            for i, r in zip(indices, results)]
+    model = loaded.facts.to_manifest(loaded.model_id, loaded.fingerprint)
+    source = {"name": doc.name, "sha256": doc.sha256, "token_count": sum(r.token_count for r in results),
+              "ratio": cfg.ratio}
+    metrics = {"seconds": round(sum(r.metrics.get("seconds", 0) for r in results), 3),
+               "segments": [r.metrics for r in results]}
+    m = mf.build(model=model, segments=rows, source=source, compile=cfg.to_dict(), compiler=compiler_info,
+                 metrics=metrics, version=__version__, storage_dtype=str(results[0].buffer.dtype).removeprefix("torch."),
+                 partial=partial)
+    if partial:
+        m["buffer"]["layout"] = "segments"
+        m["buffer"]["segments"] = [{**row, "position_start": 0} for row in m["buffer"]["segments"]]
+        m["buffer"]["first_query_position"] = max(row["slots"] for row in rows)
+        return Cartridge(m, Buffer.concat([r.buffer for r in results]))
+    parts = [r.buffer.moved(loaded.rope, row["position_start"]) for r, row in zip(results, m["buffer"]["segments"])]
+    return Cartridge(m, Buffer.concat(parts))
+
+
+# --- partial files (interrupt and resume) --------------------------------------------------
+
+def write_partial(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict) -> None:
+    """Checkpoint finished segments. The manifest says `partial: true`, so `ask` and
+    `verify` refuse it: it never looks like a complete cartridge."""
+    indices = sorted(task.done)
+    cart = assemble(loaded, task.doc, [task.done[i] for i in indices], cfg, compiler_info, indices, partial=True)
+    atomic_write(task.partial, to_bytes(cart), overwrite=True)
+
+
+def read_partial(path: Path, loaded, doc: Document, cfg: CompileConfig, compiler_info: dict) -> dict[int, SegmentResult]:
+    """Finished segments from a partial file, after checking it belongs to this compile."""
+    cart = load_cartridge(path, allow_partial=True)
+    m = cart.manifest
+    hint = "rerun with --force and without --resume to start over"
+    if m["source"]["sha256"] != doc.sha256:
+        raise UsageError(f"{path.name} was made from a different source file", hint=hint)
+    if m["compile"] != cfg.to_dict() or m.get("compiler") != compiler_info:
+        raise UsageError(f"{path.name} was made with different settings", hint=hint)
+    if m["model"]["fingerprint"] != loaded.fingerprint:
+        raise UsageError(f"{path.name} was made with a different model", hint=hint)
+    if m["buffer"].get("layout") != "segments":
+        raise CartridgeError(f"{path.name} is not a partial file of this lcc version", hint=hint)
+    out = {}
+    for row, metrics, buffer in zip(cart.segments, m["metrics"]["segments"], cart.segment_buffers()):
+        out[row["index"]] = SegmentResult(buffer, row["token_count"], metrics, row.get("sink", False))
+    return out

@@ -1,0 +1,108 @@
+"""The self-aligned objective, read through the frozen reader (LoRA off, buffer-only cache).
+
+- reconstruction: the reader, asked to repeat the document, must predict its tokens;
+- KL to a teacher on instructions: the teacher is the frozen model with the document in
+  its context (or without, `teacher="plain"`); its responses are generated once per segment
+  and its log-probabilities kept, so each step is one batched forward of the reader;
+- span cloze (an extension beyond the paper): the start of a sentence as the cue, its
+  continuation as the target.
+
+Per-document optimisation (optimise.py) and compiler pre-training (train.py) share these.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import CompileConfig
+from ..runtime.cache import Layers, forward, make_cache, prefill
+from ..runtime.decode import decode
+from ..runtime.prompts import Prompter, generic_instructions
+
+
+@dataclass
+class TeacherTargets:
+    """Prompts and responses for the KL term, with the teacher's log-probabilities."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    logprobs: list[torch.Tensor]  # [len(response), vocab] per item
+
+
+def make_teacher_targets(loaded, ctx_kv: Layers, cfg: CompileConfig) -> TeacherTargets:
+    """Generate the teacher's responses to a seeded sample of generic instructions, in one
+    batched greedy decode, keeping its log-probabilities at every response position."""
+    if cfg.kl_pool <= 0 or cfg.kl_weight == 0:
+        return TeacherTargets([], [], [])
+    prompter = loaded.prompter
+    agnostic, about_document = generic_instructions()
+    if cfg.teacher == "context":
+        kv = ctx_kv
+    else:
+        kv, _ = prefill(loaded.model, prompter.context_ids(None))
+        about_document = []  # without the document these have no meaningful answer
+    n = kv[0][0].shape[-2]  # the teacher's questions follow its context turn
+    rng = random.Random(cfg.seed)
+    n_about = min(len(about_document), round(cfg.kl_pool * cfg.kl_about_share))
+    chosen = rng.sample(about_document, n_about) + rng.sample(agnostic, min(len(agnostic), cfg.kl_pool - n_about))
+    prompts = [prompter.query_ids(q) for q in chosen]
+    out = decode(loaded.model, kv, n, prompts, cfg.response_tokens, prompter.stop_ids, keep_logprobs=True)
+    return TeacherTargets(prompts, [d.tokens for d in out], [d.logprobs for d in out])
+
+
+def reader_logits(model, buf_kv: Layers, first_position: int, rows: list[list[int]]) -> torch.Tensor:
+    """Reader pass over right-padded rows. Causal attention means real tokens never see the
+    padding after them, so no attention mask is needed."""
+    width = max(len(r) for r in rows)
+    device = next(model.parameters()).device
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    cache = make_cache(buf_kv, batch=len(rows))
+    return forward(model, cache, first_position, input_ids=ids)
+
+
+def ce_loss(model, buf_kv: Layers, first_position: int, items: list[tuple[list[int], list[int]]]):
+    """Mean cross-entropy of each item's target tokens after its prompt, read through the
+    buffer only. Used for reconstruction (one long item) and span cloze (several short)."""
+    logits = reader_logits(model, buf_kv, first_position, [p + t for p, t in items])
+    preds = [logits[i, len(p) - 1: len(p) + len(t) - 1] for i, (p, t) in enumerate(items)]
+    targets = torch.tensor([tok for _, t in items for tok in t], device=logits.device)
+    return F.cross_entropy(torch.cat(preds).float(), targets)
+
+
+def kl_loss(model, buf_kv: Layers, first_position: int, teacher: TeacherTargets, batch: list[int]):
+    """Mean per-token KL(teacher || student) over the chosen generic responses."""
+    rows = [teacher.prompts[i] + teacher.responses[i] for i in batch]
+    logits = reader_logits(model, buf_kv, first_position, rows)
+    total, count = 0.0, 0
+    for row, i in enumerate(batch):
+        p, r = len(teacher.prompts[i]), len(teacher.responses[i])
+        student = F.log_softmax(logits[row, p - 1: p + r - 1].float(), dim=-1)
+        total = total + F.kl_div(student, teacher.logprobs[i], log_target=True, reduction="sum")
+        count += r
+    return total / max(count, 1)
+
+
+def cloze_items(prompter: Prompter, text: str, seed: int, limit: int = 96) -> list[tuple[list[int], list[int]]]:
+    """Span-cloze tasks: the start of a sentence of the segment as the cue, the rest of it as
+    the target. Fact retrieval from a partial cue is closer to question answering than
+    reciting the whole segment in order."""
+    rng = random.Random(seed)
+    items = []
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        words = sentence.split()
+        if len(words) < 5:
+            continue
+        for _ in range(2):
+            cut = rng.randint(2, len(words) - 2)
+            prompt = prompter.query_ids(f"Continue this sentence from the document: \"{' '.join(words[:cut])}\"")
+            # Targets are capped: the fact right after the cue is what matters, not the tail.
+            items.append((prompt, prompter.encode(" ".join(words[cut:cut + 12])) + prompter.end_ids))
+    rng.shuffle(items)
+    return items[:limit]

@@ -1,0 +1,82 @@
+"""The one decoding loop: several prompts after a shared cache prefix, decoded together.
+
+The compiler's teacher uses it (greedy, keeping log-probabilities for the KL target) and so
+does the reader (answers to questions, greedy or sampled, streamed when there is one row).
+Prompts are left-padded so that every row's last prompt token is aligned; padding is masked
+out, and each row's RoPE positions run on from `first_position` without gaps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .cache import Layers, make_cache
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    logprobs: torch.Tensor | None  # [len(tokens), vocab] when asked for
+    seconds_to_first_token: float
+    seconds: float
+
+
+def decode(model, prefix: Layers | None, first_position: int, prompts: list[list[int]], max_new_tokens: int,
+           stop_ids: set[int], temperature: float = 0.0, generator: torch.Generator | None = None,
+           keep_logprobs: bool = False, on_token: Callable[[list[int]], None] | None = None) -> list[Decoded]:
+    """Decode every prompt after `prefix` (KV that every row shares, e.g. a buffer).
+    A stop token ends its row and is kept in `tokens`. `on_token(tokens of row 0)` is
+    called after each new token (for streaming one answer)."""
+    start = time.perf_counter()
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    cached = prefix[0][0].shape[-2] if prefix else 0
+    ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, cached + width, dtype=torch.long, device=device)
+    mask[:, :cached] = 1
+    positions = torch.zeros(batch, width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        pad = width - len(p)
+        ids[i, pad:] = torch.tensor(p)
+        mask[i, cached + pad:] = 1
+        positions[i] = torch.arange(first_position - pad, first_position - pad + width)
+    cache = make_cache(prefix, batch=batch)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    next_pos = positions[:, -1] + 1
+    tokens: list[list[int]] = [[] for _ in prompts]
+    steps: list[list[torch.Tensor]] = [[] for _ in prompts]
+    done = [False] * batch
+    first_token = None
+    for _ in range(max_new_tokens):
+        logp = F.log_softmax(logits.float(), dim=-1)
+        pick = logp.argmax(-1) if temperature <= 0 else _sample(logits, temperature, generator)
+        if first_token is None:
+            first_token = time.perf_counter() - start
+        for i in range(batch):
+            if not done[i]:
+                tokens[i].append(int(pick[i]))
+                if keep_logprobs:
+                    steps[i].append(logp[i])
+                done[i] = int(pick[i]) in stop_ids
+        if on_token is not None and not done[0]:
+            on_token(tokens[0])
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
+        logits = model(input_ids=pick[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache,
+                       use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    total = time.perf_counter() - start
+    return [Decoded(t, torch.stack(s) if keep_logprobs and s else None, first_token or total, total)
+            for t, s in zip(tokens, steps)]
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)

@@ -1,0 +1,85 @@
+"""The reader: the frozen base model answering from a buffer, from the document in the
+prompt, or from nothing, through one decoding loop so that the conditions compare fairly.
+
+With a buffer the model's cache holds only the buffer KV (the hard bottleneck: the question
+can attend to nothing else), and the question starts at the buffer's first query position.
+No LoRA exists anywhere on this path. Questions longer than the model's window are refused
+with the numbers, instead of decoding nonsense for minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..buffer import Buffer
+from ..config import AskConfig
+from ..errors import UsageError
+from .decode import decode
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    token_ids: list[int]
+    seconds_to_first_token: float
+    seconds_total: float
+    kv_positions: int  # cache length the question attended to: the KV memory held
+    prompt_tokens: int  # tokens prefilled at question time
+
+
+def answer(loaded, questions: list[str], buffer: Buffer | None = None, document: str | None = None,
+           cfg: AskConfig | None = None, on_text=None, batch: bool = False) -> list[Answer]:
+    """Answer each question from `buffer` (cartridges), or with `document` in the prompt, or
+    from nothing. One row at a time by default, so that an answer does not depend on which
+    other questions were asked with it; `batch=True` decodes them together (eval: faster,
+    and every condition is batched alike). `on_text(piece)` streams a single answer."""
+    cfg = cfg or AskConfig()
+    p = loaded.prompter
+    if buffer is not None:
+        buffer = buffer.to(loaded.device, loaded.dtype)
+        prefix, first = buffer.cache_layers(), buffer.first_query_position
+        prompts = [p.query_ids(q) for q in questions]
+    else:
+        prefix, first = None, 0
+        context = p.context_ids(document)
+        prompts = [context + p.query_ids(q) for q in questions]
+    for q, prompt in zip(questions, prompts):
+        _check_window(loaded, first + len(prompt), cfg.max_new_tokens, q)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
+    out: list[Answer | None] = [None] * len(prompts)
+    with torch.inference_mode():
+        for group in groups:
+            stream = _streamer(loaded.tokenizer, on_text) if on_text and len(group) == 1 else None
+            results = decode(loaded.model, prefix, first, [prompts[i] for i in group], cfg.max_new_tokens,
+                             p.stop_ids, cfg.temperature, generator, on_token=stream)
+            for i, r in zip(group, results):
+                tokens = [t for t in r.tokens if t not in p.stop_ids]
+                out[i] = Answer(questions[i], loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                                tokens, r.seconds_to_first_token, r.seconds, buffer.slots if buffer is not None else 0,
+                                len(prompts[i]))
+    return out
+
+
+def _check_window(loaded, prompt_end: int, max_new_tokens: int, question: str) -> None:
+    limit = loaded.facts.max_positions
+    if limit and prompt_end + max_new_tokens > limit:
+        raise UsageError(f"the question needs positions up to {prompt_end} plus {max_new_tokens} new tokens, "
+                         f"past the model's {limit}-position window", hint="shorten the question or the answer",
+                         field="max_new_tokens" if prompt_end < limit else None)
+
+
+def _streamer(tokenizer, on_text):
+    """Turn 'tokens so far' into new text pieces, holding back half-decoded characters."""
+    shown = [""]
+
+    def push(tokens: list[int]) -> None:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(shown[0]) and not text.endswith("\ufffd"):
+            on_text(text[len(shown[0]):])
+            shown[0] = text
+
+    return push

@@ -1,0 +1,38 @@
+"""The golden cartridges under tests/fixtures/ (scripts/make_golden.py). Never edited: a
+format change adds a new golden file and a migration, and these must keep passing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _logits(loaded, buffer, question="Who built it?"):
+    from lcc_cli.runtime.cache import forward, make_cache
+
+    ids = loaded.prompter.query_ids(question)
+    with torch.no_grad():
+        return forward(loaded.model, make_cache(buffer.cache_layers()), buffer.first_query_position,
+                       input_ids=torch.tensor([ids]))[0]
+
+
+def test_golden_v1_loads_converted_and_reads_the_same(tiny):
+    from safetensors.torch import load_file
+
+    from lcc_cli.buffer import Buffer
+    from lcc_cli.format.cartridge import load_cartridge
+
+    path = FIXTURES / "golden-v1.lcc"
+    cart = load_cartridge(path)
+    m = cart.manifest
+    assert m["converted_from"] == 1 and m["format_version"] == 2
+    assert m["tensor_sha256"] == "ad2995512443dfe1b2be32db18c55691dd691dd2e3115ebf1e0e95ca9ff4facf"
+    assert m["model"]["fingerprint"] == tiny.fingerprint
+    assert cart.slots == 12 and cart.buffer.positions.tolist() == list(range(12))
+    # v1 stored the keys at positions 89..100 (after the 89-token context) and asked at 101.
+    raw = load_file(str(path))
+    v1 = Buffer([raw[f"k.{i}"] for i in range(2)], [raw[f"v.{i}"] for i in range(2)], torch.arange(89, 101))
+    torch.testing.assert_close(_logits(tiny, cart.buffer), _logits(tiny, v1), rtol=1e-4, atol=1e-4)
