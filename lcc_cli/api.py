@@ -79,17 +79,42 @@ def _executor(run: RunOptions, loaded):
                          threads=run.threads, ray_address=run.ray_address)
 
 
+def resolve_compiler(loaded, choice: str | None) -> CompilerSpec:
+    """--compiler auto | none | PATH. `auto` takes the shipped pretrained compiler when it
+    was trained for this very model (same fingerprint), and compiles from scratch otherwise."""
+    from .compile.pretrained import shipped_compiler
+    from .format.compiler_file import load_compiler
+
+    choice = choice or "auto"
+    if choice == "none":
+        return CompilerSpec("optimise")
+    if choice == "auto":
+        path = shipped_compiler()
+        if path is None:
+            return CompilerSpec("optimise")
+        if load_compiler(path).manifest["model"]["fingerprint"] != loaded.fingerprint:
+            return CompilerSpec("optimise")
+        return CompilerSpec("pretrained", str(path))
+    if not Path(choice).is_file():
+        raise UsageError(f"compiler must be auto, none or a compiler file (no such file: {choice})", field="compiler")
+    return CompilerSpec("pretrained", str(Path(choice)))
+
+
 def estimate_seconds(segment_tokens: list[int], cfg: CompileConfig) -> float:
     return sum(n * (cfg.steps * _STEP_SECONDS_PER_TOKEN + _PASS_SECONDS_PER_TOKEN) for n in segment_tokens)
 
 
-def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConfig,
-                 compiler: CompilerSpec = CompilerSpec(), run: RunOptions | None = None, force: bool = False,
-                 resume: bool = False, max_bytes: int = DEFAULT_MAX_BYTES, yes: bool = False,
+def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConfig | dict | None = None,
+                 compiler: CompilerSpec | str | None = None, run: RunOptions | None = None, force: bool = False,
+                 resume: bool = False, max_bytes: int = DEFAULT_MAX_BYTES, yes: bool = False, quality: str = "balanced",
                  progress: Progress = NO_PROGRESS) -> CompileResult:
     """Read, compile and write one cartridge. Finished segments are checkpointed to
     OUTPUT.partial; on Ctrl-C they stay there for `resume`, and OUTPUT is never written
-    half-way, nor over a file that appeared meanwhile (without `force`)."""
+    half-way, nor over a file that appeared meanwhile (without `force`).
+
+    `compiler` is a CompilerSpec, or "auto" / "none" / a compiler file (see
+    resolve_compiler); `cfg` a full CompileConfig, or a dict of explicit settings applied on
+    top of the `quality` preset of the resolved method."""
     from .compile.document import DocumentTask, compile_all, read_partial, text_segments
     from .format.cartridge import partial_path
     from .format.fsio import check_output
@@ -112,6 +137,7 @@ def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConf
     doc = read_document(source, max_bytes=max_bytes)
     progress.status("loading model…")
     loaded = load(run)
+    compiler, cfg = settle(loaded, compiler, cfg, quality)
     segments = text_segments(loaded, doc.text, cfg)
     _confirm(loaded, segments, cfg, yes, progress)
     from .compile.base import build_compiler
@@ -131,6 +157,16 @@ def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConf
     m = cart.manifest
     return CompileResult(str(output), cart.slots, m["source"]["token_count"], len(segments), m["metrics"]["seconds"],
                          loaded.model_id, m["compiler"], m["metrics"]["segments"])
+
+
+def settle(loaded, compiler, cfg, quality: str = "balanced") -> tuple[CompilerSpec, CompileConfig]:
+    """The compiler to use and the settings to use it with."""
+    from .config import compile_config
+
+    spec = compiler if isinstance(compiler, CompilerSpec) else resolve_compiler(loaded, compiler)
+    if not isinstance(cfg, CompileConfig):
+        cfg = compile_config(spec.name, quality, **(cfg or {}))
+    return spec, cfg
 
 
 def _confirm(loaded, segments, cfg: CompileConfig, yes: bool, progress: Progress) -> None:
@@ -197,15 +233,45 @@ def verify(path: Path, model: bool = True, run: RunOptions | None = None, source
 def inspect(path: Path) -> dict:
     """The manifest of a cartridge or a compiler file, checked as on load, plus file facts."""
     from .format.cartridge import load_cartridge
+    from .format.compiler_file import is_compiler_file, load_compiler
 
     path = Path(path)
+    if path.is_file() and is_compiler_file(path):
+        comp = load_compiler(path)
+        return {"path": str(path), "kind": "compiler", "bytes": path.stat().st_size, "sha256": comp.sha256,
+                "manifest": comp.manifest}
     cart = load_cartridge(path)
     return {"path": str(path), "kind": "cartridge", "bytes": path.stat().st_size, "manifest": cart.manifest}
 
 
+# --- train-compiler -------------------------------------------------------------------------
+
+def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None = None, force: bool = False,
+                   resume: bool = False, time_limit: float | None = None, progress: Progress = NO_PROGRESS):
+    """`lcc train-compiler`: train a pretrained compiler for the model and write it."""
+    from .compile.train import train_compiler as train
+    from .format.fsio import check_output
+
+    output = Path(output)
+    check_output(output, force or resume, tuple(Path(d) for d in data))
+    for d in data:
+        if not Path(d).is_file():
+            from .errors import InputError
+
+            raise InputError(f"no such training data: {d}")
+    progress.status("loading model…")
+    loaded = load(run or RunOptions())
+    try:
+        return train(loaded, [Path(d) for d in data], output, cfg, resume=resume, time_limit=time_limit,
+                     progress=progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; checkpoints are kept in {output}.ckpt",
+                          hint="rerun with --resume to continue") from None
+
+
 # --- eval -------------------------------------------------------------------------------------
 
-def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSpec = CompilerSpec(),
+def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSpec | str | None = "none",
              run: RunOptions | None = None, progress: Progress = NO_PROGRESS) -> dict:
     """`lcc eval`: evaluate, then write report.md, results.json and the plot into `out`."""
     import platform
@@ -230,6 +296,7 @@ def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSp
     except OSError as exc:
         raise UsageError(f"cannot create output directory {out}: {exc.strerror}") from exc
     loaded = load(run or RunOptions())
+    compiler, _ = settle(loaded, compiler, settings.compile)
     results = evaluate(loaded, rows, settings, out, compiler, progress)
     facts = loaded.facts
     meta = {"model": loaded.model_id, "fingerprint": loaded.fingerprint, "data": Path(data).name,

@@ -220,3 +220,83 @@ def load_eval_config(path: Path | None) -> EvalSettings:
     settings = EvalSettings.from_dict(ev, where=f"[eval] setting in {path}:")
     settings.compile = compile_cfg
     return settings
+
+
+@dataclass
+class TrainConfig(_FromDict):
+    """Everything that changes what `lcc train-compiler` produces. Stored in the compiler file."""
+
+    # Optimiser steps; each step averages the gradient over `batch` documents.
+    steps: int = 2000
+    batch: int = 4
+    # A pretrained LoRA moves slowly and is reused forever: a moderate rate, warm-up, and a
+    # cosine decay to 10% (the same schedule as per-document compiles).
+    lr: float = 1e-3
+    warmup: int = 50
+    # Larger than the per-document LoRA (rank 8): one compiler must serve every document.
+    lora_rank: int = 32
+    lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # One compiler for every ratio in this range: each document draws its own (log-uniform).
+    min_ratio: float = 4.0
+    max_ratio: float = 16.0
+    sink: bool = True
+    # Objective: reconstruction of the document, KL to the full-context teacher on the data's
+    # questions (where it has them), and on document-referring instructions.
+    recon_weight: float = 0.5
+    qa_weight: float = 1.0
+    kl_weight: float = 0.5
+    questions_per_step: int = 4  # per document
+    instructions_per_doc: int = 4  # teacher targets prepared per document
+    instructions_per_step: int = 2
+    response_tokens: int = 24
+    recon_tokens: int = 320  # reconstruct at most this many document tokens (cost grows with it)
+    top_k: int = 64  # teacher log-probabilities kept per response token
+    max_doc_tokens: int = 1024
+    heldout: int = 24  # documents kept out of training to choose the best checkpoint
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+        for name in ("steps", "batch", "lora_rank", "lora_alpha", "response_tokens", "recon_tokens", "top_k",
+                     "max_doc_tokens", "checkpoint_every"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "at least 1", value)
+        for name in ("warmup", "questions_per_step", "instructions_per_doc", "instructions_per_step", "heldout"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, "0 or more", value)
+        _check(_finite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
+        _check(_finite(self.min_ratio) and self.min_ratio >= 1, "min_ratio", "at least 1", self.min_ratio)
+        _check(_finite(self.max_ratio) and self.max_ratio >= self.min_ratio, "max_ratio", "at least min_ratio",
+               self.max_ratio)
+        for name in ("recon_weight", "qa_weight", "kl_weight"):
+            _check(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+
+Quality = Literal["fast", "balanced", "best"]
+
+# Settings behind --quality, per method, chosen from the measured frontier (bench/results,
+# docs/experiments.md). Explicit flags override them.
+QUALITY_PRESETS: dict[str, dict[str, dict]] = {
+    # From scratch: 30 steps collapsed quality; 80 was the v0 default.
+    "optimise": {"fast": {"steps": 30}, "balanced": {"steps": 80}, "best": {"steps": 160}},
+    # Pretrained: one forward pass, or a short refinement from it (a smaller rate: the start
+    # is already good, and a large step undoes it).
+    "pretrained": {"fast": {"steps": 0},
+                   "balanced": {"steps": 5, "lr": 1e-3, "kl_pool": 8, "kl_per_step": 4},
+                   "best": {"steps": 20, "lr": 1e-3, "kl_pool": 16, "kl_per_step": 4}},
+}
+
+
+def compile_config(method: str, quality: str = "balanced", **overrides) -> CompileConfig:
+    """The CompileConfig for a method at a quality preset, with explicit settings on top."""
+    if quality not in typing.get_args(Quality):
+        raise UsageError(f"quality must be fast, balanced or best (got {quality!r})", field="quality")
+    preset = QUALITY_PRESETS.get(method, QUALITY_PRESETS["optimise"])[quality]
+    return CompileConfig.from_dict({**preset, **{k: v for k, v in overrides.items() if v is not None}})

@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .._version import __version__
-from ..config import DEFAULT_MODEL, DEVICE_ENV, MODEL_ENV, AskConfig, CompileConfig
+from ..config import DEFAULT_MODEL, DEVICE_ENV, MODEL_ENV, AskConfig, CompileConfig, TrainConfig
 from ..errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_RESOURCES, EXIT_UNEXPECTED, LccError, UsageError, VerifyFailed
-from .render import clean, inspect_rows, markup_safe, print_json
+from .render import clean, compiler_rows, inspect_rows, markup_safe, print_json
 
 app = typer.Typer(
     help="Compile documents into memory cartridges that a frozen language model reads instead of the document.",
@@ -111,10 +111,16 @@ def compile_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Cartridge path (default: SOURCE with .lcc suffix)."),
     ratio: float = typer.Option(CompileConfig.ratio, help="Compression: document tokens per buffer slot."),
-    steps: int = typer.Option(CompileConfig.steps, help="Optimisation steps per segment."),
-    lr: float = typer.Option(CompileConfig.lr, help="Learning rate for the LoRA compiler and buffer embeddings."),
-    lora_rank: int = typer.Option(CompileConfig.lora_rank, help="Rank of the throwaway LoRA compiler."),
-    teacher: str = typer.Option(CompileConfig.teacher, help="KL teacher for generic queries: context | plain."),
+    compiler: str = typer.Option("auto", "--compiler",
+                                 help="auto (the shipped pretrained compiler when it fits the model, else none) | "
+                                      "none (per-document optimisation from scratch) | a compiler file."),
+    quality: str = typer.Option("balanced", "--quality",
+                                help="fast | balanced | best: presets for --steps and friends, per compiler."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps per segment (refinement steps for a "
+                                                   "pretrained compiler; 0 = one forward pass). Default: --quality."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate for the LoRA compiler and buffer embeddings."),
+    lora_rank: Optional[int] = typer.Option(None, help="Rank of the throwaway LoRA compiler (from scratch)."),
+    teacher: Optional[str] = typer.Option(None, help="KL teacher for generic queries: context | plain."),
     segment_tokens: int = typer.Option(CompileConfig.segment_tokens, help="Longest segment compiled at once."),
     seed: int = typer.Option(CompileConfig.seed, help="Random seed; a compile is deterministic for a seed."),
     max_bytes: int = typer.Option(20 * 1024 * 1024, help="Refuse source files larger than this."),
@@ -134,20 +140,23 @@ def compile_cmd(
     buffer. Ctrl-C keeps finished segments in OUTPUT.partial for --resume."""
     from .. import api
 
-    cfg = CompileConfig(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank, lora_alpha=2 * lora_rank,
-                        teacher=teacher, segment_tokens=segment_tokens, seed=seed)
+    settings = dict(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank,
+                    lora_alpha=2 * lora_rank if lora_rank else None, teacher=teacher, segment_tokens=segment_tokens,
+                    seed=seed)
     run = _run(model, device, threads, workers=workers)
     with _progress(as_json) as progress:
-        result = api.compile_file(source, output, cfg, run=run, force=force, resume=resume, max_bytes=max_bytes,
-                                  yes=yes, progress=progress)
+        result = api.compile_file(source, output, settings, compiler=compiler, quality=quality, run=run, force=force,
+                                  resume=resume, max_bytes=max_bytes, yes=yes, progress=progress)
     if as_json:
         print_json(result.to_dict())
         return
     last = result.metrics[-1] if result.metrics else {}
+    losses = (f"; final recon {last['final_recon']:.3f}, kl {last['final_kl']:.3f}" if "final_recon" in last else "")
+    method = result.compiler.get("name", "?") + (f" + {last.get('steps')} steps" if result.compiler.get("name")
+                                                  == "pretrained" else "")
     out.print(f"wrote {clean(result.path)}: {result.slots} slots from {result.tokens} tokens "
-              f"({result.segments} segment{'s' if result.segments != 1 else ''}) in {result.seconds:.1f}s; "
-              f"final recon {last.get('final_recon', float('nan')):.3f}, kl {last.get('final_kl', float('nan')):.3f}",
-              markup=False)
+              f"({result.segments} segment{'s' if result.segments != 1 else ''}) in {result.seconds:.1f}s "
+              f"[{clean(method)}]{losses}", markup=False)
 
 
 @app.command()
@@ -195,8 +204,10 @@ def _answer_json(a, mode: str) -> dict:
 
 @app.command()
 @_errors
-def inspect(cartridge: Path = typer.Argument(..., help="A .lcc file."), as_json: bool = JsonOpt):
-    """Show what is inside a cartridge: model, buffer layout, source, settings, metrics."""
+def inspect(cartridge: Path = typer.Argument(..., help="A .lcc cartridge or a compiler file."),
+            as_json: bool = JsonOpt):
+    """Show what is inside a cartridge (model, buffer layout, source, settings, metrics) or a
+    pretrained compiler file (model, LoRA, training)."""
     from .. import api
 
     info = api.inspect(cartridge)
@@ -204,7 +215,8 @@ def inspect(cartridge: Path = typer.Argument(..., help="A .lcc file."), as_json:
         print_json(info)
         return
     table = Table(title=markup_safe(cartridge), show_header=False, title_justify="left")
-    for key, value in inspect_rows(info):
+    rows = compiler_rows(info) if info["kind"] == "compiler" else inspect_rows(info)
+    for key, value in rows:
         table.add_row(markup_safe(key), markup_safe(value))
     out.print(table)
 
@@ -281,6 +293,50 @@ def eval_cmd(
 
     out.print(Markdown(score_table(result["summary"]) + "\n\n" + cost_table(result["summary"])))
     out.print(f"report: {clean(out_dir / 'report.md')}", markup=False)
+
+
+@app.command("train-compiler")
+@_errors
+def train_compiler_cmd(
+    data: list[Path] = typer.Argument(..., help="JSONL training data: {context, questions: [{q}]} per line."),
+    output: Path = typer.Option(..., "--output", "-o", help="Compiler file to write."),
+    steps: int = typer.Option(TrainConfig.steps, help="Optimiser steps."),
+    batch: int = typer.Option(TrainConfig.batch, help="Documents per optimiser step."),
+    lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate."),
+    lora_rank: int = typer.Option(TrainConfig.lora_rank, help="Rank of the pretrained LoRA."),
+    min_ratio: float = typer.Option(TrainConfig.min_ratio, help="Smallest compression ratio drawn."),
+    max_ratio: float = typer.Option(TrainConfig.max_ratio, help="Largest compression ratio drawn."),
+    checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, help="Steps between checkpoints."),
+    seed: int = typer.Option(TrainConfig.seed, help="Random seed: a run is deterministic for a seed (and device)."),
+    time_limit: Optional[float] = typer.Option(None, help="Stop after this many minutes (the file records the "
+                                                          "steps done)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.ckpt/."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing compiler file."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    as_json: bool = JsonOpt,
+):
+    """Pretrain a compiler for the base model: learn once how to compile any document.
+
+    Each step compiles documents at a random ratio between --min-ratio and --max-ratio and
+    trains the buffer-only LoRA on reconstruction plus KL to the full-context teacher on
+    the data's questions. Checkpoints in OUTPUT.ckpt/ allow --resume."""
+    from .. import api
+
+    cfg = TrainConfig(steps=steps, batch=batch, lr=lr, lora_rank=lora_rank, lora_alpha=lora_rank,
+                      min_ratio=min_ratio, max_ratio=max_ratio, checkpoint_every=checkpoint_every, seed=seed)
+    if time_limit is not None and not time_limit > 0:
+        raise UsageError(f"time_limit must be a positive number of minutes (got {time_limit})", field="time_limit")
+    with _progress(as_json) as progress:
+        result = api.train_compiler(data, output, cfg, run=_run(model, device, threads), force=force, resume=resume,
+                                    time_limit=time_limit * 60 if time_limit else None, progress=progress)
+    if as_json:
+        print_json(vars(result))
+        return
+    out.print(f"wrote {clean(result.path)}: {result.steps} steps in {result.seconds:.0f}s "
+              f"({result.tokens_per_second:,.0f} tokens/s); kept step {result.selected_step} "
+              f"(held-out QA KL {result.heldout_qa_kl})", markup=False)
 
 
 def main():

@@ -56,3 +56,22 @@ def inspect_rows(info: dict):
     yield "compile", ", ".join(f"{k}={v}" for k, v in c.items() if k != "lora_targets")
     yield "compile time", f"{m['metrics'].get('seconds')} s"
     yield "file size", f"{info['bytes']:,} bytes"
+
+
+def compiler_rows(info: dict):
+    """(label, value) rows for `lcc inspect` of a compiler file."""
+    m = info["manifest"]
+    model, c, t = m["model"], m["compiler"], m.get("training", {})
+    yield "format", f"{m['format']} v{m['format_version']} (lcc {m.get('lcc_version')}, {m.get('created')})"
+    yield "model", f"{model.get('id')}  sha256:{str(model.get('fingerprint'))[:16]}…"
+    yield "compiler", (f"LoRA rank {c.get('lora_rank')} alpha {c.get('lora_alpha')} on "
+                       f"{', '.join(map(str, c.get('lora_targets', [])))}; slots {c.get('slot_init')}; "
+                       f"sink {c.get('sink')}")
+    yield "ratios", f"{t.get('ratios')}"
+    yield "training", (f"{t.get('steps')} steps (kept step {t.get('selected_step')}, held-out QA KL "
+                       f"{t.get('heldout_qa_kl')}), {t.get('tokens'):,} tokens in {t.get('seconds')} s on "
+                       f"{t.get('device')} ({t.get('tokens_per_second')} tokens/s)")
+    yield "objective", ", ".join(f"{k} {v}" for k, v in (t.get("objective") or {}).items())
+    for d in t.get("data", []):
+        yield "data", f"{d.get('name')}  sha256:{str(d.get('sha256'))[:16]}…  {d.get('rows')} rows"
+    yield "file", f"{info['bytes']:,} bytes, sha256:{info['sha256'][:16]}…"

@@ -62,7 +62,7 @@ def register(name: str):
 
 
 def build_compiler(spec: CompilerSpec, loaded) -> SegmentCompiler:
-    from . import optimise  # noqa: F401  (registers itself)
+    from . import optimise, pretrained  # noqa: F401  (they register themselves)
 
     if spec.name not in _REGISTRY:
         raise UsageError(f"unknown compiler {spec.name!r} (known: {', '.join(sorted(_REGISTRY))})", field="compiler")

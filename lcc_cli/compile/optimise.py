@@ -21,17 +21,18 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
-from ..buffer import Buffer
 from ..config import CompileConfig
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
-from ..runtime.cache import Layers, cache_layers, forward, make_cache, prefill
+from ..runtime.cache import prefill
 from ..runtime.prompts import RECONSTRUCT_INSTRUCTION
-from .base import CompilerSpec, SegmentResult, register, slot_count
-from .objective import ce_loss, cloze_items, kl_loss, make_teacher_targets
+from .base import CompilerSpec, SegmentResult, register
+from .objective import TeacherTargets, ce_loss, cloze_items, kl_loss, make_teacher_targets
+from .slots import chunk_embeddings, encode_slots, entries, evenly_spaced_embeddings, reader_view, to_buffer
 
 
 class OptimisingCompiler:
@@ -54,38 +55,61 @@ def _build(spec: CompilerSpec, loaded) -> OptimisingCompiler:
     return OptimisingCompiler(loaded)
 
 
-def optimise_segment(loaded, text: str, cfg: CompileConfig, progress: Progress = NO_PROGRESS) -> SegmentResult:
-    """Compile one segment of text into a buffer. Leaves the base model exactly as it was."""
-    model, prompter = loaded.model, loaded.prompter
+@dataclass
+class Start:
+    """Where a per-document optimisation begins when it refines a pretrained compiler: a
+    copy of its LoRA, its slot initialisation, and its reader layout (with a sink)."""
+
+    lora: dict[str, torch.Tensor]  # peft state dict of the buffer-only LoRA
+    rank: int
+    alpha: int
+    targets: tuple[str, ...]
+    slot_bias: torch.Tensor
+    sink: bool
+
+
+def optimise_segment(loaded, text: str, cfg: CompileConfig, progress: Progress = NO_PROGRESS,
+                     start: Start | None = None) -> SegmentResult:
+    """Compile one segment of text into a buffer: cfg.steps steps of the self-aligned
+    objective, from a fresh LoRA (`start=None`) or from a pretrained compiler's. Leaves the
+    base model exactly as it was."""
+    model, prompter, rope = loaded.model, loaded.prompter, loaded.rope
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     ctx_ids = prompter.context_ids(text)
     n = len(ctx_ids)
-    k = slot_count(n, cfg.ratio)
+    sink = bool(start and start.sink)
+    k, slots = entries(n, cfg.ratio, sink)
     with torch.no_grad():
         ctx_kv, _ = prefill(model, ctx_ids)
-        teacher = make_teacher_targets(loaded, ctx_kv, cfg)
+        teacher = make_teacher_targets(loaded, ctx_kv, cfg) if cfg.steps else TeacherTargets([], [], [])
     recon_prompt = prompter.query_ids(RECONSTRUCT_INSTRUCTION)
     recon_target = prompter.document_ids(text)
-    clozes = cloze_items(prompter, text, cfg.seed) if cfg.cloze_weight > 0 else []
+    clozes = cloze_items(prompter, text, cfg.seed) if cfg.cloze_weight > 0 and cfg.steps else []
 
-    peft_model = attach_lora(model, cfg)
+    if start is None:
+        peft_model = attach_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    else:
+        peft_model = attach_lora(model, start.rank, start.alpha, start.targets, start.lora)
     first: dict = {}
     metrics: dict = {}
     try:
-        embeds = initial_embeddings(model, ctx_ids, k)
+        if start is None:
+            embeds = torch.nn.Parameter(evenly_spaced_embeddings(model, ctx_ids, slots).float())
+        else:
+            embeds = torch.nn.Parameter(chunk_embeddings(model, ctx_ids, slots) + start.slot_bias.to(model.device))
         params = [p for p in peft_model.parameters() if p.requires_grad] + [embeds]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
         rng = random.Random(cfg.seed)
         progress.start("steps", cfg.steps)
         for step in range(cfg.steps):
-            buf_kv = encode_buffer(model, ctx_kv, embeds, n)
+            buf_kv, at = reader_view(ctx_kv, encode_slots(model, ctx_kv, embeds, n), n, sink, rope)
             with peft_model.disable_adapter():
-                recon = ce_loss(model, buf_kv, n + k, [(recon_prompt, recon_target)])
+                recon = ce_loss(model, buf_kv, at, [(recon_prompt, recon_target)])
                 batch = rng.sample(range(len(teacher.prompts)), min(cfg.kl_per_step, len(teacher.prompts)))
-                kl = kl_loss(model, buf_kv, n + k, teacher, batch) if batch else torch.zeros(())
-                cloze = (ce_loss(model, buf_kv, n + k, rng.sample(clozes, min(cfg.cloze_per_step, len(clozes))))
+                kl = kl_loss(model, buf_kv, at, teacher, batch) if batch else torch.zeros(())
+                cloze = (ce_loss(model, buf_kv, at, rng.sample(clozes, min(cfg.cloze_per_step, len(clozes))))
                          if clozes else torch.zeros(()))
             loss = cfg.recon_weight * recon + cfg.kl_weight * kl + cfg.cloze_weight * cloze
             opt.zero_grad(set_to_none=True)
@@ -97,14 +121,13 @@ def optimise_segment(loaded, text: str, cfg: CompileConfig, progress: Progress =
                 first = {f"first_{key}": v for key, v in metrics.items()}
             progress.advance("steps", **metrics)
         with torch.no_grad():
-            final_kv = encode_buffer(model, ctx_kv, embeds, n)
+            view, at = reader_view(ctx_kv, encode_slots(model, ctx_kv, embeds, n), n, sink, rope)
+            buffer = to_buffer(view, at, sink, rope)
     finally:
         peft_model.unload()  # removes every LoRA layer, restoring the original modules
-    buffer = Buffer.from_cache_layers([(k_.detach().clone(), v_.detach().clone()) for k_, v_ in final_kv],
-                                      range(n, n + k))
     summary = {**first, **{f"final_{key}": v for key, v in metrics.items()},
                "steps": cfg.steps, "seconds": round(time.perf_counter() - started, 3)}
-    return SegmentResult(buffer.moved(loaded.rope, -n), n, summary)
+    return SegmentResult(buffer, n, summary, sink)
 
 
 def lr_factor(step: int, total: int) -> float:
@@ -116,26 +139,14 @@ def lr_factor(step: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def attach_lora(model, cfg: CompileConfig, rank: int | None = None, alpha: int | None = None):
-    """Wrap the frozen model with a fresh LoRA (the disposable compiler)."""
-    from peft import LoraConfig, get_peft_model
+def attach_lora(model, rank: int, alpha: int, targets, state: dict | None = None):
+    """Wrap the frozen model with a LoRA (the disposable compiler): fresh, or a copy of
+    `state` (a pretrained compiler's weights)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    lora = LoraConfig(r=rank or cfg.lora_rank, lora_alpha=alpha or cfg.lora_alpha,
-                      target_modules=list(cfg.lora_targets), lora_dropout=0.0, bias="none")
-    return get_peft_model(model, lora)
-
-
-def initial_embeddings(model, ctx_ids: list[int], k: int) -> torch.nn.Parameter:
-    """Start each slot from the embedding of an evenly spaced context token: a start that
-    already points at the segment's content."""
-    idx = torch.linspace(0, len(ctx_ids) - 1, k).round().long()
-    table = model.get_input_embeddings().weight
-    return torch.nn.Parameter(table[torch.tensor(ctx_ids, device=table.device)[idx]].detach().clone())
-
-
-def encode_buffer(model, ctx_kv: Layers, embeds: torch.Tensor, n: int) -> Layers:
-    """Compiler pass (LoRA attached and enabled): the buffer slots after the frozen context.
-    Returns the buffer's own KV ([1, kv_heads, K, head_dim] per layer), gradients attached."""
-    cache = make_cache(ctx_kv)
-    forward(model, cache, n, inputs_embeds=embeds.unsqueeze(0), logits_to_keep=1)
-    return [(key[:, :, n:], value[:, :, n:]) for key, value in cache_layers(cache)]
+    lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    peft_model = get_peft_model(model, lora)
+    if state is not None:
+        device = next(model.parameters()).device
+        set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in state.items()})
+    return peft_model

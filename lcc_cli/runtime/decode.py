@@ -21,17 +21,20 @@ from .cache import Layers, make_cache
 @dataclass
 class Decoded:
     tokens: list[int]
-    logprobs: torch.Tensor | None  # [len(tokens), vocab] when asked for
+    logprobs: torch.Tensor | None  # [len(tokens), vocab] with keep_logprobs
     seconds_to_first_token: float
     seconds: float
+    top: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, logprobs) [len(tokens), k] with top_k
 
 
 def decode(model, prefix: Layers | None, first_position: int, prompts: list[list[int]], max_new_tokens: int,
            stop_ids: set[int], temperature: float = 0.0, generator: torch.Generator | None = None,
-           keep_logprobs: bool = False, on_token: Callable[[list[int]], None] | None = None) -> list[Decoded]:
+           keep_logprobs: bool = False, on_token: Callable[[list[int]], None] | None = None,
+           top_k: int = 0) -> list[Decoded]:
     """Decode every prompt after `prefix` (KV that every row shares, e.g. a buffer).
-    A stop token ends its row and is kept in `tokens`. `on_token(tokens of row 0)` is
-    called after each new token (for streaming one answer)."""
+    A stop token ends its row and is kept in `tokens`. `keep_logprobs` keeps each step's
+    full log-distribution, `top_k` only its k largest entries (a teacher target for
+    thousands of rows). `on_token(tokens of row 0)` is called after each new token."""
     start = time.perf_counter()
     batch, width = len(prompts), max(len(p) for p in prompts)
     device = next(model.parameters()).device
@@ -51,11 +54,13 @@ def decode(model, prefix: Layers | None, first_position: int, prompts: list[list
     next_pos = positions[:, -1] + 1
     tokens: list[list[int]] = [[] for _ in prompts]
     steps: list[list[torch.Tensor]] = [[] for _ in prompts]
+    tops: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in prompts]
     done = [False] * batch
     first_token = None
     for _ in range(max_new_tokens):
         logp = F.log_softmax(logits.float(), dim=-1)
         pick = logp.argmax(-1) if temperature <= 0 else _sample(logits, temperature, generator)
+        best = logp.topk(top_k, dim=-1) if top_k else None
         if first_token is None:
             first_token = time.perf_counter() - start
         for i in range(batch):
@@ -63,6 +68,8 @@ def decode(model, prefix: Layers | None, first_position: int, prompts: list[list
                 tokens[i].append(int(pick[i]))
                 if keep_logprobs:
                     steps[i].append(logp[i])
+                if best is not None:
+                    tops[i].append((best.indices[i], best.values[i]))
                 done[i] = int(pick[i]) in stop_ids
         if on_token is not None and not done[0]:
             on_token(tokens[0])
@@ -73,8 +80,9 @@ def decode(model, prefix: Layers | None, first_position: int, prompts: list[list
                        use_cache=True).logits[:, -1]
         next_pos = next_pos + 1
     total = time.perf_counter() - start
-    return [Decoded(t, torch.stack(s) if keep_logprobs and s else None, first_token or total, total)
-            for t, s in zip(tokens, steps)]
+    return [Decoded(t, torch.stack(s) if keep_logprobs and s else None, first_token or total, total,
+                    (torch.stack([a for a, _ in tp]), torch.stack([b for _, b in tp])) if tp else None)
+            for t, s, tp in zip(tokens, steps, tops)]
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,0 +1,131 @@
+"""The pretrained-compiler file: safetensors with the compiler's weights and a JSON manifest.
+
+Tensors: the buffer-only LoRA (`lora.<module path>.lora_A|B`) and `slot_bias` (added to every
+slot's input embedding). Metadata: `lcc_compiler` (the manifest) and `lcc_checksum`
+(sha256 over the manifest text and the tensor digest), exactly as a cartridge does. The
+manifest pins the base model by fingerprint and records how the compiler was trained:
+
+    {"format": "lcc-compiler", "format_version": 1,
+     "model": {"id", "fingerprint", "num_layers", ...},
+     "compiler": {"lora_rank", "lora_alpha", "lora_targets", "sink", "slot_init"},
+     "training": {"ratios": [4, 16], "objective": {...}, "steps", "seed", "data": [{"name", "sha256", "rows"}],
+                  "tokens", "seconds", "device"},
+     "lcc_version", "created", "tensor_sha256"}
+
+Loading never unpickles; a file made for another model is refused by `check_fingerprint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CompilerFileError
+from . import cartridge as carts
+from .fsio import atomic_write
+
+FORMAT_NAME = "lcc-compiler"
+FORMAT_VERSION = 1
+SUFFIX = ".lccc"
+_MAX_TENSORS = 10_000
+
+
+@dataclass
+class CompilerFile:
+    manifest: dict
+    tensors: dict[str, torch.Tensor]
+    sha256: str  # of the file's bytes: what a cartridge records
+
+    @property
+    def lora(self) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("lora."): v for k, v in self.tensors.items() if k.startswith("lora.")}
+
+    @property
+    def slot_bias(self) -> torch.Tensor:
+        return self.tensors["slot_bias"]
+
+
+def save_compiler(path: Path, manifest: dict, tensors: dict[str, torch.Tensor], overwrite: bool = True) -> str:
+    """Write atomically; returns the file's sha256."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    manifest = {**manifest, "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                "tensor_sha256": carts.tensor_sha256(tensors)}
+    text = json.dumps(manifest, sort_keys=True)
+    data = save(tensors, metadata={"lcc_compiler": text,
+                                   "lcc_checksum": carts.checksum(text, manifest["tensor_sha256"])})
+    atomic_write(Path(path), data, overwrite=overwrite)
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_compiler_file(path: Path) -> bool:
+    """True when the file's header carries a compiler manifest (cheap: header only)."""
+    try:
+        raw = carts.read_raw(Path(path), Path(path).name)
+    except Exception:
+        return False
+    meta = raw.header.get("__metadata__")
+    return isinstance(meta, dict) and isinstance(meta.get("lcc_compiler"), str)
+
+
+def load_compiler(path: str | Path) -> CompilerFile:
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise CompilerFileError(f"no such compiler file: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CompilerFileError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        raw = carts.read_raw(data, name)
+    except Exception as exc:
+        raise CompilerFileError(getattr(exc, "message", str(exc))) from exc
+    meta = raw.header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not isinstance(meta.get("lcc_compiler"), str):
+        raise CompilerFileError(f"{name} is not an lcc compiler file (no compiler manifest)")
+    try:
+        manifest = json.loads(meta["lcc_compiler"])
+    except (ValueError, RecursionError) as exc:
+        raise CompilerFileError(f"{name}: compiler manifest is not valid JSON") from exc
+    _validate(manifest, raw, name)
+    try:
+        tensors = carts.read_tensors(raw, name)
+    except Exception as exc:
+        raise CompilerFileError(getattr(exc, "message", str(exc))) from exc
+    digest = carts.tensor_sha256(tensors)
+    if digest != manifest["tensor_sha256"] or meta.get("lcc_checksum") != carts.checksum(meta["lcc_compiler"], digest):
+        raise CompilerFileError(f"{name}: checksum mismatch (file corrupted or modified)")
+    for key, t in tensors.items():
+        if not torch.isfinite(t.float()).all():
+            raise CompilerFileError(f"{name}: tensor {key} holds NaN or infinite values")
+    return CompilerFile(manifest, tensors, hashlib.sha256(data).hexdigest())
+
+
+def _validate(m, raw, name: str) -> None:
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise CompilerFileError(f"{name} is not an lcc compiler file")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CompilerFileError(f"{name} uses compiler format version {str(m.get('format_version'))[:12]}; "
+                                f"this lcc reads version {FORMAT_VERSION}", hint="upgrade lcc")
+    model, comp = m.get("model"), m.get("compiler")
+    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
+        raise CompilerFileError(f"{name}: manifest has no model fingerprint")
+    if not isinstance(comp, dict) or not isinstance(comp.get("lora_rank"), int) or comp["lora_rank"] < 1:
+        raise CompilerFileError(f"{name}: manifest has no compiler settings")
+    if not isinstance(m.get("tensor_sha256"), str):
+        raise CompilerFileError(f"{name}: manifest has no tensor digest")
+    entries = [k for k in raw.header if k != "__metadata__"]
+    if len(entries) > _MAX_TENSORS or "slot_bias" not in entries:
+        raise CompilerFileError(f"{name}: unexpected tensors")
+    for key in entries:
+        entry = raw.header[key]
+        shape = entry.get("shape")
+        if (entry.get("dtype") not in ("F32", "BF16", "F16") or not isinstance(shape, list) or len(shape) > 2
+                or not all(isinstance(d, int) and 0 < d <= 1_000_000 for d in shape)):
+            raise CompilerFileError(f"{name}: tensor {key[:60]!r} has an unexpected shape or dtype")

@@ -1,0 +1,211 @@
+"""The pretrained compiler: training, its file, one-pass compiles, refinement, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import DOC, fast_config, run_opts
+from lcc_cli import api
+from lcc_cli.cli import app
+from lcc_cli.compile.base import CompilerSpec
+from lcc_cli.config import TrainConfig
+from lcc_cli.errors import CompilerFileError, ModelMismatchError
+from lcc_cli.format.cartridge import load_cartridge
+from lcc_cli.format.compiler_file import load_compiler
+from lcc_cli.progress import Progress
+
+ROWS = [
+    {"context": DOC, "questions": [{"q": "Who built it?"}, {"q": "When was it completed?"}]},
+    {"context": "The tower is 41 metres tall and painted in red and white bands.", "questions": [{"q": "How tall?"}]},
+    {"context": "The lamp burned oil. It was replaced in 1923. The station was automated in 1987.",
+     "questions": [{"q": "When was it automated?"}]},
+    {"context": "Name three colours. The bay is wide and the spur is granite.", "questions": []},
+    {"context": "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 lighthouse engineer Ada.",
+     "questions": [{"q": "Which letters?"}]},
+]
+
+
+def small(**overrides) -> TrainConfig:
+    base = dict(steps=6, batch=2, lr=5e-3, warmup=1, lora_rank=4, lora_alpha=4, response_tokens=4, top_k=8,
+                checkpoint_every=3, heldout=1, recon_tokens=40)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """One compiler trained on ROWS, shared by read-only tests."""
+    import os
+
+    d = tmp_path_factory.mktemp("trained")
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    old = os.environ.get("LCC_HOME")
+    os.environ["LCC_HOME"] = str(d / "home")
+    try:
+        result = api.train_compiler([d / "train.jsonl"], d / "c.safetensors", small(), run=run_opts(tiny_model_dir))
+    finally:
+        os.environ.pop("LCC_HOME") if old is None else os.environ.__setitem__("LCC_HOME", old)
+    return d / "c.safetensors", result
+
+
+def _tensors_equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compiler_file_records_model_training_and_data(trained, tiny):
+    path, result = trained
+    comp = load_compiler(path)
+    m = comp.manifest
+    assert m["format"] == "lcc-compiler" and m["model"]["fingerprint"] == tiny.fingerprint
+    t = m["training"]
+    assert t["ratios"] == [4.0, 16.0] and t["steps"] == result.steps == 6
+    assert t["objective"] == {"recon": 0.5, "qa_kl": 1.0, "instruction_kl": 0.5}
+    assert t["data"][0]["rows"] == 5 and len(t["data"][0]["sha256"]) == 64
+    assert t["tokens"] > 0 and t["tokens_per_second"] > 0 and m["lcc_version"]
+    assert comp.slot_bias.shape == (tiny.facts.hidden_size,) and comp.lora
+    # the held-out score was measured at every checkpoint, and the kept step is one of them
+    assert [h["step"] for h in t["history"]] == [3, 6] and t["selected_step"] in (3, 6)
+
+
+def test_inspect_shows_a_compiler_file(trained):
+    path, _ = trained
+    result = CliRunner().invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 0 and "lcc-compiler" in result.stdout and "LoRA rank 4" in result.stdout
+    info = json.loads(CliRunner().invoke(app, ["inspect", str(path), "--json"]).stdout)
+    assert info["kind"] == "compiler" and info["manifest"]["training"]["steps"] == 6
+
+
+def test_a_damaged_compiler_file_is_refused(trained, tmp_path):
+    data = bytearray(trained[0].read_bytes())
+    data[-3] ^= 0x40
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CompilerFileError, match="checksum"):
+        load_compiler(tmp_path / "bad.safetensors")
+
+
+def test_compiler_for_another_model_is_refused(trained, other_model_dir, doc_file, tmp_path):
+    with pytest.raises(ModelMismatchError, match="was made for model"):
+        api.compile_file(doc_file, tmp_path / "o.lcc", fast_config(steps=0), compiler=CompilerSpec("pretrained",
+                         str(trained[0])), run=run_opts(other_model_dir))
+
+
+def test_one_pass_compile_has_a_sink_and_leaves_the_model_alone(trained, tiny_model_dir, doc_file, tmp_path):
+    from lcc_cli.runtime.cache import prefill
+    from lcc_cli.runtime.model import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    out = tmp_path / "o.lcc"
+    result = api.compile_file(doc_file, out, {"steps": 0, "ratio": 8}, compiler=str(trained[0]),
+                              run=run_opts(tiny_model_dir))
+    cart = load_cartridge(out)
+    comp = load_compiler(trained[0])
+    assert cart.manifest["compiler"]["sha256"] == comp.sha256 and cart.manifest["compile"]["steps"] == 0
+    assert cart.segments[0]["sink"] is True
+    assert result.slots == -(-result.tokens // 8)  # the sink is one of the K = ceil(n / ratio) entries
+    # entry 0 is the context's first token at position 0: its KV does not depend on the text
+    kv, _ = prefill(loaded.model, loaded.prompter.context_ids(DOC)[:1])
+    torch.testing.assert_close(cart.buffer.keys[0][:, :1], kv[0][0][0], rtol=1e-5, atol=1e-6)
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("lora" in name for name, _ in loaded.model.named_modules())
+
+
+def test_refinement_starts_from_the_compiler_and_discards_its_copy(trained, tiny_model_dir, doc_file, tmp_path):
+    before = trained[0].read_bytes()
+    zero, refined = tmp_path / "z.lcc", tmp_path / "r.lcc"
+    api.compile_file(doc_file, zero, {"steps": 0, "ratio": 8}, compiler=str(trained[0]), run=run_opts(tiny_model_dir))
+    api.compile_file(doc_file, refined, {"steps": 3, "ratio": 8, "kl_pool": 4, "response_tokens": 4},
+                     compiler=str(trained[0]), run=run_opts(tiny_model_dir))
+    a, b = load_cartridge(zero), load_cartridge(refined)
+    assert b.manifest["metrics"]["segments"][0]["steps"] == 3 and b.slots == a.slots
+    assert not torch.equal(a.buffer.values[0], b.buffer.values[0])  # refinement moved the buffer
+    torch.testing.assert_close(a.buffer.keys[0][:, :1], b.buffer.keys[0][:, :1])  # the sink did not move
+    assert trained[0].read_bytes() == before  # the pretrained weights never change
+
+
+def test_auto_falls_back_to_from_scratch_for_a_model_without_a_compiler(tiny, doc_file, tmp_path, tiny_model_dir):
+    assert api.resolve_compiler(tiny, "auto").name == "optimise"
+    assert api.resolve_compiler(tiny, "none").name == "optimise"
+    result = api.compile_file(doc_file, tmp_path / "o.lcc", {"steps": 1, "ratio": 8, "kl_pool": 2},
+                              run=run_opts(tiny_model_dir))
+    assert result.compiler == {"name": "optimise"}
+
+
+def test_training_is_deterministic_for_a_seed(data, tmp_path, tiny_model_dir):
+    threads = torch.get_num_threads()
+    try:
+        a = api.train_compiler([data], tmp_path / "a.safetensors", small(steps=3), run=run_opts(tiny_model_dir, threads=1))
+        b = api.train_compiler([data], tmp_path / "b.safetensors", small(steps=3), run=run_opts(tiny_model_dir, threads=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert a.history == b.history
+    assert _tensors_equal(load_compiler(tmp_path / "a.safetensors").tensors, load_compiler(tmp_path / "b.safetensors").tensors)
+
+
+class StopAtStep(Progress):
+    def __init__(self, step):
+        self.step, self.done = step, 0
+
+    def advance(self, task, n=1, **metrics):
+        if task == "train":
+            self.done += n
+            if self.done >= self.step and metrics:
+                raise KeyboardInterrupt
+
+
+def test_interrupted_training_resumes_to_the_same_compiler(data, tmp_path, tiny_model_dir):
+    from lcc_cli.errors import Interrupted
+
+    threads = torch.get_num_threads()
+    try:
+        api.train_compiler([data], tmp_path / "ref.safetensors", small(), run=run_opts(tiny_model_dir, threads=1))
+        with pytest.raises(Interrupted, match="checkpoints"):
+            api.train_compiler([data], tmp_path / "c.safetensors", small(), run=run_opts(tiny_model_dir, threads=1),
+                               progress=StopAtStep(4))
+        assert not (tmp_path / "c.safetensors").exists()
+        api.train_compiler([data], tmp_path / "c.safetensors", small(), run=run_opts(tiny_model_dir, threads=1),
+                           resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    ref, got = load_compiler(tmp_path / "ref.safetensors"), load_compiler(tmp_path / "c.safetensors")
+    assert _tensors_equal(ref.tensors, got.tensors)
+    assert ref.manifest["training"]["history"] == got.manifest["training"]["history"]
+
+
+def test_train_compiler_cli_refuses_bad_data(tmp_path, tiny_model_dir):
+    (tmp_path / "bad.jsonl").write_text('{"questions": []}\n')
+    result = CliRunner().invoke(app, ["train-compiler", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "c"),
+                                      "--model", str(tiny_model_dir)])
+    assert result.exit_code == 3 and "line 1" in result.stderr
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_train_compile_and_read_back_on_cpu(data, tmp_path, tiny_model_dir, doc_file):
+    """Train and compile on CUDA (bf16), then answer on the CPU from the same cartridge, and
+    the other way round."""
+    gpu = run_opts(tiny_model_dir, device="cuda")
+    api.train_compiler([data], tmp_path / "c.safetensors", small(steps=2), run=gpu)
+    api.compile_file(doc_file, tmp_path / "g.lcc", {"steps": 2, "ratio": 8, "kl_pool": 2},
+                     compiler=str(tmp_path / "c.safetensors"), run=gpu)
+    assert load_cartridge(tmp_path / "g.lcc").manifest["buffer"]["dtype"] == "bfloat16"
+    (cpu_answer,) = api.ask(["Who built it?"], [tmp_path / "g.lcc"], run=run_opts(tiny_model_dir, device="cpu"))
+    assert cpu_answer.kv_positions == load_cartridge(tmp_path / "g.lcc").slots
+    api.compile_file(doc_file, tmp_path / "c.lcc", {"steps": 1, "ratio": 8, "kl_pool": 2},
+                     run=run_opts(tiny_model_dir, device="cpu"))
+    (gpu_answer,) = api.ask(["Who built it?"], [tmp_path / "c.lcc"], run=gpu)
+    assert gpu_answer.kv_positions == load_cartridge(tmp_path / "c.lcc").slots
