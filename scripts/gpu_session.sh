@@ -26,7 +26,7 @@ python3 - "$OUT/calibration.json" <<'PY'
 import json, sys; r = json.load(open(sys.argv[1])); print("calibration", r["steps"], "steps in", r["seconds"], "s,", r["tokens_per_second"], "tokens/s")
 PY
 PER_STEP=$(python3 -c "import json; r=json.load(open('$OUT/calibration.json')); print(r['seconds']/r['steps'])")
-LEFT=$(( BUDGET - ($(date +%s) - T0) - 150 ))   # keep 150 s for the checks after training
+LEFT=$(( BUDGET - ($(date +%s) - T0) - ${RESERVE:-150} ))   # keep time for the checks after training
 STEPS=$(python3 -c "print(max(${MIN_STEPS:-50}, int($LEFT / ($PER_STEP * 1.08) / 50) * 50))")
 echo "training $STEPS steps (about ${PER_STEP}s each, ${LEFT}s left)"
 

@@ -28,6 +28,24 @@ def cache_layers(cache: DynamicCache) -> Layers:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def cache_kwargs(model, cache: DynamicCache) -> dict:
+    """The cache as the keyword this transformers version takes: `cache` (5.2x) or
+    `past_key_values` (earlier 5.x, where an unknown `cache=` is silently ignored)."""
+    params = _forward_params(type(model))
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+_PARAMS: dict = {}
+
+
+def _forward_params(cls) -> set[str]:
+    if cls not in _PARAMS:
+        import inspect
+
+        _PARAMS[cls] = set(inspect.signature(cls.forward).parameters)
+    return _PARAMS[cls]
+
+
 def forward(model, cache: DynamicCache, first_position: int, input_ids=None, inputs_embeds=None,
             logits_to_keep: int = 0):
     """Run the model on new tokens placed at RoPE positions first_position.., appending
@@ -35,8 +53,8 @@ def forward(model, cache: DynamicCache, first_position: int, input_ids=None, inp
     x = input_ids if input_ids is not None else inputs_embeds
     batch, length = x.shape[0], x.shape[1]
     positions = torch.arange(first_position, first_position + length, device=x.device).expand(batch, -1)
-    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=logits_to_keep)
+    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=positions, use_cache=True,
+                logits_to_keep=logits_to_keep, **cache_kwargs(model, cache))
     return out.logits
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .cache import Layers, make_cache
+from .cache import Layers, cache_kwargs, make_cache
 
 
 @dataclass
@@ -49,8 +49,8 @@ def decode(model, prefix: Layers | None, first_position: int, prompts: list[list
         mask[i, cached + pad:] = 1
         positions[i] = torch.arange(first_position - pad, first_position - pad + width)
     cache = make_cache(prefix, batch=batch)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                   **cache_kwargs(model, cache)).logits[:, -1]
     next_pos = positions[:, -1] + 1
     tokens: list[list[int]] = [[] for _ in prompts]
     steps: list[list[torch.Tensor]] = [[] for _ in prompts]
@@ -76,8 +76,8 @@ def decode(model, prefix: Layers | None, first_position: int, prompts: list[list
         if all(done):
             break
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
-        logits = model(input_ids=pick[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache,
-                       use_cache=True).logits[:, -1]
+        logits = model(input_ids=pick[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True,
+                       **cache_kwargs(model, cache)).logits[:, -1]
         next_pos = next_pos + 1
     total = time.perf_counter() - start
     return [Decoded(t, torch.stack(s) if keep_logprobs and s else None, first_token or total, total,
