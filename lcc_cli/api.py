@@ -35,6 +35,7 @@ class RunOptions:
 
     model: str | None = None
     device: str | None = None
+    dtype: str | None = None  # compute dtype; default float32 on CPU, bfloat16 on CUDA
     threads: int | None = None
     backend: str = "local"
     workers: int = 1
@@ -69,7 +70,7 @@ def load(run: RunOptions):
     from .runtime.model import load_model, set_threads
 
     set_threads(run.threads)
-    return load_model(run.model, device=run.device)
+    return load_model(run.model, device=run.device, dtype=run.dtype)
 
 
 def _executor(run: RunOptions, loaded):

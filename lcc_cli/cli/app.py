@@ -37,6 +37,8 @@ ModelOpt = typer.Option(None, "--model", "-m", envvar=MODEL_ENV,
                         help=f"Base model: '{DEFAULT_MODEL}' (embedded) or a local Hugging Face model directory.")
 DeviceOpt = typer.Option(None, "--device", envvar=DEVICE_ENV, help="auto | cpu | cuda (bf16 on CUDA).")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU math threads (default: torch's choice).")
+DtypeOpt = typer.Option(None, "--dtype", help="Compute dtype: float32 (CPU default) | bfloat16 (CUDA default; "
+                                             "2.3x faster on CPUs with AVX512-BF16).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of text.")
 
 
@@ -98,10 +100,10 @@ def _progress(quiet: bool):
     return RichProgress(err, quiet=quiet or not err.is_terminal)
 
 
-def _run(model, device, threads, **extra):
+def _run(model, device, threads, dtype=None, **extra):
     from ..api import RunOptions
 
-    return RunOptions(model=model, device=device, threads=threads, **extra)
+    return RunOptions(model=model, device=device, threads=threads, dtype=dtype, **extra)
 
 
 @app.command("compile")
@@ -314,6 +316,7 @@ def train_compiler_cmd(
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing compiler file."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
     as_json: bool = JsonOpt,
 ):
@@ -329,7 +332,7 @@ def train_compiler_cmd(
     if time_limit is not None and not time_limit > 0:
         raise UsageError(f"time_limit must be a positive number of minutes (got {time_limit})", field="time_limit")
     with _progress(as_json) as progress:
-        result = api.train_compiler(data, output, cfg, run=_run(model, device, threads), force=force, resume=resume,
+        result = api.train_compiler(data, output, cfg, run=_run(model, device, threads, dtype), force=force, resume=resume,
                                     time_limit=time_limit * 60 if time_limit else None, progress=progress)
     if as_json:
         print_json(vars(result))

@@ -20,7 +20,6 @@ A few documents are held out; the compiler saved is the checkpoint that did best
 from __future__ import annotations
 
 import hashlib
-import os
 import json
 import math
 import random
@@ -117,7 +116,7 @@ def teacher_targets(loaded, rows: list[dict], cfg: TrainConfig, progress: Progre
         for q in rng.sample(about, min(cfg.instructions_per_doc, len(about))):
             jobs.append((i, "i", p.query_ids(q)))
     progress.start("teacher", len(jobs), "teacher answers")
-    cuda = loaded.device.type == "cuda" or bool(os.environ.get("LCC_TEST_CROSS_DOC"))
+    cuda = loaded.device.type == "cuda"
     # On a GPU, rows of many documents decode together (each with its own context); on a
     # CPU, each document's rows share one prefill of its context.
     groups = ([jobs[s: s + 128] for s in range(0, len(jobs), 128)] if cuda else
