@@ -195,27 +195,79 @@ def load_cartridges(paths: list[Path]):
     return [load_cartridge(p) for p in paths]
 
 
+class Reader:
+    """Cartridges (composed) or a document, and the model, loaded once for many questions."""
+
+    def __init__(self, cartridges: list[Path] = (), context: Path | None = None, run: RunOptions | None = None,
+                 force: bool = False, loaded=None):
+        from .compose import combine
+        from .format.checks import check_compatible, check_fingerprint
+
+        if cartridges and context is not None:
+            raise UsageError("give cartridges or --context, not both")
+        carts = load_cartridges(list(cartridges))  # format errors before the slow model load
+        self.document = read_document(context).text if context is not None else None
+        self.loaded = loaded or load(run or RunOptions())
+        self.buffer = None
+        self.mode = "cartridge" if carts else "context" if context is not None else "none"
+        for path, cart in zip(cartridges, carts):
+            name = Path(path).name
+            check_compatible(cart.manifest["model"], self.loaded.facts, cart.buffer.first_query_position, name)
+            check_fingerprint(cart.manifest["model"], self.loaded.model_id, self.loaded.fingerprint, name, force)
+        if carts:
+            self.buffer = combine(carts)
+
+    def ask(self, question: str, cfg: AskConfig | None = None, on_text=None):
+        """One answer (runtime.reader.Answer)."""
+        from .runtime.reader import answer
+
+        if not question.strip():
+            raise UsageError("the question is empty")
+        return answer(self.loaded, [question], buffer=self.buffer, document=self.document, cfg=cfg,
+                      on_text=on_text)[0]
+
+
 def ask(questions: list[str], cartridges: list[Path] = (), context: Path | None = None,
         cfg: AskConfig | None = None, run: RunOptions | None = None, force: bool = False, on_text=None,
         loaded=None) -> list:
     """Answer questions from cartridges (composed), from a document in the prompt, or from
-    nothing; one model load for all of them. Returns runtime.reader.Answer per question."""
-    from .compose import combine
-    from .format.checks import check_compatible, check_fingerprint
-    from .runtime.reader import answer
+    nothing; one model load for all of them, each answered on its own."""
+    reader = Reader(cartridges, context, run, force, loaded)
+    return [reader.ask(q, cfg, on_text) for q in questions]
 
-    if cartridges and context is not None:
-        raise UsageError("give cartridges or --context, not both")
-    carts = load_cartridges(list(cartridges))  # format errors before the slow model load
-    document = read_document(context).text if context is not None else None
-    loaded = loaded or load(run or RunOptions())
-    buffer = None
-    if carts:
-        for path, cart in zip(cartridges, carts):
-            check_compatible(cart.manifest["model"], loaded.facts, cart.buffer.first_query_position, Path(path).name)
-            check_fingerprint(cart.manifest["model"], loaded.model_id, loaded.fingerprint, Path(path).name, force)
-        buffer = combine(carts)
-    return answer(loaded, list(questions), buffer=buffer, document=document, cfg=cfg, on_text=on_text)
+
+def read_questions(path: Path | str) -> list[str]:
+    """Questions from a file ('-' = stdin): one per line, or JSONL rows with "q" or "question"."""
+    import json
+    import sys
+
+    from .errors import InputError
+
+    try:
+        text = sys.stdin.read() if str(path) == "-" else Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not valid UTF-8 (byte {exc.start})") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read questions from {path}: {exc.strerror}") from exc
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                row = None
+            q = row.get("q", row.get("question")) if isinstance(row, dict) else None
+            if not isinstance(q, str) or not q.strip():
+                raise InputError(f"{Path(str(path)).name} line {number}: need a \"q\" or \"question\" text field")
+            out.append(q)
+        else:
+            out.append(line)
+    if not out:
+        raise InputError(f"{path} holds no questions")
+    return out
 
 
 # --- verify and inspect -----------------------------------------------------------------------
@@ -310,3 +362,55 @@ def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSp
             * loaded.model.dtype.itemsize}
     summary = write_report(results, out, meta)
     return {"out": str(out), "summary": summary}
+
+
+# --- interchange --------------------------------------------------------------------------------
+
+def export_cartridge(path: Path, to: str, out_dir: Path, force: bool = False) -> Path:
+    """`lcc export CART --to peft DIR`."""
+    from .export.peft import export_peft
+    from .format.cartridge import load_cartridge
+
+    if to != "peft":
+        raise UsageError(f"to must be peft (got {to!r})", field="to")
+    return export_peft(load_cartridge(path), Path(out_dir), force=force)
+
+
+def import_adapter(directory: Path, output: Path, run: RunOptions | None = None, force: bool = False) -> CompileResult:
+    """`lcc import DIR -o CART`: a PEFT Cartridge adapter (from lcc or trained elsewhere)
+    becomes a cartridge pinned to the loaded model's fingerprint."""
+    import torch
+
+    from ._version import __version__
+    from .format import manifest as mf
+    from .format.cartridge import Cartridge, check_values, save_cartridge
+    from .format.checks import check_fingerprint
+    from .format.fsio import check_output
+    from .export.peft import read_peft
+
+    output = Path(output)
+    check_output(output, force)
+    loaded = load(run or RunOptions())
+    buffer, theirs, sha = read_peft(Path(directory), loaded.facts)
+    check_values({f"{kind}.{i}": t for kind, ts in (("k", buffer.keys), ("v", buffer.values)) for i, t in enumerate(ts)},
+                 Path(directory).name)
+    model = loaded.facts.to_manifest(loaded.model_id, loaded.fingerprint)
+    rows = [{"index": 0, "slots": buffer.slots, "token_count": 0, "sink": False}]
+    source = {"name": Path(directory).name, "sha256": sha, "token_count": 0, "ratio": None}
+    compile_, compiler, metrics = {}, {"name": "imported", "from": "peft", "sha256": sha}, {"segments": [{}]}
+    if isinstance(theirs, dict) and isinstance(theirs.get("model"), dict) and "fingerprint" in theirs["model"]:
+        # exported by lcc: keep its provenance, after checking it was made for this model
+        check_fingerprint(theirs["model"], loaded.model_id, loaded.fingerprint, Path(directory).name, force)
+        segs = theirs.get("buffer", {}).get("segments", [])
+        if sum(s.get("slots", 0) for s in segs) == buffer.slots:
+            rows = [{k: s[k] for k in ("index", "slots", "token_count", "sink") if k in s} for s in segs]
+        source = theirs.get("source", source)
+        compile_ = theirs.get("compile", {})
+        metrics = theirs.get("metrics", metrics)
+        compiler = {**theirs.get("compiler", {}), "imported_from": "peft"}
+    m = mf.build(model=model, segments=rows, source=source, compile=compile_, compiler=compiler, metrics=metrics,
+                 version=__version__, storage_dtype=str(buffer.dtype).removeprefix("torch."))
+    cart = Cartridge(m, buffer.to(dtype=buffer.dtype))
+    save_cartridge(cart, output, overwrite=force)
+    return CompileResult(str(output), cart.slots, source.get("token_count", 0), len(rows), 0.0, loaded.model_id,
+                         compiler, [])

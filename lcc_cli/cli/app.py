@@ -21,7 +21,7 @@ from rich.table import Table
 from .._version import __version__
 from ..config import DEFAULT_MODEL, DEVICE_ENV, MODEL_ENV, AskConfig, CompileConfig, TrainConfig
 from ..errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_RESOURCES, EXIT_UNEXPECTED, LccError, UsageError, VerifyFailed
-from .render import clean, compiler_rows, inspect_rows, markup_safe, print_json
+from .render import clean, compiler_rows, inspect_rows, markup_safe, print_json, print_json_line
 
 app = typer.Typer(
     help="Compile documents into memory cartridges that a frozen language model reads instead of the document.",
@@ -164,37 +164,88 @@ def compile_cmd(
 @app.command()
 @_errors
 def ask(
-    args: list[str] = typer.Argument(..., metavar="[CARTRIDGE...] QUESTION",
-                                     help="Zero or more .lcc cartridges, then the question ('-' reads stdin)."),
+    args: Optional[list[str]] = typer.Argument(None, metavar="[CARTRIDGE...] QUESTION",
+                                               help="Zero or more .lcc cartridges, then the question ('-' reads stdin)."),
+    questions: Optional[str] = typer.Option(None, "--questions", "-q", metavar="FILE",
+                                            help="Answer every question in FILE (one per line, or JSONL with 'q'; "
+                                                 "'-' = stdin) with one model load; writes JSONL."),
     context: Optional[Path] = typer.Option(None, "--context", "-c",
                                            help="Answer with this document in the prompt instead (baseline)."),
     max_new_tokens: int = typer.Option(AskConfig.max_new_tokens, help="Longest answer, in tokens."),
     temperature: float = typer.Option(AskConfig.temperature, help="0 decodes greedily."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
     force: bool = typer.Option(False, "--force", help="Use a cartridge even if it was made for another model."),
     as_json: bool = JsonOpt,
 ):
     """Answer QUESTION from cartridges (or from --context FILE, or from nothing)."""
+    import sys
+
     from .. import api
 
-    *cartridges, question = args
-    if question.endswith(".lcc") and Path(question).is_file():
-        raise UsageError("the question is missing (usage: lcc ask [CARTRIDGE...] QUESTION)")
-    if question == "-":
-        import sys
-
-        question = sys.stdin.read()
-    if not question.strip():
-        raise UsageError("the question is empty")
-    cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    stream = None if as_json else (lambda piece: out.print(clean(piece), end="", markup=False, highlight=False))
-    (result,) = api.ask([question], [Path(c) for c in cartridges], context=context, cfg=cfg,
-                        run=_run(model, device, threads), force=force, on_text=stream)
-    if as_json:
-        print_json(_answer_json(result, "cartridge" if cartridges else "context" if context else "none"))
+    args = list(args or [])
+    if questions is None:
+        if not args:
+            raise UsageError("the question is missing (usage: lcc ask [CARTRIDGE...] QUESTION)")
+        *cartridges, question = args
+        if question.endswith(".lcc") and Path(question).is_file():
+            raise UsageError("the question is missing (usage: lcc ask [CARTRIDGE...] QUESTION)")
+        asked = [sys.stdin.read() if question == "-" else question]
+        if not asked[0].strip():
+            raise UsageError("the question is empty")
     else:
+        cartridges, asked = args, api.read_questions(questions)
+    cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    reader = api.Reader([Path(c) for c in cartridges], context, _run(model, device, threads, dtype), force)
+    if questions is not None:
+        for q in asked:
+            print_json_line(_answer_json(reader.ask(q, cfg), reader.mode))
+        return
+    stream = None if as_json else (lambda piece: out.print(clean(piece), end="", markup=False, highlight=False))
+    result = reader.ask(asked[0], cfg, on_text=stream)
+    if as_json:
+        print_json(_answer_json(result, reader.mode))
+    else:
+        out.print()
+
+
+@app.command()
+@_errors
+def chat(
+    cartridges: Optional[list[Path]] = typer.Argument(None, help="Cartridges to read from (composed)."),
+    context: Optional[Path] = typer.Option(None, "--context", "-c", help="Chat over this document instead."),
+    max_new_tokens: int = typer.Option(AskConfig.max_new_tokens, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(AskConfig.temperature, help="0 decodes greedily."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+    force: bool = typer.Option(False, "--force", help="Use a cartridge even if it was made for another model."),
+):
+    """Ask questions one after another with the model kept loaded (Ctrl-D or 'exit' ends).
+    Each question is answered on its own: earlier turns are not remembered."""
+    from .. import api
+
+    cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    err.print("loading…", highlight=False)
+    reader = api.Reader(list(cartridges or []), context, _run(model, device, threads, dtype), force)
+    err.print(f"ready ({reader.mode}); ask a question, or Ctrl-D to quit", highlight=False)
+    while True:
+        try:
+            question = input("> ")
+        except EOFError:
+            out.print()
+            return
+        if question.strip().lower() in ("exit", "quit"):
+            return
+        if not question.strip():
+            continue
+        try:
+            reader.ask(question, cfg, on_text=lambda piece: out.print(clean(piece), end="", markup=False))
+        except UsageError as exc:  # a question that does not fit: say so and go on
+            err.print(f"lcc: {clean(exc.message)}", markup=False)
         out.print()
 
 
@@ -295,6 +346,49 @@ def eval_cmd(
 
     out.print(Markdown(score_table(result["summary"]) + "\n\n" + cost_table(result["summary"])))
     out.print(f"report: {clean(out_dir / 'report.md')}", markup=False)
+
+
+@app.command("export")
+@_errors
+def export_cmd(
+    cartridge: Path = typer.Argument(..., help="A .lcc cartridge."),
+    to: str = typer.Option("peft", "--to", help="Target format: peft (a PEFT Cartridge adapter directory)."),
+    out_dir: Path = typer.Argument(..., metavar="DIR", help="Directory to write."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite files in a non-empty DIR."),
+    as_json: bool = JsonOpt,
+):
+    """Write CARTRIDGE as a PEFT Cartridge adapter: `PeftModel.from_pretrained(base, DIR)`
+    reads it with no lcc installed. lcc's manifest rides along in DIR/lcc_manifest.json."""
+    from .. import api
+
+    path = api.export_cartridge(cartridge, to, out_dir, force=force)
+    if as_json:
+        print_json({"path": str(path), "format": to})
+    else:
+        out.print(f"wrote {clean(path)} (PEFT Cartridge adapter)", markup=False)
+
+
+@app.command("import")
+@_errors
+def import_cmd(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A PEFT Cartridge adapter directory."),
+    output: Path = typer.Option(..., "--output", "-o", help="Cartridge path to write."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUTPUT; accept an lcc manifest made for "
+                                                           "another model."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    as_json: bool = JsonOpt,
+):
+    """Read a PEFT Cartridge adapter (exported by lcc or trained elsewhere) into a cartridge
+    pinned to the base model's fingerprint."""
+    from .. import api
+
+    result = api.import_adapter(directory, output, run=_run(model, device, threads), force=force)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        out.print(f"wrote {clean(result.path)}: {result.slots} slots", markup=False)
 
 
 @app.command("train-compiler")

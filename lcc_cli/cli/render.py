@@ -31,6 +31,11 @@ def print_json(payload) -> None:
     sys.stdout.flush()
 
 
+def print_json_line(payload) -> None:
+    sys.stdout.write(json.dumps(payload, ensure_ascii=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def inspect_rows(info: dict):
     """(label, value) rows for `lcc inspect`, every value cleaned."""
     m = info["manifest"]
