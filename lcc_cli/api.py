@@ -46,6 +46,10 @@ class RunOptions:
             raise UsageError(f"workers must be at least 1 (got {self.workers!r})", field="workers")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise UsageError(f"threads must be at least 1 (got {self.threads!r})", field="threads")
+        from .backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise UsageError(f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})", field="backend")
         if self.backend == "local" and self.workers > 1:
             self.backend = "processes"
 
@@ -76,8 +80,8 @@ def load(run: RunOptions):
 def _executor(run: RunOptions, loaded):
     from .backends import make_executor
 
-    return make_executor(run.backend, loaded, model=run.model, device=run.device, workers=run.workers,
-                         threads=run.threads, ray_address=run.ray_address)
+    return make_executor(run.backend, loaded, model=run.model, device=run.device, dtype=run.dtype,
+                         workers=run.workers, threads=run.threads, ray_address=run.ray_address)
 
 
 def resolve_compiler(loaded, choice: str | None) -> CompilerSpec:
@@ -185,6 +189,133 @@ def _duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.0f} s"
+
+
+# --- batch compile ------------------------------------------------------------------------------
+
+DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown", ".text", ".rst", ".pdf")
+
+
+@dataclass
+class BatchItem:
+    source: str
+    output: str | None
+    status: str  # done | skipped | failed
+    reason: str = ""
+    slots: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchResult:
+    items: list[BatchItem]
+    seconds: float
+    backend: str
+
+    @property
+    def failed(self) -> list[BatchItem]:
+        return [i for i in self.items if i.status == "failed"]
+
+    def to_dict(self) -> dict:
+        counts = {s: sum(i.status == s for i in self.items) for s in ("done", "skipped", "failed")}
+        return {"counts": counts, "seconds": round(self.seconds, 2), "backend": self.backend,
+                "documents": [asdict(i) for i in self.items]}
+
+
+def expand_sources(sources: list) -> list[Path]:
+    """Files as given; folders walked (recursively, sorted) for documents lcc reads."""
+    out = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            out += sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES
+                          and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        else:
+            out.append(source)
+    return out
+
+
+def _output_names(files: list[Path], out_dir: Path) -> list[Path]:
+    taken: dict[str, int] = {}
+    names = []
+    for f in files:
+        stem = f.stem or "document"
+        taken[stem] = taken.get(stem, 0) + 1
+        names.append(out_dir / (f"{stem}.lcc" if taken[stem] == 1 else f"{stem}-{taken[stem]}.lcc"))
+    return names
+
+
+def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None = None,
+                  compiler: CompilerSpec | str | None = None, run: RunOptions | None = None, force: bool = False,
+                  max_bytes: int = DEFAULT_MAX_BYTES, yes: bool = False, quality: str = "balanced",
+                  progress: Progress = NO_PROGRESS) -> BatchResult:
+    """Compile many documents (files and folders) into OUT_DIR, one cartridge each. A
+    cartridge that already exists for the same source, settings and compiler is skipped;
+    one bad document fails alone, with its reason, and never costs the others theirs."""
+    import time
+
+    from .compile.base import build_compiler
+    from .compile.document import DocumentTask, compile_all, read_partial, text_segments
+    from .errors import LccError
+    from .format.cartridge import load_cartridge, partial_path
+    from .format.fsio import check_output
+
+    started = time.perf_counter()
+    run = run or RunOptions()
+    files = expand_sources(sources)
+    if not files:
+        raise UsageError("no documents to compile (folders are searched for " + ", ".join(DOCUMENT_SUFFIXES) + ")")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {out_dir}: {exc.strerror}", field="output") from exc
+    progress.status("loading model…")
+    loaded = load(run)
+    spec, cfg = settle(loaded, compiler, cfg, quality)
+    info = build_compiler(spec, loaded).describe()
+    items, tasks, owners = [], [], []
+    for source, output in zip(files, _output_names(files, out_dir)):
+        item = BatchItem(str(source), str(output), "failed")
+        items.append(item)
+        try:
+            doc = read_document(source, max_bytes=max_bytes)
+            if output.exists() and not force:
+                if _same_compile(load_cartridge(output).manifest, doc, cfg, info):
+                    item.status, item.reason = "skipped", "up to date"
+                    continue
+                raise UsageError(f"{output.name} exists, made from another source or settings",
+                                 hint="pass --force to recompile")
+            check_output(output, force, (source,))
+            task = DocumentTask(doc, output, text_segments(loaded, doc.text, cfg), overwrite=force, inputs=(source,))
+            partial = partial_path(output)
+            if partial.exists():
+                try:
+                    task.done = read_partial(partial, loaded, doc, cfg, info)
+                except LccError:
+                    if not force:
+                        raise
+                    partial.unlink()
+            tasks.append(task)
+            owners.append(item)
+        except LccError as exc:
+            item.reason = exc.message
+    _confirm(loaded, [s for t in tasks for s in t.segments], cfg, yes, progress)
+    try:
+        compile_all(loaded, tasks, cfg, spec, _executor(run, loaded), progress, fail_fast=False)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; finished documents are written and finished segments kept in .partial "
+                          "files", hint="rerun the same command to continue") from None
+    for task, item in zip(tasks, owners):
+        if task.cartridge is not None:
+            item.status, item.slots, item.seconds = "done", task.cartridge.slots, round(task.seconds, 2)
+        else:
+            item.reason = task.error.message if task.error else "not compiled"
+    return BatchResult(items, time.perf_counter() - started, run.backend)
+
+
+def _same_compile(m: dict, doc, cfg: CompileConfig, info: dict) -> bool:
+    return (m["source"].get("sha256") == doc.sha256 and m.get("compile") == cfg.to_dict()
+            and m.get("compiler") == info)
 
 
 # --- ask --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ EXIT_MODEL_MISMATCH = 6
 EXIT_VERIFY_FAILED = 7
 EXIT_RESOURCES = 8
 EXIT_EXISTS = 9
+EXIT_PARTIAL = 10
 EXIT_INTERRUPTED = 130
 
 
@@ -107,5 +108,6 @@ EXIT_CODES = {
     EXIT_VERIFY_FAILED: "verify found a failed check",
     EXIT_RESOURCES: "out of memory or disk",
     EXIT_EXISTS: "output exists (use --force)",
+    EXIT_PARTIAL: "batch compile finished, but some documents failed (see the summary)",
     EXIT_INTERRUPTED: "interrupted",
 }

@@ -33,8 +33,9 @@ class Executor(Protocol):
     def run(self, units: list, cfg, spec, sink: ResultSink, progress) -> None: ...
 
 
-def make_executor(backend: str, loaded, *, model: str | None = None, device: str | None = None, workers: int = 1,
-                  threads: int | None = None, ray_address: str | None = None) -> Executor:
+def make_executor(backend: str, loaded, *, model: str | None = None, device: str | None = None,
+                  dtype: str | None = None, workers: int = 1, threads: int | None = None,
+                  ray_address: str | None = None) -> Executor:
     """The executor for --backend (and --workers, --threads, --ray-address)."""
     from ..errors import UsageError
 
@@ -45,9 +46,10 @@ def make_executor(backend: str, loaded, *, model: str | None = None, device: str
     if backend == "processes":
         from .processes import ProcessExecutor
 
-        return ProcessExecutor(model=model, device=device, workers=workers, threads=threads)
+        return ProcessExecutor(model=model, device=device, dtype=dtype, workers=workers, threads=threads)
     if backend == "ray":
         from .ray import RayExecutor
 
-        return RayExecutor(model=model, device=device, workers=workers, threads=threads, address=ray_address)
+        return RayExecutor(model=model, device=device, dtype=dtype, workers=workers, threads=threads,
+                           address=ray_address)
     raise UsageError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})", field="backend")

@@ -16,11 +16,11 @@ from ..progress import NO_PROGRESS
 _WORKER: dict = {}
 
 
-def _init_worker(model, device, threads, spec) -> None:
+def _init_worker(model, device, dtype, threads, spec) -> None:
     from ..runtime.model import load_model, set_threads
 
     set_threads(threads)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, dtype=dtype)
     _WORKER["compiler"] = build_compiler(spec, loaded)
 
 
@@ -31,8 +31,8 @@ def _compile(unit, cfg):
 class ProcessExecutor:
     name = "processes"
 
-    def __init__(self, model=None, device=None, workers: int = 2, threads: int | None = None):
-        self.model, self.device, self.workers = model, device, max(1, workers)
+    def __init__(self, model=None, device=None, dtype=None, workers: int = 2, threads: int | None = None):
+        self.model, self.device, self.dtype, self.workers = model, device, dtype, max(1, workers)
         self.threads = threads or max(1, cpu_count() // self.workers)
 
     def run(self, units, cfg, spec, sink, progress) -> None:
@@ -43,7 +43,7 @@ class ProcessExecutor:
         if not units:
             return
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(units)), mp_context=mp.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(self.model, self.device, self.threads, spec))
+                                   initializer=_init_worker, initargs=(self.model, self.device, self.dtype, self.threads, spec))
         try:
             futures = {pool.submit(_compile, unit, cfg): unit for unit in units}
             for future in as_completed(futures):

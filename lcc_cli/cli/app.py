@@ -109,9 +109,11 @@ def _run(model, device, threads, dtype=None, **extra):
 @app.command("compile")
 @_errors
 def compile_cmd(
-    source: Path = typer.Argument(..., help="Document to compile: .txt, .md or .pdf ('-' reads stdin)."),
+    sources: list[Path] = typer.Argument(..., metavar="SOURCE...",
+                                         help="Documents (.txt, .md, .pdf; '-' reads stdin) or folders of them."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="Cartridge path (default: SOURCE with .lcc suffix)."),
+                                          help="Cartridge path (default: SOURCE with .lcc suffix); with several "
+                                               "sources or a folder, the output directory (OUTDIR/)."),
     ratio: float = typer.Option(CompileConfig.ratio, help="Compression: document tokens per buffer slot."),
     compiler: str = typer.Option("auto", "--compiler",
                                  help="auto (the shipped pretrained compiler when it fits the model, else none) | "
@@ -132,20 +134,39 @@ def compile_cmd(
     force: bool = typer.Option(False, "--force", "-f",
                                help="Overwrite an existing output (a regular file only) and discard a partial one."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted compile from OUTPUT.partial."),
-    workers: int = typer.Option(1, "--workers", help="Compile segments in N processes, each with its own model."),
+    workers: int = typer.Option(1, "--workers", help="Compile in N workers (processes, or Ray actors), each "
+                                                     "with its own model."),
+    backend: str = typer.Option("local", "--backend", help="local (this process) | processes | ray."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
+                                              help="Ray cluster to use with --backend ray (default: a local one)."),
+    dtype: Optional[str] = DtypeOpt,
     yes: bool = typer.Option(False, "--yes", "-y", help="Start even if the estimate is over an hour."),
     as_json: bool = JsonOpt,
 ):
-    """Compile SOURCE into a .lcc cartridge (latent context compilation).
+    """Compile documents into .lcc cartridges (latent context compilation).
 
-    Long documents are split into segments of at most --segment-tokens; each gets its own
-    buffer. Ctrl-C keeps finished segments in OUTPUT.partial for --resume."""
+    One SOURCE: one cartridge at --output. Several, or a folder: one cartridge each in
+    OUTDIR, skipping those already compiled with the same settings, and a summary at the end
+    (exit 10 if any document failed). Long documents are split into segments of at most
+    --segment-tokens; each gets its own buffer. Ctrl-C keeps finished segments in
+    OUTPUT.partial for --resume."""
     from .. import api
 
     settings = dict(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank,
                     lora_alpha=2 * lora_rank if lora_rank else None, teacher=teacher, segment_tokens=segment_tokens,
                     seed=seed)
-    run = _run(model, device, threads, workers=workers)
+    run = _run(model, device, threads, dtype, workers=workers, backend=backend, ray_address=ray_address)
+    batch = len(sources) > 1 or any(s.is_dir() for s in sources) or (
+        output is not None and (str(output).endswith("/") or output.is_dir()))
+    if batch:
+        if output is None:
+            raise UsageError("compiling several documents needs --output OUTDIR")
+        with _progress(as_json) as progress:
+            summary = api.compile_paths(sources, output, settings, compiler=compiler, quality=quality, run=run,
+                                        force=force, max_bytes=max_bytes, yes=yes, progress=progress)
+        _render_batch(summary, as_json)
+        return
+    (source,) = sources
     with _progress(as_json) as progress:
         result = api.compile_file(source, output, settings, compiler=compiler, quality=quality, run=run, force=force,
                                   resume=resume, max_bytes=max_bytes, yes=yes, progress=progress)
@@ -159,6 +180,25 @@ def compile_cmd(
     out.print(f"wrote {clean(result.path)}: {result.slots} slots from {result.tokens} tokens "
               f"({result.segments} segment{'s' if result.segments != 1 else ''}) in {result.seconds:.1f}s "
               f"[{clean(method)}]{losses}", markup=False)
+
+
+def _render_batch(summary, as_json: bool) -> None:
+    from ..errors import EXIT_PARTIAL
+
+    if as_json:
+        print_json(summary.to_dict())
+    else:
+        table = Table(title=f"{len(summary.items)} documents in {summary.seconds:.1f} s ({summary.backend})",
+                      title_justify="left")
+        for col in ("status", "source", "output", "slots", "s", "reason"):
+            table.add_column(col)
+        colour = {"done": "green", "skipped": "dim", "failed": "red"}
+        for i in summary.items:
+            table.add_row(f"[{colour[i.status]}]{i.status}[/]", markup_safe(i.source), markup_safe(i.output or ""),
+                          str(i.slots or ""), f"{i.seconds:.1f}" if i.seconds else "", markup_safe(i.reason))
+        out.print(table)
+    if summary.failed:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @app.command()

@@ -48,6 +48,7 @@ class SegmentCompiler(Protocol):
 class CompilerSpec:
     name: str = "optimise"
     path: str | None = None  # a pretrained compiler's file
+    plugin: str | None = None  # a module to import first: it registers a compiler defined outside lcc
 
 
 _REGISTRY: dict[str, Callable] = {}
@@ -62,7 +63,12 @@ def register(name: str):
 
 
 def build_compiler(spec: CompilerSpec, loaded) -> SegmentCompiler:
+    import importlib
+
     from . import optimise, pretrained  # noqa: F401  (they register themselves)
+
+    if spec.plugin:
+        importlib.import_module(spec.plugin)
 
     if spec.name not in _REGISTRY:
         raise UsageError(f"unknown compiler {spec.name!r} (known: {', '.join(sorted(_REGISTRY))})", field="compiler")

@@ -116,6 +116,7 @@ def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: Com
                 if len(task.done) == len(task.segments):
                     task.seconds = time.perf_counter() - started
                     _finish(loaded, task, cfg, compiler_info)
+                    progress.advance("cartridges")
                     if task.output is not None:
                         progress.note(f"wrote {task.output}")
                 elif task.output is not None:
@@ -130,8 +131,11 @@ def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: Com
             if not task.finished:
                 task.error = error if isinstance(error, LccError) else LccError(
                     f"unexpected {type(error).__name__}: {error}".splitlines()[0])
+                progress.advance("cartridges")
                 progress.note(f"failed {task.doc.name}: {task.error.message}")
 
+    progress.start("cartridges", len(tasks))
+    progress.advance("cartridges", sum(t.finished for t in tasks))
     progress.start("segments", len(units))
     executor.run(units, cfg, spec, Sink(), progress)
     return tasks
