@@ -354,6 +354,10 @@ class Reader:
 
         if not question.strip():
             raise UsageError("the question is empty")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError("the question is not valid text (it holds an undecodable byte)") from None
         return answer(self.loaded, [question], buffer=self.buffer, document=self.document, cfg=cfg,
                       on_text=on_text)[0]
 

@@ -73,3 +73,58 @@ def test_random_manifests_in_a_valid_container(manifest):
     for m in (manifest, {**manifest, "format": "lcc-cartridge", "format_version": 1},
               {**manifest, "format": "lcc-cartridge", "format_version": 2}):
         _load(save({"k.0": torch.zeros(1, 1, 2)}, metadata={"lcc_manifest": json.dumps(m), "lcc_checksum": "x"}))
+
+
+VALUES = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True) \
+    | st.text(max_size=12) | st.lists(st.integers(-3, 10**6), max_size=3) | st.dictionaries(st.text(max_size=4),
+                                                                                          st.integers(), max_size=2)
+
+
+def _paths(obj, prefix=()):
+    """Every key path in a manifest (into dicts and lists)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield prefix + (k,)
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield prefix + (i,)
+            yield from _paths(v, prefix + (i,))
+
+
+@FUZZ
+@given(st.data())
+def test_edited_and_re_signed_manifests_load_cleanly_or_fail_typed(compiled, data):
+    """An attacker can edit any manifest field and recompute the (unkeyed) checksums: every
+    result must be a clean load or a typed error, never a crash, a hang or a huge allocation."""
+    import copy
+
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from lcc_cli.errors import LccError
+    from lcc_cli.format.cartridge import checksum, tensor_sha256
+
+    with safe_open(str(compiled[0]), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    manifest = json.loads(meta["lcc_manifest"])
+    edited = copy.deepcopy(manifest)
+    paths = sorted(_paths(manifest), key=str)
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        target = edited
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = data.draw(VALUES)
+        except (KeyError, IndexError, TypeError):
+            pass
+    edited["tensor_sha256"] = tensor_sha256(tensors)
+    text = json.dumps(edited, sort_keys=True)
+    blob = save(tensors, metadata={"lcc_manifest": text, "lcc_checksum": checksum(text, edited["tensor_sha256"])})
+    try:
+        from_bytes(blob)
+    except LccError:
+        pass
+    _load(blob)

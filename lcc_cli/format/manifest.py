@@ -113,7 +113,7 @@ def validate(m: object, name: str = "cartridge") -> None:
                 raise CartridgeError(f"{name}: segment {seg['index']} claims position {seg['position_start']}, "
                                      f"but a v1 buffer sits right after its {seg['token_count']} tokens")
         return
-    if buf.get("dtype") not in FLOAT_DTYPES:
+    if not isinstance(buf.get("dtype"), str) or buf["dtype"] not in FLOAT_DTYPES:
         raise CartridgeError(f"{name}: buffer.dtype must be a float type")
     if buf.get("layout") == "segments" and m.get("partial") is True:
         # A partial file keeps every finished segment at its own positions 0..K-1.
