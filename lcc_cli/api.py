@@ -77,6 +77,16 @@ def load(run: RunOptions):
     return load_model(run.model, device=run.device, dtype=run.dtype)
 
 
+def _governed(run: RunOptions, progress: Progress) -> Progress:
+    """Without --threads, the thread count follows the cores other programs leave free
+    (runtime/threads.py); the long loops report progress, which is when it is re-checked."""
+    if run.threads is not None or run.backend != "local":
+        return progress
+    from .runtime.threads import AutoThreads
+
+    return AutoThreads(progress)
+
+
 def _executor(run: RunOptions, loaded):
     from .backends import make_executor
 
@@ -140,6 +150,7 @@ def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConf
     if partial.exists() and force and not resume:
         partial.unlink()  # starting over: its segments must not be mistaken for this run's
     doc = read_document(source, max_bytes=max_bytes)
+    progress = _governed(run, progress)
     progress.status("loading model…")
     loaded = load(run)
     compiler, cfg = settle(loaded, compiler, cfg, quality)
@@ -269,6 +280,7 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output directory {out_dir}: {exc.strerror}", field="output") from exc
+    progress = _governed(run, progress)
     progress.status("loading model…")
     loaded = load(run)
     spec, cfg = settle(loaded, compiler, cfg, quality)
@@ -447,8 +459,10 @@ def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None =
             from .errors import InputError
 
             raise InputError(f"no such training data: {d}")
+    run = run or RunOptions()
+    progress = _governed(run, progress)
     progress.status("loading model…")
-    loaded = load(run or RunOptions())
+    loaded = load(run)
     try:
         return train(loaded, [Path(d) for d in data], output, cfg, resume=resume, time_limit=time_limit,
                      progress=progress)
@@ -458,6 +472,31 @@ def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None =
 
 
 # --- eval -------------------------------------------------------------------------------------
+
+def eval_methods(loaded, settings: EvalSettings, compiler=None) -> list:
+    """The methods an eval compares (eval/run.py's Method), compilers resolved for this model."""
+    from .config import compile_config, method_overrides
+    from .eval.run import Method
+
+    if not settings.methods:
+        spec, cfg = settle(loaded, compiler, settings.compile)
+        return [Method("cartridge", spec, {k: v for k, v in cfg.to_dict().items() if k != "ratio"})]
+    out = []
+    for m in settings.methods:
+        choice = m.get("compiler", "auto")
+        if choice == "pretrained":
+            from .compile.pretrained import shipped_compiler
+
+            path = shipped_compiler()
+            if path is None:
+                raise UsageError("no pretrained compiler is shipped; train one or name its file", field="compiler")
+            choice = str(path)
+        spec = resolve_compiler(loaded, choice)
+        cfg = compile_config(spec.name, m.get("quality", "balanced"), **method_overrides(m))
+        out.append(Method(m["label"], spec, {k: v for k, v in cfg.to_dict().items() if k != "ratio"},
+                          m.get("stride", 1)))
+    return out
+
 
 def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSpec | str | None = "none",
              run: RunOptions | None = None, progress: Progress = NO_PROGRESS) -> dict:
@@ -483,12 +522,14 @@ def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSp
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output directory {out}: {exc.strerror}") from exc
-    loaded = load(run or RunOptions())
-    compiler, _ = settle(loaded, compiler, settings.compile)
-    results = evaluate(loaded, rows, settings, out, compiler, progress)
+    run = run or RunOptions()
+    loaded = load(run)
+    methods = eval_methods(loaded, settings, compiler)
+    results = evaluate(loaded, rows, settings, out, methods, _governed(run, progress))
     facts = loaded.facts
     meta = {"model": loaded.model_id, "fingerprint": loaded.fingerprint, "data": Path(data).name,
-            "compile": settings.compile.to_dict(), "compiler": [compiler.name, compiler.path],
+            "methods": [{"label": m.label, "compiler": [m.spec.name, m.spec.path and Path(m.spec.path).name],
+                         "settings": m.settings, "stride": m.stride} for m in methods],
             "ratios": settings.ratios, "lcc_version": __version__, "ask": vars(settings.ask),
             "machine": f"{platform.machine()}, {cpu_count()} CPU cores, "
                        f"{'cuda' if loaded.device.type == 'cuda' else 'no GPU'}",

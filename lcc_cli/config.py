@@ -178,6 +178,12 @@ class EvalSettings(_FromDict):
     compose: bool = False
     documents: list[str] | None = None  # dataset ids to keep (before `limit`)
     max_new_tokens: int = 32
+    # Methods to compare: tables of {label, compiler (auto | none | pretrained | a file),
+    # quality, stride (every n-th document only), and CompileConfig fields}. Empty: one
+    # method, "cartridge", with the [compile] settings and the --compiler given.
+    methods: list[dict] = field(default_factory=list)
+    # Also read the first method's cartridges in the v1 layout and stored as bfloat16.
+    layout_check: bool = False
     compile: CompileConfig = field(default_factory=CompileConfig)
 
     def __post_init__(self):
@@ -190,6 +196,15 @@ class EvalSettings(_FromDict):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), name,
                    "at least 1", value)
+        labels = set()
+        for m in self.methods:
+            if not isinstance(m, dict) or not isinstance(m.get("label"), str) or m["label"] in labels:
+                raise UsageError("each [[eval.methods]] table needs a unique text label")
+            labels.add(m["label"])
+            stride = m.get("stride", 1)
+            _check(isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1, "stride", "at least 1",
+                   stride)
+            compile_config("optimise", m.get("quality", "balanced"), **method_overrides(m))  # fields and types
 
     @property
     def ask(self) -> AskConfig:
@@ -215,6 +230,8 @@ def load_eval_config(path: Path | None) -> EvalSettings:
         raise UsageError(f"unknown tables in {path}: {', '.join(sorted(unknown))}")
     compile_cfg = CompileConfig.from_dict(data.get("compile", {}), where=f"[compile] setting in {path}:")
     ev = dict(data.get("eval", {}))
+    if not isinstance(ev.get("methods", []), list):
+        raise UsageError(f"[[eval.methods]] in {path} must be a list of tables")
     if "ratios" in ev and isinstance(ev["ratios"], list):
         ev["ratios"] = [float(r) if _finite(r) else r for r in ev["ratios"]]
     settings = EvalSettings.from_dict(ev, where=f"[eval] setting in {path}:")
@@ -293,6 +310,11 @@ QUALITY_PRESETS: dict[str, dict[str, dict]] = {
                    "balanced": {"steps": 5, "lr": 1e-3, "kl_pool": 8, "kl_per_step": 4},
                    "best": {"steps": 20, "lr": 1e-3, "kl_pool": 16, "kl_per_step": 4}},
 }
+
+
+def method_overrides(method: dict) -> dict:
+    """The CompileConfig fields of an [[eval.methods]] table."""
+    return {k: v for k, v in method.items() if k not in ("label", "compiler", "quality", "stride")}
 
 
 def compile_config(method: str, quality: str = "balanced", **overrides) -> CompileConfig:

@@ -39,7 +39,7 @@ def test_results_structure_and_numbers(toy, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     result = api.run_eval(toy, settings(), out, run=run_opts(tiny_model_dir))
     data = json.loads((out / "results.json").read_text())
-    assert (out / "report.md").is_file() and (out / "score_vs_ratio.png").stat().st_size > 1000
+    assert (out / "report.md").is_file() and (out / "frontier.png").stat().st_size > 1000
     rows = [r for d in data["documents"] for r in d["rows"]]
     # 3 questions x (full + none + 2 ratios x (truncate + cartridge)) = 18 rows
     assert len(rows) == 18
@@ -53,7 +53,8 @@ def test_results_structure_and_numbers(toy, tmp_path, tiny_model_dir):
     assert cart4["n"] == 3
     costs = {c["ratio"]: c for c in summary["costs"]}
     doc_a = data["documents"][0]
-    assert doc_a["compiles"]["4.0"]["slots"] == -(-doc_a["context_tokens"] // 4)
+    compiles = {c["ratio"]: c for c in doc_a["compiles"]}
+    assert compiles[4.0]["slots"] == -(-doc_a["context_tokens"] // 4) and compiles[4.0]["method"] == "cartridge"
     assert costs[4.0]["prefill_equivalents"] > 0 and costs[8.0]["slots"] < costs[4.0]["slots"]
     # cartridge KV at question time = slots + question tokens; full = document + question tokens
     cart_rows = [r for r in rows if r["condition"] == "cartridge" and r["ratio"] == 8.0]
@@ -62,7 +63,7 @@ def test_results_structure_and_numbers(toy, tmp_path, tiny_model_dir):
     assert costs[8.0]["kv_ratio"] > 1
     assert summary["general"] and summary["general"][0]["n"] == 2 * len(evaluate.GENERAL_PROBES)
     report = (out / "report.md").read_text()
-    assert "| cartridge | 8.0 |" in report and "prefill equiv." in report
+    assert "| cartridge | cartridge | 8.0 |" in report and "PE" in report and "## Targets" in report
 
 
 def test_resume_after_interrupt_keeps_finished_documents(toy, tmp_path, tiny_model_dir, monkeypatch):
@@ -112,12 +113,30 @@ def test_composition_rows_use_all_paragraph_cartridges(toy, tmp_path, tiny_model
     article = next(d for d in data["documents"] if d["id"].startswith("article:"))
     composed = [r for r in article["rows"] if r["condition"] == "composed"]
     singles = [r for d in data["documents"] for r in d["rows"] if r["condition"] == "cartridge"]
-    assert len(composed) == 3 and len([r for r in article["rows"] if r["condition"] == "full_article"]) == 3
-    slots = sum(d["compiles"]["8.0"]["slots"] for d in data["documents"] if d["compiles"])
+    overlap = [r for r in article["rows"] if r["condition"] == "composed_overlap"]
+    assert len(composed) == len(overlap) == 3
+    assert len([r for r in article["rows"] if r["condition"] == "full_article"]) == 3
+    slots_of = {d["id"]: d["compiles"][0]["slots"] for d in data["documents"] if d["compiles"]}
     for c, single in zip(composed, singles):
         assert c["question"] == single["question"]
         # composed cache = every paragraph's slots; single = its own paragraph's slots
-        assert c["kv_positions"] - single["kv_positions"] == slots - data["documents"][
-            [d["id"] for d in data["documents"]].index(single["doc"])]["compiles"]["8.0"]["slots"]
+        assert c["kv_positions"] - single["kv_positions"] == sum(slots_of.values()) - slots_of[single["doc"]]
     assert result["summary"]["documents"] == 2
     assert any(c["condition"] == "composed" for c in result["summary"]["conditions"])
+
+
+def test_methods_strides_and_layout_checks(toy, tmp_path, tiny_model_dir):
+    s = EvalSettings(ratios=[8.0], max_new_tokens=4, general_probes=False, layout_check=True,
+                     compile=fast_config(steps=1),
+                     methods=[{"label": "scratch+1", "compiler": "none", "steps": 1, "kl_pool": 2},
+                              {"label": "scratch+2", "compiler": "none", "steps": 2, "kl_pool": 2, "stride": 2}])
+    result = api.run_eval(toy, s, tmp_path / "out", run=run_opts(tiny_model_dir))
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = [r for d in data["documents"] for r in d["rows"]]
+    cart = {(r["method"], r["doc"]) for r in rows if r["condition"] == "cartridge"}
+    assert cart == {("scratch+1", "a"), ("scratch+1", "b"), ("scratch+2", "a")}  # stride 2: every 2nd document
+    assert {r["condition"] for r in rows} >= {"cartridge_v1_layout", "cartridge_bf16"}
+    costs = {c["method"]: c for c in result["summary"]["costs"]}
+    assert costs["scratch+2"]["documents"] == 1 and costs["scratch+1"]["documents"] == 2
+    assert costs["scratch+1"]["file_bytes"] > 0 and costs["scratch+1"]["prefill_equivalents"] > 0
+    assert [t["ratio"] for t in result["summary"]["targets"]] == [16.0, 16.0, 8.0]

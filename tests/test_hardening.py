@@ -351,3 +351,27 @@ def test_a_huge_document_needs_yes(tmp_path, tiny_model_dir):
     assert_error(run("compile", big, "-o", tmp_path / "b.lcc", "--model", tiny_model_dir, "--compiler", "none",
                      "--segment-tokens", "512"), 2, "--yes")
     assert not (tmp_path / "b.lcc").exists()
+
+
+# 13. a busy machine ----------------------------------------------------------------------------
+
+def test_auto_threads_leave_the_cores_other_programs_use(monkeypatch):
+    from lcc_cli.progress import Progress
+    from lcc_cli.runtime import threads as th
+
+    monkeypatch.setattr(th, "cpu_count", lambda: 2)
+    monkeypatch.setattr(th.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    clock = {"busy": 0, "total": 0, "own": 0}
+    monkeypatch.setattr(th, "_busy_jiffies", lambda: (clock["busy"], clock["total"]))
+    monkeypatch.setattr(th, "_own_jiffies", lambda: clock["own"])
+    try:
+        auto = th.AutoThreads(Progress(), every=0)
+        clock.update(busy=200, total=200, own=100)  # both cores busy, half of it ours: one core is someone else's
+        auto.advance("steps")
+        assert torch.get_num_threads() == 1 and auto.threads == 1
+        clock.update(busy=300, total=400, own=200)  # the other program stopped
+        auto.advance("steps")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -352,7 +352,10 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N documents."),
     questions: Optional[int] = typer.Option(None, help="At most N questions per document."),
     steps: Optional[int] = typer.Option(None, help="Compile steps per segment (default: compile default)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML with [eval] and [compile] tables."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML with [eval] (and [[eval.methods]]) and "
+                                                               "[compile] tables."),
+    compiler: str = typer.Option("none", "--compiler", help="Without [[eval.methods]]: auto | none | a compiler "
+                                                            "file, with the [compile] settings."),
     out_dir: Path = typer.Option(Path("eval-out"), "--out", help="Directory for report.md, results.json, plot."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -378,7 +381,8 @@ def eval_cmd(
     if steps is not None:
         settings.compile = replace(settings.compile, steps=steps)
     with _progress(as_json) as progress:
-        result = api.run_eval(data, settings, out_dir, run=_run(model, device, threads), progress=progress)
+        result = api.run_eval(data, settings, out_dir, compiler=compiler, run=_run(model, device, threads),
+                              progress=progress)
     if as_json:
         print_json(result)
         return
@@ -477,4 +481,7 @@ def train_compiler_cmd(
 
 
 def main():
+    # Before torch loads OpenMP: waiting threads sleep instead of spinning on a core that
+    # another program needs (runtime/threads.py; measured in bench/results).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

@@ -4,12 +4,18 @@ Conditions, all with the same prompt layout, decoding settings and scorer:
   full       the document in the prompt
   none       no document
   truncate   the first K document tokens in the prompt, K = the cartridge's slots (same KV budget)
-  cartridge  the compiled cartridge, at each requested ratio
+  cartridge  a compiled cartridge, for each method (compiler + settings) at each ratio
 
-Cartridges come from the one compile path (compile/document.py), in this process. Each
-finished document is written to DIR/docs/ at once, and compiled cartridges are cached in
-DIR/cartridges/ by document hash + settings, so an interrupted run resumes where it stopped.
-`report.write_report` turns the rows into report.md, results.json and a plot.
+A method may run on every `stride`-th document only (an expensive one, e.g. from scratch);
+its scores are then compared with full context on the same documents. With `compose`, each
+article's questions are also answered from all its paragraphs' cartridges composed, in both
+layouts (`composed`: side by side; `composed_overlap`), against all paragraphs in the prompt
+(`full_article`). With `layout_check`, the first method's cartridges are also read in the v1
+layout (buffer after its text; the maths says: identical answers) and stored as bfloat16.
+
+Cartridges come from the one compile path (compile/document.py), in this process, cached in
+DIR/cartridges/; each finished document is written to DIR/docs/ at once, so an interrupted
+run resumes where it stopped. `report.write_report` turns the rows into the report.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import json
 import re
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from ..compile.base import CompilerSpec
 from ..config import CompileConfig, EvalSettings
@@ -44,44 +53,61 @@ GENERAL_PROBES = [
 ]
 
 
+@dataclass(frozen=True)
+class Method:
+    """One way of compiling: a label, the compiler, its settings at a given ratio, and which
+    documents it runs on (every `stride`-th)."""
+
+    label: str
+    spec: CompilerSpec
+    settings: dict  # CompileConfig fields (ratio excluded)
+    stride: int = 1
+
+    def config(self, ratio: float) -> CompileConfig:
+        return CompileConfig.from_dict({**self.settings, "ratio": ratio})
+
+
 def _key(**blob) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def settings_key(loaded, settings: EvalSettings, spec: CompilerSpec) -> str:
+def _method_key(m: Method) -> list:
+    return [m.label, m.spec.name, m.spec.path, m.settings, m.stride]
+
+
+def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
     """Identifies a finished document's results: everything that changes them."""
-    return _key(fp=loaded.fingerprint, compile=settings.compile.to_dict(), ask=vars(settings.ask),
-                ratios=settings.ratios, probes=settings.general_probes, qpd=settings.questions_per_doc,
-                compiler=[spec.name, spec.path])
+    return _key(fp=loaded.fingerprint, ask=vars(settings.ask), ratios=settings.ratios, probes=settings.general_probes,
+                qpd=settings.questions_per_doc, methods=[_method_key(m) for m in methods],
+                check=settings.layout_check)
 
 
-def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, spec: CompilerSpec = CompilerSpec(),
+def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, methods: list[Method],
              progress: Progress = NO_PROGRESS) -> list[dict]:
     """Evaluate every document (reusing finished ones) and return their result dicts."""
     (out / "docs").mkdir(parents=True, exist_ok=True)
     (out / "cartridges").mkdir(exist_ok=True)
     results = []
     progress.start("documents", len(rows))
-    for row in rows:
+    for index, row in enumerate(rows):
         doc_sha = hashlib.sha256(row["context"].encode()).hexdigest()
-        done_path = out / "docs" / f"{_slug(row['id'])}-{doc_sha[:12]}-{settings_key(loaded, settings, spec)}.json"
+        mine = [m for m in methods if index % m.stride == 0]
+        done_path = out / "docs" / f"{_slug(row['id'])}-{doc_sha[:12]}-{settings_key(loaded, settings, mine)}.json"
         if done_path.exists():
             results.append(json.loads(done_path.read_text()))
         else:
-            result = evaluate_document(loaded, row, doc_sha, settings, out / "cartridges", spec, progress)
+            result = evaluate_document(loaded, row, doc_sha, settings, out / "cartridges", mine, progress)
             atomic_write(done_path, json.dumps(result).encode())
             results.append(result)
         progress.advance("documents")
     if settings.compose:
-        results += evaluate_compositions(loaded, rows, settings, out, spec)
+        results += evaluate_compositions(loaded, rows, settings, out, methods[0])
     return results
 
 
-def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out: Path,
-                          spec: CompilerSpec) -> list[dict]:
+def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out: Path, method: Method) -> list[dict]:
     """For each article with several paragraphs: answer all its questions from the
-    paragraphs' cartridges composed (`composed`), and from all paragraphs in the prompt
-    (`full_article`). Compare with `cartridge` and `full` on single paragraphs."""
+    paragraphs' cartridges composed (both layouts), and from all paragraphs in the prompt."""
     from ..compose import combine
 
     groups: dict[str, list[dict]] = {}
@@ -92,36 +118,37 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
         if len(members) < 2:
             continue
         key = _key(docs=[hashlib.sha256(m["context"].encode()).hexdigest() for m in members],
-                   s=settings_key(loaded, settings, spec))
+                   s=settings_key(loaded, settings, [method]))
         done_path = out / "docs" / f"article-{_slug(title)}-{key}.json"
         if done_path.exists():
             results.append(json.loads(done_path.read_text()))
             continue
         joined = "\n\n".join(m["context"] for m in members)
-        result = {"id": f"article:{title}", "title": title, "rows": [], "compiles": {}, "general": {}}
+        result = {"id": f"article:{title}", "title": title, "rows": [], "compiles": [], "general": []}
         composed = {}
         for ratio in settings.ratios:
-            carts = [compiled_cartridge(loaded, m, hashlib.sha256(m["context"].encode()).hexdigest(), ratio,
-                                        settings, out / "cartridges", spec)[0] for m in members]
-            composed[ratio] = combine(carts)
+            carts = [compiled_cartridge(loaded, m, hashlib.sha256(m["context"].encode()).hexdigest(), ratio, method,
+                                        out / "cartridges")[0] for m in members]
+            composed[ratio] = {"composed": combine(carts, "consecutive"), "composed_overlap": combine(carts, "overlap")}
         for m in members:
             qs = _questions(m, settings)
             texts = [q["q"] for q in qs]
             full = answer(loaded, texts, document=joined, cfg=settings.ask, batch=True)
-            result["rows"] += [_row(m, q, "full_article", None, a) for q, a in zip(qs, full)]
-            for ratio, buffer in composed.items():
-                got = answer(loaded, texts, buffer=buffer, cfg=settings.ask, batch=True)
-                result["rows"] += [_row(m, q, "composed", ratio, a) for q, a in zip(qs, got)]
+            result["rows"] += [_row(m, q, "full_article", None, None, a) for q, a in zip(qs, full)]
+            for ratio, buffers in composed.items():
+                for condition, buffer in buffers.items():
+                    got = answer(loaded, texts, buffer=buffer, cfg=settings.ask, batch=True)
+                    result["rows"] += [_row(m, q, condition, ratio, method.label, a) for q, a in zip(qs, got)]
         atomic_write(done_path, json.dumps(result).encode())
         results.append(result)
     return results
 
 
-def _row(doc: dict, q: dict, condition: str, ratio: float | None, a) -> dict:
+def _row(doc: dict, q: dict, condition: str, ratio: float | None, method: str | None, a) -> dict:
     """One scored answer. kv_positions: every cache position the answer's prompt attended to."""
     return {"doc": doc["id"], "qid": q.get("qid"), "question": q["q"], "answers": q["answers"],
-            "condition": condition, "ratio": ratio, "prediction": a.text, **score(a.text, q["answers"]),
-            "ttft": a.seconds_to_first_token, "seconds": a.seconds_total,
+            "condition": condition, "ratio": ratio, "method": method, "prediction": a.text,
+            **score(a.text, q["answers"]), "ttft": a.seconds_to_first_token, "seconds": a.seconds_total,
             "kv_positions": a.kv_positions + a.prompt_tokens}
 
 
@@ -136,70 +163,84 @@ def _questions(row: dict, settings: EvalSettings) -> list[dict]:
 
 
 def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, cart_dir: Path,
-                      spec: CompilerSpec = CompilerSpec(), progress: Progress = NO_PROGRESS) -> dict:
+                      methods: list[Method], progress: Progress = NO_PROGRESS) -> dict:
     text = row["context"]
     qs = _questions(row, settings)
     texts = [q["q"] for q in qs]
     prompter = loaded.prompter
     doc_tokens = prompter.encode(text)
-    prefill_s = time_prefill(loaded, prompter.context_ids(text))
-    rows, compiles, general = [], {}, {}
+    rows, compiles, general = [], [], []
     ask = settings.ask
 
-    def add(condition, ratio, answers):
-        rows.extend(_row(row, q, condition, ratio, a) for q, a in zip(qs, answers))
+    def add(condition, ratio, method, answers):
+        rows.extend(_row(row, q, condition, ratio, method, a) for q, a in zip(qs, answers))
 
-    add("full", None, answer(loaded, texts, document=text, cfg=ask, batch=True))
-    add("none", None, answer(loaded, texts, document=None, cfg=ask, batch=True))
+    add("full", None, None, answer(loaded, texts, document=text, cfg=ask, batch=True))
+    add("none", None, None, answer(loaded, texts, document=None, cfg=ask, batch=True))
     none_general = ([a.text for a in answer(loaded, GENERAL_PROBES, cfg=ask, batch=True)]
                     if settings.general_probes else [])
+    truncated_at: set[tuple[float, int]] = set()
     for ratio in settings.ratios:
-        cart, seconds = compiled_cartridge(loaded, row, doc_sha, ratio, settings, cart_dir, spec, progress)
-        k = cart.slots
-        truncated = loaded.tokenizer.decode(doc_tokens[:k], skip_special_tokens=True)
-        add("truncate", ratio, answer(loaded, texts, document=truncated, cfg=ask, batch=True))
-        add("cartridge", ratio, answer(loaded, texts, buffer=cart.buffer, cfg=ask, batch=True))
-        compiles[str(ratio)] = {"slots": k, "seconds": seconds, "prefill_equivalents": seconds / prefill_s,
-                                "metrics": cart.manifest["metrics"]["segments"]}
-        if settings.general_probes:
-            cart_general = [a.text for a in answer(loaded, GENERAL_PROBES, buffer=cart.buffer, cfg=ask, batch=True)]
-            general[str(ratio)] = [{"probe": g, "none": a, "cartridge": b} for g, a, b in
-                                   zip(GENERAL_PROBES, none_general, cart_general)]
+        for i, method in enumerate(methods):
+            # The unit of cost, timed just before each compile: a prefill of this document.
+            prefill_s = time_prefill(loaded, prompter.context_ids(text))
+            cart, seconds = compiled_cartridge(loaded, row, doc_sha, ratio, method, cart_dir, progress)
+            k = cart.slots
+            if (ratio, k) not in truncated_at:  # the same KV budget as this cartridge, from the start of the text
+                truncated_at.add((ratio, k))
+                truncated = loaded.tokenizer.decode(doc_tokens[:k], skip_special_tokens=True)
+                add("truncate", ratio, None, answer(loaded, texts, document=truncated, cfg=ask, batch=True))
+            add("cartridge", ratio, method.label, answer(loaded, texts, buffer=cart.buffer, cfg=ask, batch=True))
+            if settings.layout_check and i == 0:
+                v1 = cart.buffer.moved(cart.rope, cart.segments[0]["token_count"])  # the buffer after its text
+                add("cartridge_v1_layout", ratio, method.label, answer(loaded, texts, buffer=v1, cfg=ask, batch=True))
+                bf16 = cart.buffer.to(dtype=torch.bfloat16)
+                add("cartridge_bf16", ratio, method.label, answer(loaded, texts, buffer=bf16, cfg=ask, batch=True))
+            compiles.append({"method": method.label, "ratio": ratio, "slots": k, "seconds": seconds,
+                             "prefill_seconds": prefill_s, "prefill_equivalents": seconds / prefill_s,
+                             "bytes": cart_dir.joinpath(_cart_name(loaded, row, doc_sha, ratio, method)).stat().st_size,
+                             "metrics": cart.manifest["metrics"]["segments"]})
+            if settings.general_probes:
+                cart_general = [a.text for a in answer(loaded, GENERAL_PROBES, buffer=cart.buffer, cfg=ask, batch=True)]
+                general += [{"method": method.label, "ratio": ratio, "probe": g, "none": a, "cartridge": b}
+                            for g, a, b in zip(GENERAL_PROBES, none_general, cart_general)]
     return {"id": row["id"], "title": row.get("title"), "doc_tokens": len(doc_tokens),
-            "context_tokens": len(prompter.context_ids(text)), "prefill_seconds": prefill_s,
-            "compiles": compiles, "rows": rows, "general": general}
+            "context_tokens": len(prompter.context_ids(text)), "compiles": compiles, "rows": rows,
+            "general": general}
 
 
-def compile_key(loaded, cfg: CompileConfig, spec: CompilerSpec) -> str:
-    """Identifies a compiled cartridge: model, compile settings and compiler only."""
-    return _key(fp=loaded.fingerprint, compile=cfg.to_dict(), compiler=[spec.name, spec.path])
+def _cart_name(loaded, row, doc_sha: str, ratio: float, method: Method) -> str:
+    return f"{doc_sha[:12]}-r{ratio:g}-{_key(fp=loaded.fingerprint, m=_method_key(method), r=ratio)}.lcc"
 
 
-def compiled_cartridge(loaded, row, doc_sha, ratio, settings: EvalSettings, cart_dir: Path,
-                       spec: CompilerSpec = CompilerSpec(), progress: Progress = NO_PROGRESS) -> tuple[Cartridge, float]:
+def compiled_cartridge(loaded, row, doc_sha, ratio, method: Method, cart_dir: Path,
+                       progress: Progress = NO_PROGRESS) -> tuple[Cartridge, float]:
     """Compile (or reuse a cached) cartridge through the one compile path; returns it and
-    its compile seconds."""
+    its compile seconds (wall time of the whole compile, as `lcc compile` spends it)."""
     from ..backends.local import LocalExecutor
     from ..compile.document import DocumentTask, compile_all, text_segments
 
-    cfg = settings.compile_at(ratio)
-    path = cart_dir / f"{doc_sha[:12]}-r{ratio:g}-{compile_key(loaded, cfg, spec)}.lcc"
+    cfg = method.config(ratio)
+    path = cart_dir / _cart_name(loaded, row, doc_sha, ratio, method)
     if path.exists():
         cart = load_cartridge(path)
-        return cart, cart.manifest["metrics"]["seconds"]
+        return cart, cart.manifest["metrics"]["wall_seconds"]
     doc = Document(text=row["context"], sha256=doc_sha, name=f"{row['id']}.txt")
     started = time.perf_counter()
-    task = DocumentTask(doc, path, text_segments(loaded, doc.text, cfg), overwrite=True)
-    compile_all(loaded, [task], cfg, spec, LocalExecutor(loaded), progress)
-    return task.cartridge, time.perf_counter() - started
+    task = DocumentTask(doc, None, text_segments(loaded, doc.text, cfg))
+    compile_all(loaded, [task], cfg, method.spec, LocalExecutor(loaded), progress)
+    seconds = time.perf_counter() - started
+    task.cartridge.manifest["metrics"]["wall_seconds"] = round(seconds, 3)
+    from ..format.cartridge import save_cartridge
+
+    save_cartridge(task.cartridge, path, overwrite=True)
+    return task.cartridge, seconds
 
 
 def time_prefill(loaded, ids: list[int], repeats: int = 5) -> float:
     """Median seconds of one forward pass over the document's context turn: the unit of
-    'prefill equivalents', timed in the same run as the compiles it divides (a median of
-    several, because one timing on a busy machine can be off by 10x)."""
-    import torch
-
+    'prefill equivalents', timed right before the compile it divides (a median of several,
+    because one timing on a busy machine can be off by 10x)."""
     from ..runtime.cache import prefill
 
     times = []
