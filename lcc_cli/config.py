@@ -75,8 +75,12 @@ def _coerce(value, hint, name: str):
             raise UsageError(f"{name} must be one of {', '.join(map(str, args))} (got {value!r})")
         return value
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise UsageError(f"{name} must be a list of strings")
+        item = args[0] if args else str
+        item = dict if typing.get_origin(item) is dict else item
+        ok = {str: lambda v: isinstance(v, str), float: _finite, dict: lambda v: isinstance(v, dict)}[item]
+        if not isinstance(value, (list, tuple)) or not all(ok(v) for v in value):
+            kind = {str: "strings", float: "numbers", dict: "tables"}[item]
+            raise UsageError(f"{name} must be a list of {kind}")
         return tuple(value) if origin is tuple else list(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -1,0 +1,193 @@
+"""Side-by-side measurements for the bench report (part of `make bench`, after `lcc eval`).
+
+    python bench/measure.py [questions|backends|contention|sizes|all] [--out bench/results]
+
+Each measurement runs its conditions one after another in one run, on this machine, with
+the real embedded model, and writes bench/results/measurements.{json,md}:
+
+- questions:  20 questions answered by one `lcc ask --questions` vs 20 separate `lcc ask`
+- backends:   a 20-paragraph batch compile with the local, processes and ray executors
+              (documents per minute), and Ray's fixed start-up cost on its own
+- contention: a 6-step compile of the README example (the whole process) idle, beside a
+              busy loop on one core, and beside a second lcc compile; with the old settings
+              (--threads 2, spinning OpenMP waits) and the new (automatic threads, passive waits)
+- sizes:      file sizes of the same cartridge as v1 and v2, fp32 and bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT.parent / "shared" / "data" / "squad_dev_sample.jsonl"
+EXAMPLE = ROOT / "examples" / "harbor.md"
+LCC = [sys.executable, "-m", "lcc_cli"]
+QUESTIONS = ["Who designed the lighthouse?", "When was the lighthouse completed?", "How tall is the tower?",
+             "How many steps lead to the lantern room?", "When was the station automated?",
+             "What did the first lamp burn?", "How far could the first lamp be seen?",
+             "When was the oil lamp replaced?", "Who was the last keeper?", "Where is the logbook now?",
+             "On what does the lighthouse stand?", "What colours is the tower painted?",
+             "Why was the tower built?", "When did two ships run aground?", "When is it open to visitors?",
+             "How long does the climb take?", "What bay is the lighthouse in?",
+             "How many years did the last keeper keep the logbook?", "What replaced the oil lamp?",
+             "Is a keeper still living there?"]
+
+
+def sh(args, env=None, **kw) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, **kw)
+    return time.perf_counter() - start, proc
+
+
+def ok(proc) -> None:
+    if proc.returncode not in (0, 10):
+        raise SystemExit(f"command failed ({proc.returncode}): {proc.stderr[-500:]}")
+
+
+def measure_questions(tmp: Path) -> dict:
+    cart = tmp / "harbor.lcc"
+    ok(sh(LCC + ["compile", str(EXAMPLE), "-o", str(cart), "--quality", "fast", "-f"])[1])
+    (tmp / "q.txt").write_text("\n".join(QUESTIONS))
+    batch, proc = sh(LCC + ["ask", str(cart), "--questions", str(tmp / "q.txt"), "--max-new-tokens", "32"])
+    ok(proc)
+    separate = 0.0
+    for q in QUESTIONS:
+        seconds, proc = sh(LCC + ["ask", str(cart), q, "--max-new-tokens", "32", "--json"])
+        ok(proc)
+        separate += seconds
+    return {"questions": len(QUESTIONS), "one_process_s": round(batch, 1), "separate_processes_s": round(separate, 1),
+            "speedup": round(separate / batch, 2)}
+
+
+def measure_backends(tmp: Path) -> dict:
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:20]
+    docs = tmp / "docs"
+    docs.mkdir()
+    for row in rows:
+        (docs / f"{row['id'].replace('#', '_')}.txt").write_text(row["context"])
+    out = {}
+    for backend, extra in (("local", []), ("processes", ["--workers", "2", "--threads", "1"]),
+                           ("ray", ["--workers", "2", "--threads", "1"])):
+        seconds, proc = sh(LCC + ["compile", str(docs), "-o", f"{tmp / backend}/", "--backend", backend,
+                                  "--quality", "balanced", "--json", *extra])
+        ok(proc)
+        summary = json.loads(proc.stdout)
+        out[backend] = {"seconds": round(seconds, 1), "documents": summary["counts"]["done"],
+                        "documents_per_minute": round(60 * summary["counts"]["done"] / seconds, 2)}
+    code = ("import time; t=time.perf_counter(); from lcc_cli.backends.ray import start_ray; r=start_ray(num_cpus=2); "
+            "a=time.perf_counter(); r.shutdown(); print(a-t, time.perf_counter()-a)")
+    _, proc = sh([sys.executable, "-c", code])
+    ok(proc)
+    start, stop = map(float, proc.stdout.split()[-2:])
+    out["ray_fixed_cost"] = {"init_s": round(start, 2), "shutdown_s": round(stop, 2)}
+    return out
+
+
+def measure_contention(tmp: Path) -> dict:
+    compile_args = LCC + ["compile", str(EXAMPLE), "--steps", "6", "--compiler", "none", "-f"]
+    configs = {"before (--threads 2, spinning waits)": ({"OMP_WAIT_POLICY": "ACTIVE"}, ["--threads", "2"]),
+               "after (automatic threads, passive waits)": ({}, [])}
+    out = {}
+    for name, (env, extra) in configs.items():
+        row = {}
+        for scenario in ("idle", "busy loop on one core", "second lcc compile"):
+            other = None
+            if scenario == "busy loop on one core":
+                other = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            elif scenario == "second lcc compile":
+                other = subprocess.Popen(LCC + ["compile", str(EXAMPLE), "--steps", "60", "--compiler", "none", "-f",
+                                                "-o", str(tmp / "other.lcc"), *extra],
+                                         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(8)  # let it load its model and start compiling
+            try:
+                seconds, proc = sh(compile_args + ["-o", str(tmp / "c.lcc"), *extra], env=env)
+                ok(proc)
+            finally:
+                if other is not None:
+                    other.kill()
+                    other.wait()
+            row[scenario] = round(seconds, 1)
+        row["busy / idle"] = round(row["busy loop on one core"] / row["idle"], 2)
+        row["second lcc / idle"] = round(row["second lcc compile"] / row["idle"], 2)
+        out[name] = row
+    return out
+
+
+def measure_sizes(tmp: Path) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from lcc_cli.format.cartridge import load_cartridge, to_bytes
+
+    golden = ROOT / "tests" / "fixtures" / "golden-v1.lcc"
+    v2 = to_bytes(load_cartridge(golden))
+    cart = tmp / "harbor16.lcc"
+    ok(sh(LCC + ["compile", str(EXAMPLE), "-o", str(cart), "--quality", "fast", "-f"])[1])
+    real = load_cartridge(cart)
+    real_bf16 = type(real)(real.manifest, real.buffer.to(dtype=__import__("torch").bfloat16))
+    return {"golden (tiny model)": {"v1_bytes": golden.stat().st_size, "v2_bytes": len(v2)},
+            "harbor.md at 16x (SmolLM2)": {"v2_float32_bytes": cart.stat().st_size,
+                                          "v2_bfloat16_bytes": len(to_bytes(real_bf16))}}
+
+
+def render(results: dict) -> str:
+    lines = ["# Measurements beside the eval", "",
+             f"Machine: {os.cpu_count()} CPU cores, no GPU. Each table's conditions ran one after another in one run "
+             "(`python bench/measure.py`); read ratios, not absolute seconds (the machine is shared).", ""]
+    if "questions" in results:
+        q = results["questions"]
+        lines += ["## Many questions per process", "",
+                  f"{q['questions']} questions about examples/harbor.md: one `lcc ask --questions` process took "
+                  f"{q['one_process_s']} s; {q['questions']} separate `lcc ask` processes took "
+                  f"{q['separate_processes_s']} s ({q['speedup']}x).", ""]
+    if "backends" in results:
+        b = results["backends"]
+        lines += ["## Executors: a 20-paragraph batch (`--quality balanced`)", "",
+                  "| backend | seconds | documents | documents / minute |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']} | {v['documents']} | {v['documents_per_minute']} |" for k, v in b.items()
+                  if k != "ray_fixed_cost"]
+        fc = b.get("ray_fixed_cost", {})
+        lines += ["", f"Ray's fixed cost, measured on its own: `ray.init` {fc.get('init_s')} s, shutdown "
+                      f"{fc.get('shutdown_s')} s (plus one model load per actor).", ""]
+    if "contention" in results:
+        c = results["contention"]
+        lines += ["## A busy machine: 6-step compile of the README example (whole process, seconds)", "",
+                  "| settings | idle | busy loop on one core | second lcc compile | busy / idle | second lcc / idle |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['idle']} | {v['busy loop on one core']} | {v['second lcc compile']} | "
+                  f"{v['busy / idle']} | {v['second lcc / idle']} |" for k, v in c.items()]
+        lines.append("")
+    if "sizes" in results:
+        s = results["sizes"]
+        lines += ["## File sizes", "", "```", json.dumps(s, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "all"])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "measurements.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    todo = ["questions", "backends", "contention", "sizes"] if args.what == "all" else [args.what]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in todo:
+            print(f"measuring {name}…", flush=True)
+            sub = Path(tmp) / name
+            sub.mkdir()
+            results[name] = globals()[f"measure_{name}"](sub)
+            path.write_text(json.dumps(results, indent=1))
+            (out / "measurements.md").write_text(render(results))
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
