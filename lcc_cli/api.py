@@ -5,9 +5,8 @@ This is the only module that combines the file formats (format/), the model at r
 (runtime/), the compile path (compile/) and the executors (backends/).
 
     from lcc_cli import api
-    from lcc_cli.config import CompileConfig
-    result = api.compile_file("doc.md", "doc.lcc", CompileConfig(ratio=16))
-    print(api.ask("Who founded it?", ["doc.lcc"]).text)
+    result = api.compile_file("doc.md", "doc.lcc", {"ratio": 16})   # settings over the quality preset
+    print(api.ask(["Who founded it?"], ["doc.lcc"])[0].text)
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 from .compile.base import CompilerSpec
 from .config import AskConfig, CompileConfig, EvalSettings
 from .errors import Interrupted, OutputExistsError, UsageError
-from .ingest import DEFAULT_MAX_BYTES, read_document
+from .ingest import DEFAULT_MAX_BYTES, DOCUMENT_SUFFIXES, read_document
 from .progress import NO_PROGRESS, Progress
 
 # Above this estimated compile time, `compile` asks for --yes before starting.
@@ -87,36 +86,70 @@ def _governed(run: RunOptions, progress: Progress) -> Progress:
     return AutoThreads(progress)
 
 
-def _executor(run: RunOptions, loaded):
+def _executor(run: RunOptions, loaded, compiler=None):
     from .backends import make_executor
 
     return make_executor(run.backend, loaded, model=run.model, device=run.device, dtype=run.dtype,
-                         workers=run.workers, threads=run.threads, ray_address=run.ray_address)
+                         workers=run.workers, threads=run.threads, ray_address=run.ray_address, compiler=compiler)
 
 
 def resolve_compiler(loaded, choice: str | None) -> CompilerSpec:
-    """--compiler auto | none | PATH. `auto` takes the shipped pretrained compiler when it
-    was trained for this very model (same fingerprint), and compiles from scratch otherwise."""
+    """--compiler auto | none | pretrained | PATH. `auto` takes the shipped pretrained compiler
+    when it was trained for this very model (same fingerprint), and compiles from scratch
+    otherwise; `pretrained` insists on the shipped one."""
     from .compile.pretrained import shipped_compiler
-    from .format.compiler_file import load_compiler
+    from .format.compiler_file import read_compiler_manifest
 
     choice = choice or "auto"
     if choice == "none":
         return CompilerSpec("optimise")
-    if choice == "auto":
+    if choice in ("auto", "pretrained"):
         path = shipped_compiler()
-        if path is None:
+        if path is not None and read_compiler_manifest(path)["model"]["fingerprint"] == loaded.fingerprint:
+            return CompilerSpec("pretrained", str(path))
+        if choice == "auto":
             return CompilerSpec("optimise")
-        if load_compiler(path).manifest["model"]["fingerprint"] != loaded.fingerprint:
-            return CompilerSpec("optimise")
-        return CompilerSpec("pretrained", str(path))
+        raise UsageError("no pretrained compiler is shipped for this model", field="compiler",
+                         hint="train one with `lcc train-compiler` and pass its file")
     if not Path(choice).is_file():
-        raise UsageError(f"compiler must be auto, none or a compiler file (no such file: {choice})", field="compiler")
+        raise UsageError(f"compiler must be auto, none, pretrained or a compiler file (no such file: {choice})",
+                         field="compiler")
     return CompilerSpec("pretrained", str(Path(choice)))
 
 
 def estimate_seconds(segment_tokens: list[int], cfg: CompileConfig) -> float:
     return sum(n * (cfg.steps * _STEP_SECONDS_PER_TOKEN + _PASS_SECONDS_PER_TOKEN) for n in segment_tokens)
+
+
+def _check_target(source, output: Path, force: bool, resume: bool) -> tuple:
+    """Before any work: the output may be written, and a partial file is either resumed
+    (--resume), discarded (--force) or in the way. Returns the command's inputs."""
+    from .format.cartridge import partial_path
+    from .format.fsio import check_output
+    from .ingest import STDIN
+
+    inputs = () if str(source) == STDIN else (Path(source),)
+    check_output(output, force, inputs)
+    partial = partial_path(output)
+    if partial.exists() and not (resume or force):
+        raise OutputExistsError(f"an unfinished compile exists: {partial}",
+                                hint="pass --resume to continue it or --force to start over")
+    if partial.exists() and force and not resume:
+        partial.unlink()  # starting over: its segments must not be mistaken for this run's
+    return inputs
+
+
+def _task(loaded, doc, output: Path, cfg: CompileConfig, info: dict, force: bool, resume: bool, inputs, progress):
+    """A document's task: its segments, and those already done in its partial file."""
+    from .compile.document import DocumentTask, read_partial, text_segments
+    from .format.cartridge import partial_path
+
+    task = DocumentTask(doc, output, text_segments(loaded, doc.text, cfg), overwrite=force, inputs=inputs)
+    partial = partial_path(output)
+    if resume and partial.exists():
+        task.done = read_partial(partial, loaded, doc, cfg, info)
+        progress.status(f"resuming: {len(task.done)} segment(s) already compiled in {partial.name}")
+    return task
 
 
 def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConfig | dict | None = None,
@@ -127,12 +160,11 @@ def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConf
     OUTPUT.partial; on Ctrl-C they stay there for `resume`, and OUTPUT is never written
     half-way, nor over a file that appeared meanwhile (without `force`).
 
-    `compiler` is a CompilerSpec, or "auto" / "none" / a compiler file (see
+    `compiler` is a CompilerSpec, or "auto" / "none" / "pretrained" / a compiler file (see
     resolve_compiler); `cfg` a full CompileConfig, or a dict of explicit settings applied on
     top of the `quality` preset of the resolved method."""
-    from .compile.document import DocumentTask, compile_all, read_partial, text_segments
+    from .compile.document import compile_all
     from .format.cartridge import partial_path
-    from .format.fsio import check_output
     from .ingest import STDIN
 
     run = run or RunOptions()
@@ -141,42 +173,36 @@ def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConf
             raise UsageError("reading the document from stdin needs an output path", field="output")
         output = Path(source).with_suffix(".lcc")
     output = Path(output)
-    inputs = () if str(source) == STDIN else (Path(source),)
-    check_output(output, force, inputs)  # fail now, not after minutes of compiling
-    partial = partial_path(output)
-    if partial.exists() and not (resume or force):
-        raise OutputExistsError(f"an unfinished compile exists: {partial}",
-                                hint="pass --resume to continue it or --force to start over")
-    if partial.exists() and force and not resume:
-        partial.unlink()  # starting over: its segments must not be mistaken for this run's
+    inputs = _check_target(source, output, force, resume)  # fail now, not after minutes of compiling
     doc = read_document(source, max_bytes=max_bytes)
     progress = _governed(run, progress)
     progress.status("loading model…")
     loaded = load(run)
-    compiler, cfg = settle(loaded, compiler, cfg, quality)
-    segments = text_segments(loaded, doc.text, cfg)
-    _confirm(loaded, segments, cfg, yes, progress)
-    from .compile.base import build_compiler
-
-    info = build_compiler(compiler, loaded).describe()
-    task = DocumentTask(doc, output, segments, overwrite=force, inputs=inputs)
-    if resume and partial.exists():
-        task.done = read_partial(partial, loaded, doc, cfg, info)
-        progress.status(f"resuming: {len(task.done)} segment(s) already compiled in {partial.name}")
+    spec, cfg = settle(loaded, compiler, cfg, quality)
+    method = _build(spec, loaded)
+    task = _task(loaded, doc, output, cfg, method.describe(), force, resume, inputs, progress)
+    _confirm(loaded, task.segments, cfg, yes, progress)
     try:
-        compile_all(loaded, [task], cfg, compiler, _executor(run, loaded), progress)
+        compile_all(loaded, [task], cfg, spec, method.describe(), _executor(run, loaded, method), progress)
     except KeyboardInterrupt:
-        kept = partial.exists()
-        raise Interrupted("interrupted" + (f"; finished segments are kept in {partial}" if kept else ""),
+        kept = partial_path(output).exists()
+        raise Interrupted("interrupted" + (f"; finished segments are kept in {partial_path(output)}" if kept else ""),
                           hint="rerun with --resume to continue" if kept else None) from None
     cart = task.cartridge
     m = cart.manifest
-    return CompileResult(str(output), cart.slots, m["source"]["token_count"], len(segments), m["metrics"]["seconds"],
-                         loaded.model_id, m["compiler"], m["metrics"]["segments"])
+    return CompileResult(str(output), cart.slots, m["source"]["token_count"], len(task.segments),
+                         m["metrics"]["seconds"], loaded.model_id, m["compiler"], m["metrics"]["segments"])
+
+
+def _build(spec: CompilerSpec, loaded):
+    from .compile.base import build_compiler
+
+    return build_compiler(spec, loaded)
 
 
 def settle(loaded, compiler, cfg, quality: str = "balanced") -> tuple[CompilerSpec, CompileConfig]:
-    """The compiler to use and the settings to use it with."""
+    """The compiler to use and the settings to use it with: a CompileConfig is taken as it
+    is; a dict (or None) of settings goes on top of the resolved method's quality preset."""
     from .config import compile_config
 
     spec = compiler if isinstance(compiler, CompilerSpec) else resolve_compiler(loaded, compiler)
@@ -203,9 +229,6 @@ def _duration(seconds: float) -> str:
 
 
 # --- batch compile ------------------------------------------------------------------------------
-
-DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown", ".text", ".rst", ".pdf")
-
 
 @dataclass
 class BatchItem:
@@ -257,22 +280,23 @@ def _output_names(files: list[Path], out_dir: Path) -> list[Path]:
 
 def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None = None,
                   compiler: CompilerSpec | str | None = None, run: RunOptions | None = None, force: bool = False,
-                  max_bytes: int = DEFAULT_MAX_BYTES, yes: bool = False, quality: str = "balanced",
-                  progress: Progress = NO_PROGRESS) -> BatchResult:
+                  resume: bool = False, max_bytes: int = DEFAULT_MAX_BYTES, yes: bool = False,
+                  quality: str = "balanced", progress: Progress = NO_PROGRESS) -> BatchResult:
     """Compile many documents (files and folders) into OUT_DIR, one cartridge each. A
-    cartridge that already exists for the same source, settings and compiler is skipped;
-    one bad document fails alone, with its reason, and never costs the others theirs."""
+    cartridge that already exists for the same source, settings, compiler and model is
+    skipped; one bad document fails alone, with its reason, and never costs the others theirs.
+    Partial files follow the single-file rules: --resume continues them, --force drops them."""
     import time
 
-    from .compile.base import build_compiler
-    from .compile.document import DocumentTask, compile_all, read_partial, text_segments
+    from .compile.document import compile_all
     from .errors import LccError
-    from .format.cartridge import load_cartridge, partial_path
-    from .format.fsio import check_output
+    from .format.cartridge import load_cartridge
 
     started = time.perf_counter()
     run = run or RunOptions()
     files = expand_sources(sources)
+    if any(str(f) == "-" for f in files):
+        raise UsageError("stdin ('-') can only be compiled on its own")
     if not files:
         raise UsageError("no documents to compile (folders are searched for " + ", ".join(DOCUMENT_SUFFIXES) + ")")
     out_dir = Path(out_dir)
@@ -284,7 +308,8 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
     progress.status("loading model…")
     loaded = load(run)
     spec, cfg = settle(loaded, compiler, cfg, quality)
-    info = build_compiler(spec, loaded).describe()
+    method = _build(spec, loaded)
+    info = method.describe()
     items, tasks, owners = [], [], []
     for source, output in zip(files, _output_names(files, out_dir)):
         item = BatchItem(str(source), str(output), "failed")
@@ -292,31 +317,22 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
         try:
             doc = read_document(source, max_bytes=max_bytes)
             if output.exists() and not force:
-                if _same_compile(load_cartridge(output).manifest, doc, cfg, info):
+                if _same_compile(load_cartridge(output).manifest, loaded, doc, cfg, info):
                     item.status, item.reason = "skipped", "up to date"
                     continue
                 raise UsageError(f"{output.name} exists, made from another source or settings",
                                  hint="pass --force to recompile")
-            check_output(output, force, (source,))
-            task = DocumentTask(doc, output, text_segments(loaded, doc.text, cfg), overwrite=force, inputs=(source,))
-            partial = partial_path(output)
-            if partial.exists():
-                try:
-                    task.done = read_partial(partial, loaded, doc, cfg, info)
-                except LccError:
-                    if not force:
-                        raise
-                    partial.unlink()
-            tasks.append(task)
+            inputs = _check_target(source, output, force, resume)
+            tasks.append(_task(loaded, doc, output, cfg, info, force, resume, inputs, progress))
             owners.append(item)
         except LccError as exc:
             item.reason = exc.message
     _confirm(loaded, [s for t in tasks for s in t.segments], cfg, yes, progress)
     try:
-        compile_all(loaded, tasks, cfg, spec, _executor(run, loaded), progress, fail_fast=False)
+        compile_all(loaded, tasks, cfg, spec, info, _executor(run, loaded, method), progress, fail_fast=False)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; finished documents are written and finished segments kept in .partial "
-                          "files", hint="rerun the same command to continue") from None
+                          "files", hint="rerun the same command with --resume to continue") from None
     for task, item in zip(tasks, owners):
         if task.cartridge is not None:
             item.status, item.slots, item.seconds = "done", task.cartridge.slots, round(task.seconds, 2)
@@ -325,18 +341,13 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
     return BatchResult(items, time.perf_counter() - started, run.backend)
 
 
-def _same_compile(m: dict, doc, cfg: CompileConfig, info: dict) -> bool:
+def _same_compile(m: dict, loaded, doc, cfg: CompileConfig, info: dict) -> bool:
     return (m["source"].get("sha256") == doc.sha256 and m.get("compile") == cfg.to_dict()
-            and m.get("compiler") == info)
+            and m.get("compiler") == info and m["model"].get("fingerprint") == loaded.fingerprint
+            and m["model"].get("dtype") == loaded.facts.dtype)
 
 
 # --- ask --------------------------------------------------------------------------------------
-
-def load_cartridges(paths: list[Path]):
-    from .format.cartridge import load_cartridge
-
-    return [load_cartridge(p) for p in paths]
-
 
 class Reader:
     """Cartridges (composed) or a document, and the model, loaded once for many questions."""
@@ -348,7 +359,9 @@ class Reader:
 
         if cartridges and context is not None:
             raise UsageError("give cartridges or --context, not both")
-        carts = load_cartridges(list(cartridges))  # format errors before the slow model load
+        from .format.cartridge import load_cartridge
+
+        carts = [load_cartridge(p) for p in cartridges]  # format errors before the slow model load
         self.document = read_document(context).text if context is not None else None
         self.loaded = loaded or load(run or RunOptions())
         self.buffer = None
@@ -358,7 +371,7 @@ class Reader:
             check_compatible(cart.manifest["model"], self.loaded.facts, cart.buffer.first_query_position, name)
             check_fingerprint(cart.manifest["model"], self.loaded.model_id, self.loaded.fingerprint, name, force)
         if carts:
-            self.buffer = combine(carts)
+            self.buffer = combine(carts, force=force).to(self.loaded.device, self.loaded.dtype)
 
     def ask(self, question: str, cfg: AskConfig | None = None, on_text=None):
         """One answer (runtime.reader.Answer)."""
@@ -385,33 +398,18 @@ def ask(questions: list[str], cartridges: list[Path] = (), context: Path | None 
 
 def read_questions(path: Path | str) -> list[str]:
     """Questions from a file ('-' = stdin): one per line, or JSONL rows with "q" or "question"."""
-    import json
-    import sys
-
     from .errors import InputError
+    from .ingest import read_jsonl
 
-    try:
-        text = sys.stdin.read() if str(path) == "-" else Path(path).read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not valid UTF-8 (byte {exc.start})") from exc
-    except OSError as exc:
-        raise InputError(f"cannot read questions from {path}: {exc.strerror}") from exc
     out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):
-                row = None
-            q = row.get("q", row.get("question")) if isinstance(row, dict) else None
-            if not isinstance(q, str) or not q.strip():
-                raise InputError(f"{Path(str(path)).name} line {number}: need a \"q\" or \"question\" text field")
-            out.append(q)
-        else:
+    for number, line, row in read_jsonl(path, "questions from"):
+        if not line.startswith("{"):
             out.append(line)
+            continue
+        q = row.get("q", row.get("question")) if isinstance(row, dict) else None
+        if not isinstance(q, str) or not q.strip():
+            raise InputError(f"{Path(str(path)).name} line {number}: need a \"q\" or \"question\" text field")
+        out.append(q)
     if not out:
         raise InputError(f"{path} holds no questions")
     return out
@@ -426,8 +424,10 @@ def verify(path: Path, model: bool = True, run: RunOptions | None = None, source
 
     if probe and (source is None or not model):
         raise UsageError("--probe needs --source and the model (not --no-model)")
-    loaded = load(run or RunOptions()) if model else None
-    return verify_file(path, loaded, source, probe=probe)
+    from .runtime.probe import probe_fidelity
+
+    return verify_file(path, (lambda: load(run or RunOptions())) if model else None, source,
+                       probe=probe_fidelity if probe else None)
 
 
 def inspect(path: Path) -> dict:
@@ -465,7 +465,7 @@ def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None =
     loaded = load(run)
     try:
         return train(loaded, [Path(d) for d in data], output, cfg, resume=resume, time_limit=time_limit,
-                     progress=progress)
+                     progress=progress, overwrite=force)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; checkpoints are kept in {output}.ckpt",
                           hint="rerun with --resume to continue") from None
@@ -479,26 +479,21 @@ def eval_methods(loaded, settings: EvalSettings, compiler=None) -> list:
     from .eval.run import Method
 
     if not settings.methods:
-        spec, cfg = settle(loaded, compiler, settings.compile)
+        # [compile] settings over the method's preset; a CompileConfig built in Python as it is
+        explicit = settings.compile_table or (None if settings.compile == CompileConfig() else settings.compile)
+        spec, cfg = settle(loaded, compiler, explicit)
         return [Method("cartridge", spec, {k: v for k, v in cfg.to_dict().items() if k != "ratio"})]
     out = []
     for m in settings.methods:
-        choice = m.get("compiler", "auto")
-        if choice == "pretrained":
-            from .compile.pretrained import shipped_compiler
-
-            path = shipped_compiler()
-            if path is None:
-                raise UsageError("no pretrained compiler is shipped; train one or name its file", field="compiler")
-            choice = str(path)
-        spec = resolve_compiler(loaded, choice)
-        cfg = compile_config(spec.name, m.get("quality", "balanced"), **method_overrides(m))
+        spec = resolve_compiler(loaded, m.get("compiler", "auto"))
+        cfg = compile_config(spec.name, m.get("quality", "balanced"), **{**settings.compile_table,
+                                                                          **method_overrides(m)})
         out.append(Method(m["label"], spec, {k: v for k, v in cfg.to_dict().items() if k != "ratio"},
                           m.get("stride", 1)))
     return out
 
 
-def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSpec | str | None = "none",
+def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSpec | str | None = "auto",
              run: RunOptions | None = None, progress: Progress = NO_PROGRESS) -> dict:
     """`lcc eval`: evaluate, then write report.md, results.json and the plot into `out`."""
     import platform
@@ -525,7 +520,22 @@ def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSp
     run = run or RunOptions()
     loaded = load(run)
     methods = eval_methods(loaded, settings, compiler)
-    results = evaluate(loaded, rows, settings, out, methods, _governed(run, progress))
+    built: dict = {}
+
+    def compile_fn(doc, method, ratio, progress):
+        """The one compile path, in memory, with each method's compiler built once."""
+        from .compile.document import DocumentTask, compile_all, text_segments
+
+        cfg = method.config(ratio)
+        if method.spec not in built:
+            built[method.spec] = _build(method.spec, loaded)
+        compiler = built[method.spec]
+        task = DocumentTask(doc, None, text_segments(loaded, doc.text, cfg))
+        compile_all(loaded, [task], cfg, method.spec, compiler.describe(), _executor(RunOptions(), loaded, compiler),
+                    progress)
+        return task.cartridge
+
+    results = evaluate(loaded, rows, settings, out, methods, compile_fn, _governed(run, progress))
     facts = loaded.facts
     meta = {"model": loaded.model_id, "fingerprint": loaded.fingerprint, "data": Path(data).name,
             "methods": [{"label": m.label, "compiler": [m.spec.name, m.spec.path and Path(m.spec.path).name],
@@ -552,6 +562,14 @@ def export_cartridge(path: Path, to: str, out_dir: Path, force: bool = False) ->
     return export_peft(load_cartridge(path), Path(out_dir), force=force)
 
 
+def _lcc_manifest(m) -> bool:
+    """Does an adapter's lcc_manifest.json look like one lcc wrote (the fields import keeps)?"""
+    return (isinstance(m, dict) and isinstance(m.get("model"), dict) and isinstance(m["model"].get("fingerprint"), str)
+            and isinstance(m.get("buffer"), dict) and isinstance(m["buffer"].get("segments"), list)
+            and all(isinstance(s, dict) and isinstance(s.get("slots"), int) for s in m["buffer"]["segments"])
+            and all(isinstance(m.get(k), dict) for k in ("source", "compile", "metrics", "compiler")))
+
+
 def import_adapter(directory: Path, output: Path, run: RunOptions | None = None, force: bool = False) -> CompileResult:
     """`lcc import DIR -o CART`: a PEFT Cartridge adapter (from lcc or trained elsewhere)
     becomes a cartridge pinned to the loaded model's fingerprint."""
@@ -559,7 +577,7 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
 
     from ._version import __version__
     from .format import manifest as mf
-    from .format.cartridge import Cartridge, check_values, save_cartridge
+    from .format.cartridge import Cartridge, check_values
     from .format.checks import check_fingerprint
     from .format.fsio import check_output
     from .export.peft import read_peft
@@ -574,19 +592,23 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
     rows = [{"index": 0, "slots": buffer.slots, "token_count": 0, "sink": False}]
     source = {"name": Path(directory).name, "sha256": sha, "token_count": 0, "ratio": None}
     compile_, compiler, metrics = {}, {"name": "imported", "from": "peft", "sha256": sha}, {"segments": [{}]}
-    if isinstance(theirs, dict) and isinstance(theirs.get("model"), dict) and "fingerprint" in theirs["model"]:
+    if _lcc_manifest(theirs):
         # exported by lcc: keep its provenance, after checking it was made for this model
         check_fingerprint(theirs["model"], loaded.model_id, loaded.fingerprint, Path(directory).name, force)
-        segs = theirs.get("buffer", {}).get("segments", [])
-        if sum(s.get("slots", 0) for s in segs) == buffer.slots:
+        segs = theirs["buffer"]["segments"]
+        if sum(s["slots"] for s in segs) == buffer.slots:
             rows = [{k: s[k] for k in ("index", "slots", "token_count", "sink") if k in s} for s in segs]
-        source = theirs.get("source", source)
-        compile_ = theirs.get("compile", {})
-        metrics = theirs.get("metrics", metrics)
-        compiler = {**theirs.get("compiler", {}), "imported_from": "peft"}
+        source, compile_, metrics = theirs["source"], theirs["compile"], theirs["metrics"]
+        compiler = {**theirs["compiler"], "imported_from": "peft"}
     m = mf.build(model=model, segments=rows, source=source, compile=compile_, compiler=compiler, metrics=metrics,
                  version=__version__, storage_dtype=str(buffer.dtype).removeprefix("torch."))
-    cart = Cartridge(m, buffer.to(dtype=buffer.dtype))
-    save_cartridge(cart, output, overwrite=force)
+    cart = Cartridge(m, buffer)
+    from .format.cartridge import from_bytes, to_bytes
+
+    data = to_bytes(cart)
+    from_bytes(data, Path(output).name)  # exactly the checks any later load runs
+    from .format.fsio import atomic_write
+
+    atomic_write(output, data, overwrite=force)
     return CompileResult(str(output), cart.slots, source.get("token_count", 0), len(rows), 0.0, loaded.model_id,
                          compiler, [])

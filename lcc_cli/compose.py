@@ -20,10 +20,10 @@ Layout = Literal["consecutive", "overlap"]
 DEFAULT_LAYOUT: Layout = "consecutive"
 
 
-def combine(carts: list[Cartridge], layout: Layout = DEFAULT_LAYOUT) -> Buffer:
-    """One reader buffer from several cartridges (all for the same model)."""
-    if len({c.fingerprint for c in carts}) > 1:
-        raise ModelMismatchError("the cartridges were made for different models")
+def combine(carts: list[Cartridge], layout: Layout = DEFAULT_LAYOUT, force: bool = False) -> Buffer:
+    """One reader buffer from several cartridges (all for the same model, unless forced)."""
+    if len({c.fingerprint for c in carts}) > 1 and not force:
+        raise ModelMismatchError("the cartridges were made for different models", hint="pass --force to mix them")
     if len(carts) == 1 or layout == "overlap":
         return Buffer.concat([c.buffer for c in carts])
     parts, offset = [], 0

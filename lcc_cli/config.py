@@ -58,7 +58,7 @@ class _FromDict:
             raise UsageError(f"unknown {where}: {', '.join(sorted(map(str, unknown)))}")
         values = {}
         for key in known & set(data):
-            values[key] = _coerce(data[key], hints[key], f"{where} {key}")
+            values[key] = _coerce(data[key], hints[key], key)
         return cls(**values)
 
 
@@ -72,7 +72,7 @@ def _coerce(value, hint, name: str):
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value not in args:
-            raise UsageError(f"{name} must be one of {', '.join(map(str, args))} (got {value!r})")
+            raise UsageError(f"{name} must be one of {', '.join(map(str, args))} (got {value!r})", field=name)
         return value
     if origin in (tuple, list):
         item = args[0] if args else str
@@ -80,12 +80,12 @@ def _coerce(value, hint, name: str):
         ok = {str: lambda v: isinstance(v, str), float: _finite, dict: lambda v: isinstance(v, dict)}[item]
         if not isinstance(value, (list, tuple)) or not all(ok(v) for v in value):
             kind = {str: "strings", float: "numbers", dict: "tables"}[item]
-            raise UsageError(f"{name} must be a list of {kind}")
+            raise UsageError(f"{name} must be a list of {kind}", field=name)
         return tuple(value) if origin is tuple else list(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (bool, int, float, str) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
-        raise UsageError(f"{name} must be {hint.__name__}, not {value!r}")
+        raise UsageError(f"{name} must be {hint.__name__}, not {value!r}", field=name)
     return value
 
 
@@ -210,12 +210,13 @@ class EvalSettings(_FromDict):
                    stride)
             compile_config("optimise", m.get("quality", "balanced"), **method_overrides(m))  # fields and types
 
+    # The [compile] table as written (explicit settings only): they go on top of each
+    # method's quality preset, and of the default method's.
+    compile_table: dict = field(default_factory=dict)
+
     @property
     def ask(self) -> AskConfig:
         return AskConfig(max_new_tokens=self.max_new_tokens)
-
-    def compile_at(self, ratio: float) -> CompileConfig:
-        return CompileConfig.from_dict({**self.compile.to_dict(), "ratio": ratio})
 
 
 def load_eval_config(path: Path | None) -> EvalSettings:
@@ -232,14 +233,13 @@ def load_eval_config(path: Path | None) -> EvalSettings:
     unknown = set(data) - {"eval", "compile"}
     if unknown:
         raise UsageError(f"unknown tables in {path}: {', '.join(sorted(unknown))}")
-    compile_cfg = CompileConfig.from_dict(data.get("compile", {}), where=f"[compile] setting in {path}:")
+    table = data.get("compile", {})
+    compile_cfg = CompileConfig.from_dict(table, where=f"[compile] setting in {path}:")
     ev = dict(data.get("eval", {}))
     if not isinstance(ev.get("methods", []), list):
         raise UsageError(f"[[eval.methods]] in {path} must be a list of tables")
-    if "ratios" in ev and isinstance(ev["ratios"], list):
-        ev["ratios"] = [float(r) if _finite(r) else r for r in ev["ratios"]]
     settings = EvalSettings.from_dict(ev, where=f"[eval] setting in {path}:")
-    settings.compile = compile_cfg
+    settings.compile, settings.compile_table = compile_cfg, dict(table)
     return settings
 
 

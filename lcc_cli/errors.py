@@ -1,6 +1,6 @@
 """Typed errors raised by the engine, and the one table that maps them to exit codes.
 
-Engine code raises these and never prints or exits; `cli.py` catches `LccError`, prints
+Engine code raises these and never prints or exits; `cli/app.py` catches `LccError`, prints
 `lcc: error: <message>` (plus an optional hint) and exits with `exit_code`.
 """
 

@@ -20,7 +20,8 @@ from typing import Callable
 
 from .errors import InputError
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text", ".rst"}
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text", ".rst")
+DOCUMENT_SUFFIXES = TEXT_SUFFIXES + (".pdf",)
 # 20 MB of source is already far more than one cartridge can usefully hold.
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 STDIN = "-"
@@ -162,9 +163,42 @@ def split_text(text: str, token_spans: Callable[[str], list[tuple[int, int]]], m
 
 
 def _best_cut(cuts: list[list[int]], start: int, limit: int) -> int | None:
-    """The latest cut point of the best kind strictly inside (start, limit]."""
+    """The latest cut point of the best kind in the second half of (start, limit]: a
+    paragraph break right after a title must not make a one-line segment."""
+    half = start + (limit - start) // 2
     for points in cuts:
         i = bisect.bisect_right(points, limit) - 1
-        if i >= 0 and points[i] > start:
+        if i >= 0 and points[i] > half:
             return points[i]
     return None
+
+
+def token_spans_of(tokenizer):
+    """`token_spans` for split_text from a Hugging Face (fast) tokenizer: one pass, offsets."""
+    def spans(text: str) -> list[tuple[int, int]]:
+        return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+    return spans
+
+
+def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, str, object]]:
+    """(line number, line, parsed value or None if it is not JSON) for each non-blank line of
+    a UTF-8 (BOM allowed) JSON-lines file; '-' reads stdin. InputError if unreadable."""
+    import json
+
+    try:
+        text = sys.stdin.read() if str(path) == STDIN else Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{Path(str(path)).name} is not valid UTF-8 (byte {exc.start})") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            value = None
+        out.append((number, line.strip(), value))
+    return out

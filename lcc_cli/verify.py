@@ -2,7 +2,8 @@
 
 The loader (format/cartridge.py) stops at the first defect; this runs the same public load
 steps one by one and records pass / fail / skipped for each, so users see exactly which one
-failed. Model checks need a loaded model; the probe also needs the source document.
+failed. Model checks need a loaded model; the probe (runtime/probe.py, handed in by api.py)
+also needs the source document.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ class VerifyReport:
                 "checks": [asdict(c) for c in self.checks], "probe": self.probe}
 
 
-def verify_file(path: str | Path, loaded=None, source: str | Path | None = None, probe: bool = False) -> VerifyReport:
-    """Run the checks. `loaded` (a LoadedModel) enables the model checks; `source` the
-    source-hash check, and `probe` (with both) the reconstruction-fidelity probe."""
+def verify_file(path: str | Path, loaded=None, source: str | Path | None = None, probe=None) -> VerifyReport:
+    """Run the checks. `loaded` (a LoadedModel, or a function that loads one: called only
+    once the file checks have passed) enables the model checks; `source` the source-hash
+    check; `probe(cart, loaded, text) -> dict` (with both) the reconstruction-fidelity probe."""
     path = Path(path)
     report = VerifyReport(str(path))
     state: dict = {}
@@ -105,6 +107,10 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
     run("checksum", checksum)
     run("values", values)
     cart = state.get("cart")
+    if callable(loaded):
+        loaded = loaded() if cart is not None else None  # no model load for a file that failed
+        if loaded is None:
+            report.checks += [Check("model-shape", None, "skipped"), Check("fingerprint", None, "skipped")]
     if loaded is not None:
         run("model-shape", lambda: check_compatible(cart.manifest["model"], loaded.facts,
                                                     cart.buffer.first_query_position, path.name))
@@ -112,8 +118,8 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
                                                      path.name))
     if source is not None:
         run("source", lambda: _source(cart, Path(source)))
-        if probe and loaded is not None:
-            run("probe", lambda: _probe(cart, loaded, Path(source), report))
+        if probe is not None and loaded is not None:
+            run("probe", lambda: _probe(probe, cart, loaded, Path(source), report))
     return report
 
 
@@ -130,42 +136,8 @@ def _source(cart, source: Path) -> str:
     return digest[:16]
 
 
-def _probe(cart, loaded, source: Path, report: VerifyReport) -> str:
+def _probe(probe, cart, loaded, source: Path, report: VerifyReport) -> str:
     from .ingest import read_document
 
-    report.probe = probe_fidelity(cart, loaded, read_document(source).text)
+    report.probe = probe(cart, loaded, read_document(source).text)
     return f"reconstruction fidelity {report.probe['fidelity']:.1%} of {report.probe['tokens']} tokens"
-
-
-def probe_fidelity(cart, loaded, source_text: str) -> dict:
-    """Reconstruction fidelity: the fraction of the source's tokens that the cartridge
-    reproduces, teacher-forced (the reader, given each segment's buffer and the "repeat the
-    document" instruction, predicts every next source token; we count exact hits)."""
-    import torch
-
-    from .config import CompileConfig
-    from .ingest import split_text
-    from .runtime.cache import forward, make_cache
-    from .runtime.prompts import RECONSTRUCT_INSTRUCTION
-
-    cfg = CompileConfig.from_dict(cart.manifest["compile"], strict=False)
-    tok = loaded.tokenizer
-    texts = split_text(source_text, lambda s: tok(s, add_special_tokens=False, return_offsets_mapping=True)
-                       ["offset_mapping"], cfg.segment_tokens)
-    buffers = cart.segment_buffers()
-    if len(texts) != len(buffers):
-        raise CartridgeError(f"source splits into {len(texts)} segments, cartridge has {len(buffers)}")
-    p = loaded.prompter
-    prompt = p.query_ids(RECONSTRUCT_INSTRUCTION)
-    hits = total = 0
-    with torch.inference_mode():
-        for text, buffer in zip(texts, buffers):
-            target = p.document_ids(text)
-            buffer = buffer.to(loaded.device, loaded.dtype)
-            cache = make_cache(buffer.cache_layers())
-            logits = forward(loaded.model, cache, buffer.first_query_position,
-                             input_ids=torch.tensor([prompt + target], device=loaded.device))[0]
-            pred = logits[len(prompt) - 1: len(prompt) + len(target) - 1].argmax(-1)
-            hits += int((pred == torch.tensor(target, device=loaded.device)).sum())
-            total += len(target)
-    return {"fidelity": hits / total, "tokens": total, "segments": len(texts)}

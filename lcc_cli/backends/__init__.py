@@ -35,14 +35,15 @@ class Executor(Protocol):
 
 def make_executor(backend: str, loaded, *, model: str | None = None, device: str | None = None,
                   dtype: str | None = None, workers: int = 1, threads: int | None = None,
-                  ray_address: str | None = None) -> Executor:
-    """The executor for --backend (and --workers, --threads, --ray-address)."""
+                  ray_address: str | None = None, compiler=None) -> Executor:
+    """The executor for --backend (and --workers, --threads, --ray-address). `compiler`, if
+    given, is the driver's already-built segment compiler, which the local executor reuses."""
     from ..errors import UsageError
 
     if backend == "local":
         from .local import LocalExecutor
 
-        return LocalExecutor(loaded)
+        return LocalExecutor(loaded, compiler)
     if backend == "processes":
         from .processes import ProcessExecutor
 

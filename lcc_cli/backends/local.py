@@ -4,24 +4,23 @@ with step-by-step progress."""
 from __future__ import annotations
 
 from ..compile.base import build_compiler
-from ..errors import LccError
 
 
 class LocalExecutor:
     name = "local"
 
-    def __init__(self, loaded):
-        self.loaded = loaded
+    def __init__(self, loaded, compiler=None):
+        self.loaded, self.compiler = loaded, compiler
 
     def run(self, units, cfg, spec, sink, progress) -> None:
-        compiler = build_compiler(spec, self.loaded)
+        compiler = self.compiler or build_compiler(spec, self.loaded)
         for unit in units:
             if not sink.wanted(unit):
                 continue
             progress.note(f"{unit.name}: segment {unit.segment.index + 1}/{unit.of}")
             try:
                 result = compiler.compile(unit.segment, cfg, progress)
-            except (LccError, RuntimeError, ValueError, MemoryError) as exc:
+            except Exception as exc:  # one unit's failure is its document's, not the batch's
                 sink.failed(unit, exc)
                 continue
             sink.done(unit, result)

@@ -17,8 +17,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(model, device, dtype, threads, spec) -> None:
+    import signal
+
     from ..runtime.model import load_model, set_threads
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the pool
     set_threads(threads)
     loaded = load_model(model, device=device, dtype=dtype)
     _WORKER["compiler"] = build_compiler(spec, loaded)
@@ -44,6 +47,7 @@ class ProcessExecutor:
             return
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(units)), mp_context=mp.get_context("spawn"),
                                    initializer=_init_worker, initargs=(self.model, self.device, self.dtype, self.threads, spec))
+        interrupted = False
         try:
             futures = {pool.submit(_compile, unit, cfg): unit for unit in units}
             for future in as_completed(futures):
@@ -59,5 +63,11 @@ class ProcessExecutor:
                     continue
                 progress.note(f"{unit.name}: segment {unit.segment.index + 1}/{unit.of} done")
                 sink.done(unit, result)
-        finally:  # on Ctrl-C or an error, do not wait for the segments still queued
-            pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:  # on Ctrl-C stop the workers now; on an error, drop the queued segments
+            if interrupted:
+                for process in list(getattr(pool, "_processes", {}).values()):
+                    process.terminate()
+            pool.shutdown(wait=not interrupted, cancel_futures=True)

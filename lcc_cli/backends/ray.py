@@ -78,10 +78,17 @@ class RayExecutor:
         started_here = not _ray_running()
         progress.status("starting Ray…" if started_here else "using the running Ray instance")
         ray = start_ray(self.address, num_cpus=self.workers * self.threads if started_here else None)
+        try:
+            self._run(ray, units, cfg, spec, sink, progress)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _run(self, ray, units, cfg, spec, sink, progress) -> None:
         from ray.exceptions import RayActorError, RayTaskError
 
         cpus = ray.cluster_resources().get("CPU", 0)
-        if self.workers * self.threads > cpus:
+        if self.workers * self.threads > cpus:  # actors that do not fit would wait forever
             raise UsageError(f"{self.workers} workers x {self.threads} threads need {self.workers * self.threads} "
                              f"CPUs; the Ray cluster has {cpus:g}", field="workers")
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= self.workers and self.device != "cpu" else 0
@@ -136,8 +143,6 @@ class RayExecutor:
         finally:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
-            if started_here:
-                ray.shutdown()
 
 
 def _ray_running() -> bool:

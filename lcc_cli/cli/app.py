@@ -1,8 +1,8 @@
 """The `lcc` command line: parse flags, call the API (api.py), render what it returns.
 
-This is the only module that knows flag names, prints or exits. Engine code raises
-`LccError` subclasses; `_errors` turns them into one `lcc: error: ...` line on stderr and the
-exit code from errors.py. Heavy modules (torch, transformers) are imported inside commands,
+This is the only module that prints or exits. Engine code raises `LccError` subclasses
+naming config fields (`ratio`), which `_errors` shows as the flags users type (`--ratio`), in
+one `lcc: error: ...` line on stderr with the exit code from errors.py. Heavy modules (torch, transformers) are imported inside commands,
 never at import time, so `lcc --help` stays fast.
 """
 
@@ -20,7 +20,8 @@ from rich.table import Table
 
 from .._version import __version__
 from ..config import DEFAULT_MODEL, DEVICE_ENV, MODEL_ENV, AskConfig, CompileConfig, TrainConfig
-from ..errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_RESOURCES, EXIT_UNEXPECTED, LccError, UsageError, VerifyFailed
+from ..errors import (EXIT_CODES, EXIT_INTERRUPTED, EXIT_RESOURCES, EXIT_UNEXPECTED, EXIT_USAGE, LccError, UsageError,
+                      VerifyFailed)
 from .render import clean, compiler_rows, inspect_rows, markup_safe, print_json, print_json_line
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # never dump locals (which hold document text) at users
     add_completion=False,
+    rich_markup_mode="markdown",  # reflow docstring paragraphs instead of keeping their line breaks
 )
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -36,7 +38,8 @@ err = Console(stderr=True, highlight=False)
 ModelOpt = typer.Option(None, "--model", "-m", envvar=MODEL_ENV,
                         help=f"Base model: '{DEFAULT_MODEL}' (embedded) or a local Hugging Face model directory.")
 DeviceOpt = typer.Option(None, "--device", envvar=DEVICE_ENV, help="auto | cpu | cuda (bf16 on CUDA).")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU math threads (default: torch's choice).")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU math threads (default: the cores other programs leave "
+                                                 "free, re-checked as work runs).")
 DtypeOpt = typer.Option(None, "--dtype", help="Compute dtype: float32 (CPU default) | bfloat16 (CUDA default; "
                                              "2.3x faster on CPUs with AVX512-BF16).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of text.")
@@ -66,7 +69,12 @@ def _errors(fn):
         except MemoryError:
             _fail("out of memory", EXIT_RESOURCES, "close other programs or use a smaller model")
         except RecursionError:
-            _fail("input nested too deeply to process", 2)
+            _fail("input nested too deeply to process", EXIT_USAGE)
+        except RuntimeError as exc:
+            if "out of memory" in str(exc) or "can't allocate memory" in str(exc):  # torch's CUDA/CPU allocators
+                _fail("out of memory", EXIT_RESOURCES, "use fewer --workers, a smaller --segment-tokens, or the CPU")
+            _fail(f"unexpected {type(exc).__name__}: {exc}".splitlines()[0], EXIT_UNEXPECTED,
+                  "set LCC_DEBUG=1 for the traceback")
         except Exception as exc:  # the last resort: still one line, still a distinct code
             _fail(f"unexpected {type(exc).__name__}: {exc}".splitlines()[0], EXIT_UNEXPECTED,
                   "set LCC_DEBUG=1 for the traceback")
@@ -111,19 +119,21 @@ def _run(model, device, threads, dtype=None, **extra):
 def compile_cmd(
     sources: list[Path] = typer.Argument(..., metavar="SOURCE...",
                                          help="Documents (.txt, .md, .pdf; '-' reads stdin) or folders of them."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="Cartridge path (default: SOURCE with .lcc suffix); with several "
-                                               "sources or a folder, the output directory (OUTDIR/)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="Cartridge path (default: SOURCE with .lcc suffix); with several "
+                                              "sources, a folder, or a path ending in '/', the output directory."),
     ratio: float = typer.Option(CompileConfig.ratio, help="Compression: document tokens per buffer slot."),
     compiler: str = typer.Option("auto", "--compiler",
                                  help="auto (the shipped pretrained compiler when it fits the model, else none) | "
                                       "none (per-document optimisation from scratch) | a compiler file."),
     quality: str = typer.Option("balanced", "--quality",
-                                help="fast | balanced | best: presets for --steps and friends, per compiler."),
+                                help="fast | balanced | best: sets --steps, --lr and the KL pool from the measured "
+                                     "frontier (README), per compiler; explicit flags win."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps per segment (refinement steps for a "
                                                    "pretrained compiler; 0 = one forward pass). Default: --quality."),
     lr: Optional[float] = typer.Option(None, help="Learning rate for the LoRA compiler and buffer embeddings."),
-    lora_rank: Optional[int] = typer.Option(None, help="Rank of the throwaway LoRA compiler (from scratch)."),
+    lora_rank: Optional[int] = typer.Option(None, help="Rank of the throwaway LoRA (with --compiler none only; a "
+                                                       "pretrained compiler brings its own)."),
     teacher: Optional[str] = typer.Option(None, help="KL teacher for generic queries: context | plain."),
     segment_tokens: int = typer.Option(CompileConfig.segment_tokens, help="Longest segment compiled at once."),
     seed: int = typer.Option(CompileConfig.seed, help="Random seed; a compile is deterministic for a seed."),
@@ -134,8 +144,8 @@ def compile_cmd(
     force: bool = typer.Option(False, "--force", "-f",
                                help="Overwrite an existing output (a regular file only) and discard a partial one."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted compile from OUTPUT.partial."),
-    workers: int = typer.Option(1, "--workers", help="Compile in N workers (processes, or Ray actors), each "
-                                                     "with its own model."),
+    workers: int = typer.Option(1, "--workers", help="Compile in N workers, each with its own model (N > 1 with "
+                                                     "the local backend means processes)."),
     backend: str = typer.Option("local", "--backend", help="local (this process) | processes | ray."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                               help="Ray cluster to use with --backend ray (default: a local one)."),
@@ -157,18 +167,19 @@ def compile_cmd(
                     seed=seed)
     run = _run(model, device, threads, dtype, workers=workers, backend=backend, ray_address=ray_address)
     batch = len(sources) > 1 or any(s.is_dir() for s in sources) or (
-        output is not None and (str(output).endswith("/") or output.is_dir()))
+        output is not None and (output.endswith("/") or Path(output).is_dir()))
     if batch:
         if output is None:
             raise UsageError("compiling several documents needs --output OUTDIR")
         with _progress(as_json) as progress:
-            summary = api.compile_paths(sources, output, settings, compiler=compiler, quality=quality, run=run,
-                                        force=force, max_bytes=max_bytes, yes=yes, progress=progress)
+            summary = api.compile_paths(sources, Path(output), settings, compiler=compiler, quality=quality, run=run,
+                                        force=force, resume=resume, max_bytes=max_bytes, yes=yes, progress=progress)
         _render_batch(summary, as_json)
         return
     (source,) = sources
     with _progress(as_json) as progress:
-        result = api.compile_file(source, output, settings, compiler=compiler, quality=quality, run=run, force=force,
+        result = api.compile_file(source, output and Path(output), settings, compiler=compiler, quality=quality,
+                                  run=run, force=force,
                                   resume=resume, max_bytes=max_bytes, yes=yes, progress=progress)
     if as_json:
         print_json(result.to_dict())
@@ -208,7 +219,8 @@ def ask(
                                                help="Zero or more .lcc cartridges, then the question ('-' reads stdin)."),
     questions: Optional[str] = typer.Option(None, "--questions", "-q", metavar="FILE",
                                             help="Answer every question in FILE (one per line, or JSONL with 'q'; "
-                                                 "'-' = stdin) with one model load; writes JSONL."),
+                                                 "'-' = stdin) with one model load; always writes JSONL, one line "
+                                                 "per answer."),
     context: Optional[Path] = typer.Option(None, "--context", "-c",
                                            help="Answer with this document in the prompt instead (baseline)."),
     max_new_tokens: int = typer.Option(AskConfig.max_new_tokens, help="Longest answer, in tokens."),
@@ -354,8 +366,8 @@ def eval_cmd(
     steps: Optional[int] = typer.Option(None, help="Compile steps per segment (default: compile default)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML with [eval] (and [[eval.methods]]) and "
                                                                "[compile] tables."),
-    compiler: str = typer.Option("none", "--compiler", help="Without [[eval.methods]]: auto | none | a compiler "
-                                                            "file, with the [compile] settings."),
+    compiler: str = typer.Option("auto", "--compiler", help="Without [[eval.methods]]: auto | none | pretrained | "
+                                                            "a compiler file, with [compile] over its preset."),
     out_dir: Path = typer.Option(Path("eval-out"), "--out", help="Directory for report.md, results.json, plot."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -379,7 +391,10 @@ def eval_cmd(
     if questions is not None:
         settings = replace(settings, questions_per_doc=questions)
     if steps is not None:
+        if settings.methods:
+            raise UsageError("--steps does not apply to [[eval.methods]]: set steps in each method")
         settings.compile = replace(settings.compile, steps=steps)
+        settings.compile_table["steps"] = steps
     with _progress(as_json) as progress:
         result = api.run_eval(data, settings, out_dir, compiler=compiler, run=_run(model, device, threads),
                               progress=progress)

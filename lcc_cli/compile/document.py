@@ -9,7 +9,7 @@
 3. here, in the driver alone, each result is checkpointed to OUT.partial, and a document whose
    segments are all done is assembled into one cartridge and written atomically.
 
-Segments are independent (DESIGN.md §2, "Long documents"): each is compiled as if it were the
+Segments are independent (../shared/DESIGN.md §2, "Long documents"): each is compiled as if it were the
 only text, and its buffer comes back at positions 0..K-1. The cartridge lays them out one
 after another (consecutive positions, like consecutive text).
 """
@@ -28,7 +28,7 @@ from ..errors import CartridgeError, LccError, UsageError
 from ..format import manifest as mf
 from ..format.cartridge import Cartridge, load_cartridge, partial_path, save_cartridge, to_bytes
 from ..format.fsio import atomic_write
-from ..ingest import Document, TextSegment, split_text
+from ..ingest import Document, TextSegment, split_text, token_spans_of
 from ..progress import NO_PROGRESS, Progress
 from .base import CompilerSpec, SegmentResult, slot_count
 
@@ -40,15 +40,10 @@ def text_segments(loaded, text: str, cfg: CompileConfig) -> list[TextSegment]:
     # Training places the segment, its slots, then an instruction and the whole segment again.
     need = 2 * cfg.segment_tokens + math.ceil(cfg.segment_tokens / cfg.ratio) + 64
     if limit and need > limit:
-        fit = (limit - 64) * 2 // 5
+        fit = int((limit - 64) / (2 + 1 / cfg.ratio))
         raise UsageError(f"segment_tokens {cfg.segment_tokens} does not fit the model's {limit}-position "
                          f"window during training", hint=f"use at most about {fit}", field="segment_tokens")
-    tok = loaded.tokenizer
-
-    def spans(s: str) -> list[tuple[int, int]]:
-        return tok(s, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-
-    texts = split_text(text, spans, cfg.segment_tokens)
+    texts = split_text(text, token_spans_of(loaded.tokenizer), cfg.segment_tokens)
     for t in texts:
         slot_count(len(loaded.prompter.context_ids(t)), cfg.ratio)
     return [TextSegment(i, t) for i, t in enumerate(texts)]
@@ -87,14 +82,12 @@ class Unit:
     name: str  # its document's name, for progress lines
 
 
-def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: CompilerSpec, executor,
-                progress: Progress = NO_PROGRESS, fail_fast: bool = True) -> list[DocumentTask]:
+def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: CompilerSpec, compiler_info: dict,
+                executor, progress: Progress = NO_PROGRESS, fail_fast: bool = True) -> list[DocumentTask]:
     """Compile every unfinished segment of every task, write each cartridge as soon as its
-    document is complete. With fail_fast, the first error propagates (a single `compile`);
-    otherwise it is recorded on its task and the other documents go on (batch compile)."""
-    from .base import build_compiler
-
-    compiler_info = build_compiler(spec, loaded).describe()
+    document is complete. `compiler_info` is the compiler's describe() for the manifests.
+    With fail_fast, the first error propagates (a single `compile`); otherwise it is
+    recorded on its task and the other documents go on (batch compile)."""
     for task in tasks:
         if task.segments and len(task.done) == len(task.segments):
             _finish(loaded, task, cfg, compiler_info)  # resumed with every segment already done
@@ -219,8 +212,8 @@ def read_partial(path: Path, loaded, doc: Document, cfg: CompileConfig, compiler
         raise UsageError(f"{path.name} was made from a different source file", hint=hint)
     if m["compile"] != cfg.to_dict() or m.get("compiler") != compiler_info:
         raise UsageError(f"{path.name} was made with different settings", hint=hint)
-    if m["model"]["fingerprint"] != loaded.fingerprint:
-        raise UsageError(f"{path.name} was made with a different model", hint=hint)
+    if m["model"]["fingerprint"] != loaded.fingerprint or m["model"].get("dtype") != loaded.facts.dtype:
+        raise UsageError(f"{path.name} was made with a different model or dtype", hint=hint)
     if m["buffer"].get("layout") != "segments":
         raise CartridgeError(f"{path.name} is not a partial file of this lcc version", hint=hint)
     out = {}

@@ -1,6 +1,6 @@
 """Per-document latent context compilation: a fresh, disposable LoRA optimised on one segment.
 
-The method (DESIGN.md §2, after Li, Zhou & Xu 2026), in the order a step runs:
+The method (../shared/DESIGN.md §2, after Li, Zhou & Xu 2026), in the order a step runs:
 
 1. The segment's context turn is encoded once by the frozen model (LoRA off). Its KV never
    changes, so it is reused at every step instead of being re-encoded.
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CompileConfig
+from ..errors import CompilerFileError
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
 from ..runtime.cache import prefill
@@ -79,7 +80,7 @@ def optimise_segment(loaded, text: str, cfg: CompileConfig, progress: Progress =
     ctx_ids = prompter.context_ids(text)
     n = len(ctx_ids)
     sink = bool(start and start.sink)
-    k, slots = entries(n, cfg.ratio, sink)
+    _, slots = entries(n, cfg.ratio, sink)
     with torch.no_grad():
         ctx_kv, _ = prefill(model, ctx_ids)
         teacher = make_teacher_targets(loaded, ctx_kv, cfg) if cfg.steps else TeacherTargets([], [], [])
@@ -148,5 +149,12 @@ def attach_lora(model, rank: int, alpha: int, targets, state: dict | None = None
     peft_model = get_peft_model(model, lora)
     if state is not None:
         device = next(model.parameters()).device
-        set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in state.items()})
+        try:
+            result = set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in state.items()})
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"unexpected weights {result.unexpected_keys[:2]}")
+        except (RuntimeError, ValueError, KeyError) as exc:
+            peft_model.unload()  # never leave a half-loaded LoRA on the shared model
+            raise CompilerFileError(f"the compiler's LoRA does not fit this model: {exc}".splitlines()[0][:200]) \
+                from exc
     return peft_model

@@ -10,22 +10,17 @@ discarded: the pretrained weights themselves never change.
 
 from __future__ import annotations
 
-import time
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from ..config import CompileConfig
-from ..errors import UsageError
+from ..errors import CompilerFileError, UsageError
 from ..format.checks import check_fingerprint
 from ..format.compiler_file import CompilerFile, load_compiler
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
-from ..runtime.cache import prefill
 from .base import CompilerSpec, SegmentResult, register
-from .optimise import Start, attach_lora, optimise_segment
-from .slots import chunk_embeddings, encode_slots, entries, reader_view, to_buffer
+from .optimise import Start, optimise_segment
 
 SHIPPED = "compiler-smollm2-135m.safetensors"
 
@@ -40,7 +35,11 @@ class PretrainedCompiler:
     name = "pretrained"
 
     def __init__(self, loaded, file: CompilerFile, path: Path):
-        check_fingerprint(file.manifest["model"], loaded.model_id, loaded.fingerprint, f"compiler {path.name}")
+        check_fingerprint(file.manifest["model"], loaded.model_id, loaded.fingerprint, f"compiler {path.name}",
+                          hint="train a compiler for this model with `lcc train-compiler`, or use --compiler none")
+        if tuple(file.slot_bias.shape) != (loaded.facts.hidden_size,):
+            raise CompilerFileError(f"compiler {path.name}: slot_bias has shape {list(file.slot_bias.shape)}, "
+                                    f"the model's hidden size is {loaded.facts.hidden_size}")
         self.loaded, self.file, self.path = loaded, file, path
         c = file.manifest["compiler"]
         self.start = Start(lora={k: v.float() for k, v in file.lora.items()}, rank=c["lora_rank"],
@@ -52,28 +51,8 @@ class PretrainedCompiler:
                 "training_steps": self.file.manifest.get("training", {}).get("steps")}
 
     def compile(self, segment: TextSegment, cfg: CompileConfig, progress: Progress = NO_PROGRESS) -> SegmentResult:
-        if cfg.steps:
-            return optimise_segment(self.loaded, segment.text, cfg, progress, start=self.start)
-        return one_pass(self.loaded, segment.text, cfg.ratio, self.start)
-
-
-def one_pass(loaded, text: str, ratio: float, start: Start) -> SegmentResult:
-    """The pretrained compiler applied once: about the cost of one prefill."""
-    started = time.perf_counter()
-    model, rope = loaded.model, loaded.rope
-    ctx_ids = loaded.prompter.context_ids(text)
-    n = len(ctx_ids)
-    _, slots = entries(n, ratio, start.sink)
-    with torch.no_grad():
-        ctx_kv, _ = prefill(model, ctx_ids)
-        peft_model = attach_lora(model, start.rank, start.alpha, start.targets, start.lora)
-        try:
-            embeds = chunk_embeddings(model, ctx_ids, slots) + start.slot_bias.to(model.device)
-            view, at = reader_view(ctx_kv, encode_slots(model, ctx_kv, embeds, n), n, start.sink, rope)
-        finally:
-            peft_model.unload()
-        buffer = to_buffer(view, at, start.sink, rope)
-    return SegmentResult(buffer, n, {"steps": 0, "seconds": round(time.perf_counter() - started, 3)}, start.sink)
+        """cfg.steps = 0: one forward pass (about a prefill); N: refine a copy for N steps."""
+        return optimise_segment(self.loaded, segment.text, cfg, progress, start=self.start)
 
 
 @register("pretrained")

@@ -50,25 +50,12 @@ from .slots import chunk_embeddings, encode_slots, entries, reader_view
 def read_training_data(paths: list[Path]) -> tuple[list[dict], list[dict]]:
     """Rows of {"context" (or "text"), "questions": [{"q": ...}] (optional)} from JSONL files,
     and a record of each file (name, sha256, rows) for the compiler's manifest."""
+    from ..ingest import read_jsonl
+
     rows, files = [], []
-    for path in paths:
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"cannot read training data {path}: {exc.strerror}") from exc
-        try:
-            lines = data.decode("utf-8-sig").splitlines()
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path.name} is not valid UTF-8 (byte {exc.start})") from exc
+    for path in map(Path, paths):
         count = 0
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):
-                row = None
+        for number, _, row in read_jsonl(path, "training data"):
             text = row.get("context", row.get("text")) if isinstance(row, dict) else None
             questions = row.get("questions", []) if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip() or not isinstance(questions, list) or not all(
@@ -77,7 +64,7 @@ def read_training_data(paths: list[Path]) -> tuple[list[dict], list[dict]]:
                                  f"[{{\"q\": ...}}]")
             rows.append({"text": text.strip(), "questions": [q["q"] for q in questions]})
             count += 1
-        files.append({"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "rows": count})
+        files.append({"name": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": count})
     if not rows:
         raise InputError("the training data holds no documents")
     return rows, files
@@ -220,7 +207,8 @@ def _order(count: int, index: int, seed: int) -> int:
 
 
 def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, resume: bool = False,
-                   time_limit: float | None = None, progress: Progress = NO_PROGRESS) -> TrainResult:
+                   time_limit: float | None = None, progress: Progress = NO_PROGRESS,
+                   overwrite: bool = False) -> TrainResult:
     """Train and write the compiler file. Checkpoints go to OUTPUT.ckpt/ (resume with
     `resume=True`); `time_limit` (seconds) stops early at a step boundary, and the file
     records the steps actually done."""
@@ -302,7 +290,7 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
         "lcc_version": __version__, "created": mf.now(),
     }
     sha = save_compiler(output, manifest, {k: v.to(torch.bfloat16) if k.startswith("lora.") else v
-                                           for k, v in best_tensors.items()})
+                                           for k, v in best_tensors.items()}, overwrite=overwrite)
     return TrainResult(str(output), sha, state["step"], round(state["seconds"], 1), state["tokens"],
                        manifest["training"]["tokens_per_second"], state["best"]["step"],
                        state["best"]["heldout_qa_kl"], state["history"])
@@ -351,25 +339,17 @@ def _targets_key(loaded, cfg: TrainConfig, data_digest: str) -> str:
 def _cached_targets(loaded, rows, cfg, data_digest: str, progress) -> list[Item]:
     """Teacher targets, generated once per (model, data, settings) and kept in
     $LCC_HOME/teacher/ so that a resumed or repeated run skips the generation."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     from ..config import lcc_home
 
     cache = lcc_home() / "teacher"
     path = cache / f"{_targets_key(loaded, cfg, data_digest)}.safetensors"
     if path.is_file():
-        tensors = load_file(str(path))
-        index = json.loads((path.with_suffix(".json")).read_text())
-        items = []
-        for i, entry in enumerate(index):
-            item = Item(entry["ctx"], entry["recon"])
-            for kind in ("questions", "instructions"):
-                for j, (prompt, response) in enumerate(entry[kind]):
-                    getattr(item, kind).append(Target(prompt, response, tensors[f"{i}.{kind}.{j}.ids"].long(),
-                                                      tensors[f"{i}.{kind}.{j}.lp"].float()))
-            items.append(item)
-        progress.status(f"teacher targets read from {path.name}")
-        return items
+        try:
+            return _read_targets(path, progress)
+        except Exception:  # a damaged cache only costs a regeneration
+            progress.status(f"teacher targets in {path.name} are damaged; generating them again")
     items = teacher_targets(loaded, rows, cfg, progress)
     cache.mkdir(parents=True, exist_ok=True)
     tensors, index = {}, []
@@ -386,6 +366,23 @@ def _cached_targets(loaded, rows, cfg, data_digest: str, progress) -> list[Item]
     return items
 
 
+def _read_targets(path: Path, progress) -> list[Item]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    index = json.loads((path.with_suffix(".json")).read_text())
+    items = []
+    for i, entry in enumerate(index):
+        item = Item(entry["ctx"], entry["recon"])
+        for kind in ("questions", "instructions"):
+            for j, (prompt, response) in enumerate(entry[kind]):
+                getattr(item, kind).append(Target(prompt, response, tensors[f"{i}.{kind}.{j}.ids"].long(),
+                                                  tensors[f"{i}.{kind}.{j}.lp"].float()))
+        items.append(item)
+    progress.status(f"teacher targets read from {path.name}")
+    return items
+
+
 def _save_checkpoint(ckpt: Path, peft_model, bias, opt, sched, state, cfg, data_digest, best) -> None:
     from safetensors.torch import save
 
@@ -395,8 +392,12 @@ def _save_checkpoint(ckpt: Path, peft_model, bias, opt, sched, state, cfg, data_
     for idx, entry in opt_state["state"].items():
         for name, value in entry.items():
             tensors[f"adam.{idx}.{name}"] = value.detach().cpu().contiguous().float()
-    atomic_write(ckpt / "state.safetensors", save(tensors))
-    atomic_write(ckpt / "best.safetensors", save({k: v.contiguous() for k, v in best.items()}))
+    # Three files, each written atomically; each tensor file names the step it belongs to, and
+    # state.json (written last) is what a resume reads first: a crash between the writes
+    # leaves a set that `_load_checkpoint` recognises as mixed and refuses.
+    step = {"step": str(state["step"])}
+    atomic_write(ckpt / "state.safetensors", save(tensors, metadata=step))
+    atomic_write(ckpt / "best.safetensors", save({k: v.contiguous() for k, v in best.items()}, metadata=step))
     meta = {**state, "config": cfg.to_dict(), "data": data_digest, "param_groups": opt_state["param_groups"],
             "scheduler": sched.state_dict().get("last_epoch")}
     atomic_write(ckpt / "state.json", json.dumps(meta, default=str).encode())
@@ -406,11 +407,20 @@ def _load_checkpoint(ckpt: Path, peft_model, bias, opt, sched, cfg, data_digest)
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    meta = json.loads((ckpt / "state.json").read_text())
+    from safetensors import SafetensorError, safe_open
+
+    hint = "rerun without --resume (and with --force) to start over"
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+        with safe_open(str(ckpt / "state.safetensors"), "pt") as f:
+            written_at = (f.metadata() or {}).get("step")
+        tensors = load_file(str(ckpt / "state.safetensors"))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UsageError(f"the checkpoint in {ckpt} cannot be read ({exc})".splitlines()[0], hint=hint) from exc
+    if written_at != str(meta.get("step")):
+        raise UsageError(f"the checkpoint in {ckpt} is a mix of two steps (interrupted while saving)", hint=hint)
     if meta.get("config") != cfg.to_dict() or meta.get("data") != data_digest:
-        raise UsageError(f"{ckpt} was made with other settings or data",
-                         hint="rerun without --resume (and with --force) to start over")
-    tensors = load_file(str(ckpt / "state.safetensors"))
+        raise UsageError(f"{ckpt} was made with other settings or data", hint=hint)
     device = bias.device
     set_peft_model_state_dict(peft_model, {k.removeprefix("lora."): v.to(device) for k, v in tensors.items()
                                            if k.startswith("lora.")})

@@ -6,30 +6,18 @@ number instead of after an hour of compiling.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import InputError
+from ..ingest import read_jsonl
 
 
 def load_dataset(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such dataset: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path.name} is not valid UTF-8 (byte {exc.start})") from exc
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            row = None
+    for number, _, row in read_jsonl(path, "dataset"):
         problem = _problem(row)
         if problem:
             raise InputError(f"{path.name} line {number}: not a dataset row ({problem})")

@@ -46,15 +46,15 @@ def _ratio_ci(pairs: list[tuple[float, float]], resamples: int = 1000) -> tuple[
 
 def summarize(results: list[dict], kv_bytes_per_position: int) -> dict:
     rows = [r for doc in results for r in doc["rows"]]
-    baseline = {(r["doc"], r["question"]): r for r in rows if r["condition"] in ("full", "full_article")}
+    baseline = {(r["condition"], r["doc"], r["question"]): r for r in rows if r["condition"] in ("full", "full_article")}
     conditions = []
     keys = sorted({(r["condition"], r.get("method"), r["ratio"]) for r in rows},
                   key=lambda k: (_ORDER.get(k[0], 99), k[2] or 0, str(k[1])))
     for condition, method, ratio in keys:
         sel = [r for r in rows if (r["condition"], r.get("method"), r["ratio"]) == (condition, method, ratio)]
         ref_condition = "full_article" if condition.startswith("composed") or condition == "full_article" else "full"
-        refs = [baseline.get((r["doc"], r["question"])) for r in sel]
-        refs = [x for x in refs if x is not None and x["condition"] == ref_condition]
+        refs = [baseline.get((ref_condition, r["doc"], r["question"])) for r in sel]
+        refs = [x for x in refs if x is not None]
         c = {"condition": condition, "method": method, "ratio": ratio, "n": len(sel),
              **{m: _mean(r[m] for r in sel) for m in METRICS},
              "ttft": _mean(r["ttft"] for r in sel), "seconds": _mean(r["seconds"] for r in sel),

@@ -13,7 +13,7 @@ layouts (`composed`: side by side; `composed_overlap`), against all paragraphs i
 (`full_article`). With `layout_check`, the first method's cartridges are also read in the v1
 layout (buffer after its text; the maths says: identical answers) and stored as bfloat16.
 
-Cartridges come from the one compile path (compile/document.py), in this process, cached in
+Cartridges come from `compile_fn` (api.py hands in the one compile path), cached in
 DIR/cartridges/; each finished document is written to DIR/docs/ at once, so an interrupted
 run resumes where it stopped. `report.write_report` turns the rows into the report.
 """
@@ -82,8 +82,9 @@ def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
                 check=settings.layout_check)
 
 
-def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, methods: list[Method],
+def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, methods: list[Method], compile_fn,
              progress: Progress = NO_PROGRESS) -> list[dict]:
+    """`compile_fn(document, method, ratio, progress) -> Cartridge` compiles in memory."""
     """Evaluate every document (reusing finished ones) and return their result dicts."""
     (out / "docs").mkdir(parents=True, exist_ok=True)
     (out / "cartridges").mkdir(exist_ok=True)
@@ -93,19 +94,21 @@ def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, method
         doc_sha = hashlib.sha256(row["context"].encode()).hexdigest()
         mine = [m for m in methods if index % m.stride == 0]
         done_path = out / "docs" / f"{_slug(row['id'])}-{doc_sha[:12]}-{settings_key(loaded, settings, mine)}.json"
-        if done_path.exists():
-            results.append(json.loads(done_path.read_text()))
+        result = _read_done(done_path)
+        if result is not None:
+            results.append(result)
         else:
-            result = evaluate_document(loaded, row, doc_sha, settings, out / "cartridges", mine, progress)
+            result = evaluate_document(loaded, row, doc_sha, settings, out / "cartridges", mine, compile_fn, progress)
             atomic_write(done_path, json.dumps(result).encode())
             results.append(result)
         progress.advance("documents")
     if settings.compose:
-        results += evaluate_compositions(loaded, rows, settings, out, methods[0])
+        results += evaluate_compositions(loaded, rows, settings, out, methods[0], compile_fn)
     return results
 
 
-def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out: Path, method: Method) -> list[dict]:
+def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out: Path, method: Method,
+                          compile_fn) -> list[dict]:
     """For each article with several paragraphs: answer all its questions from the
     paragraphs' cartridges composed (both layouts), and from all paragraphs in the prompt."""
     from ..compose import combine
@@ -120,15 +123,16 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
         key = _key(docs=[hashlib.sha256(m["context"].encode()).hexdigest() for m in members],
                    s=settings_key(loaded, settings, [method]))
         done_path = out / "docs" / f"article-{_slug(title)}-{key}.json"
-        if done_path.exists():
-            results.append(json.loads(done_path.read_text()))
+        done = _read_done(done_path)
+        if done is not None:
+            results.append(done)
             continue
         joined = "\n\n".join(m["context"] for m in members)
         result = {"id": f"article:{title}", "title": title, "rows": [], "compiles": [], "general": []}
         composed = {}
         for ratio in settings.ratios:
             carts = [compiled_cartridge(loaded, m, hashlib.sha256(m["context"].encode()).hexdigest(), ratio, method,
-                                        out / "cartridges")[0] for m in members]
+                                        out / "cartridges", compile_fn)[0] for m in members]
             composed[ratio] = {"composed": combine(carts, "consecutive"), "composed_overlap": combine(carts, "overlap")}
         for m in members:
             qs = _questions(m, settings)
@@ -142,6 +146,15 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
         atomic_write(done_path, json.dumps(result).encode())
         results.append(result)
     return results
+
+
+def _read_done(path: Path) -> dict | None:
+    """A finished document's results, or None (missing or damaged: evaluate it again)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("rows"), list) else None
 
 
 def _row(doc: dict, q: dict, condition: str, ratio: float | None, method: str | None, a) -> dict:
@@ -163,7 +176,7 @@ def _questions(row: dict, settings: EvalSettings) -> list[dict]:
 
 
 def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, cart_dir: Path,
-                      methods: list[Method], progress: Progress = NO_PROGRESS) -> dict:
+                      methods: list[Method], compile_fn, progress: Progress = NO_PROGRESS) -> dict:
     text = row["context"]
     qs = _questions(row, settings)
     texts = [q["q"] for q in qs]
@@ -184,7 +197,7 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
         for i, method in enumerate(methods):
             # The unit of cost, timed just before each compile: a prefill of this document.
             prefill_s = time_prefill(loaded, prompter.context_ids(text))
-            cart, seconds = compiled_cartridge(loaded, row, doc_sha, ratio, method, cart_dir, progress)
+            cart, seconds = compiled_cartridge(loaded, row, doc_sha, ratio, method, cart_dir, compile_fn, progress)
             k = cart.slots
             if (ratio, k) not in truncated_at:  # the same KV budget as this cartridge, from the start of the text
                 truncated_at.add((ratio, k))
@@ -198,7 +211,7 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
                 add("cartridge_bf16", ratio, method.label, answer(loaded, texts, buffer=bf16, cfg=ask, batch=True))
             compiles.append({"method": method.label, "ratio": ratio, "slots": k, "seconds": seconds,
                              "prefill_seconds": prefill_s, "prefill_equivalents": seconds / prefill_s,
-                             "bytes": cart_dir.joinpath(_cart_name(loaded, row, doc_sha, ratio, method)).stat().st_size,
+                             "bytes": cart_dir.joinpath(_cart_name(loaded, doc_sha, ratio, method)).stat().st_size,
                              "metrics": cart.manifest["metrics"]["segments"]})
             if settings.general_probes:
                 cart_general = [a.text for a in answer(loaded, GENERAL_PROBES, buffer=cart.buffer, cfg=ask, batch=True)]
@@ -209,32 +222,31 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
             "general": general}
 
 
-def _cart_name(loaded, row, doc_sha: str, ratio: float, method: Method) -> str:
+def _cart_name(loaded, doc_sha: str, ratio: float, method: Method) -> str:
     return f"{doc_sha[:12]}-r{ratio:g}-{_key(fp=loaded.fingerprint, m=_method_key(method), r=ratio)}.lcc"
 
 
-def compiled_cartridge(loaded, row, doc_sha, ratio, method: Method, cart_dir: Path,
+def compiled_cartridge(loaded, row, doc_sha, ratio, method: Method, cart_dir: Path, compile_fn,
                        progress: Progress = NO_PROGRESS) -> tuple[Cartridge, float]:
-    """Compile (or reuse a cached) cartridge through the one compile path; returns it and
-    its compile seconds (wall time of the whole compile, as `lcc compile` spends it)."""
-    from ..backends.local import LocalExecutor
-    from ..compile.document import DocumentTask, compile_all, text_segments
+    """Compile (or reuse a cached) cartridge; returns it and its compile seconds (wall time
+    of the whole compile, as `lcc compile` spends it)."""
+    from ..format.cartridge import save_cartridge
+    from ..errors import LccError
 
-    cfg = method.config(ratio)
-    path = cart_dir / _cart_name(loaded, row, doc_sha, ratio, method)
+    path = cart_dir / _cart_name(loaded, doc_sha, ratio, method)
     if path.exists():
-        cart = load_cartridge(path)
-        return cart, cart.manifest["metrics"]["wall_seconds"]
+        try:
+            cart = load_cartridge(path)
+            return cart, float(cart.manifest["metrics"]["wall_seconds"])
+        except (LccError, KeyError, TypeError, ValueError):
+            pass  # a damaged cache entry is compiled again
     doc = Document(text=row["context"], sha256=doc_sha, name=f"{row['id']}.txt")
     started = time.perf_counter()
-    task = DocumentTask(doc, None, text_segments(loaded, doc.text, cfg))
-    compile_all(loaded, [task], cfg, method.spec, LocalExecutor(loaded), progress)
+    cart = compile_fn(doc, method, ratio, progress)
     seconds = time.perf_counter() - started
-    task.cartridge.manifest["metrics"]["wall_seconds"] = round(seconds, 3)
-    from ..format.cartridge import save_cartridge
-
-    save_cartridge(task.cartridge, path, overwrite=True)
-    return task.cartridge, seconds
+    cart.manifest["metrics"]["wall_seconds"] = round(seconds, 3)
+    save_cartridge(cart, path, overwrite=True)
+    return cart, seconds
 
 
 def time_prefill(loaded, ids: list[int], repeats: int = 5) -> float:

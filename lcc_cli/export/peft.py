@@ -51,6 +51,8 @@ def export_peft(cart: Cartridge, out_dir: Path, force: bool = False) -> Path:
     from safetensors.torch import save
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise OutputExistsError(f"{out_dir} exists and is not empty", hint="pass --force to overwrite its files")
     if cart.buffer.positions.tolist() != list(range(cart.slots)):
@@ -92,9 +94,17 @@ def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
     if not isinstance(config, dict) or config.get("peft_type") != "CARTRIDGE":
         raise CartridgeError(f"{directory} holds a {str(config.get('peft_type') if isinstance(config, dict) else '?')[:20]}"
                              f" adapter, not a PEFT Cartridge")
-    layers = config.get("num_layers") or facts.num_layers
-    heads = config.get("num_attention_heads") or facts.num_kv_heads
-    head_dim = (config.get("token_dim") or facts.num_kv_heads * facts.head_dim) // heads
+    def number(key, default):
+        value = config.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CartridgeError(f"{CONFIG}: {key} must be a positive integer")
+        return value
+
+    layers = number("num_layers", facts.num_layers)
+    heads = number("num_attention_heads", facts.num_kv_heads)
+    head_dim = number("token_dim", facts.num_kv_heads * facts.head_dim) // heads
     if (layers, heads, head_dim) != (facts.num_layers, facts.num_kv_heads, facts.head_dim):
         raise CartridgeError(f"the adapter is for {layers} layers x {heads} kv heads x head dim {head_dim}; "
                              f"the model has {facts.num_layers} x {facts.num_kv_heads} x {facts.head_dim}")
@@ -104,8 +114,10 @@ def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
     except (OSError, SafetensorError) as exc:
         raise CartridgeError(f"cannot read {weights.name}: {exc}".splitlines()[0][:160]) from exc
     embeddings = tensors.get("prompt_embeddings")
-    if embeddings is None or embeddings.dim() != 2 or not embeddings.is_floating_point():
-        raise CartridgeError(f"{weights.name} has no 2-D prompt_embeddings tensor")
+    if embeddings is None or embeddings.dim() != 2 or not embeddings.is_floating_point() or not embeddings.shape[0]:
+        raise CartridgeError(f"{weights.name} has no non-empty 2-D prompt_embeddings tensor")
+    if embeddings.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        embeddings = embeddings.float()
     if config.get("num_virtual_tokens") not in (None, embeddings.shape[0]):
         raise CartridgeError("num_virtual_tokens disagrees with the adapter tensor")
     manifest = None

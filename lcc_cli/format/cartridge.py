@@ -25,7 +25,6 @@ from ..errors import CartridgeError
 from . import manifest as mf
 from .fsio import atomic_write
 
-SUFFIX = ".lcc"
 PARTIAL_SUFFIX = ".partial"
 MAX_HEADER = 64 * 1024 * 1024  # a manifest for thousands of segments is a few MB
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

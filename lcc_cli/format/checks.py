@@ -50,10 +50,10 @@ def _norm(value):
 
 
 def check_fingerprint(model: dict, model_id: str, fingerprint: str, name: str = "cartridge",
-                      force: bool = False) -> str:
+                      force: bool = False, hint: str = "pass --force to use it anyway") -> str:
     """Refuse a file made for another model (unless forced)."""
     want = model["fingerprint"]
     if want != fingerprint and not force:
-        raise ModelMismatchError(f"{name} was made for model {model['id']} ({want[:12]}), "
-                                 f"not {model_id} ({fingerprint[:12]})", hint="pass --force to use it anyway")
-    return want[:16]
+        raise ModelMismatchError(f"{name} was made for model {model['id']} ({str(want)[:12]}), "
+                                 f"not {model_id} ({fingerprint[:12]})", hint=hint)
+    return str(want)[:16]

@@ -30,7 +30,6 @@ from .fsio import atomic_write
 
 FORMAT_NAME = "lcc-compiler"
 FORMAT_VERSION = 1
-SUFFIX = ".lccc"
 _MAX_TENSORS = 10_000
 
 
@@ -73,17 +72,10 @@ def is_compiler_file(path: Path) -> bool:
     return isinstance(meta, dict) and isinstance(meta.get("lcc_compiler"), str)
 
 
-def load_compiler(path: str | Path) -> CompilerFile:
-    path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise CompilerFileError(f"no such compiler file: {path}")
+def _read_header(source: Path | bytes, name: str) -> tuple:
+    """(raw header, metadata, checked manifest) from the header alone."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CompilerFileError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        raw = carts.read_raw(data, name)
+        raw = carts.read_raw(source, name)
     except Exception as exc:
         raise CompilerFileError(getattr(exc, "message", str(exc))) from exc
     meta = raw.header.get("__metadata__") or {}
@@ -94,6 +86,24 @@ def load_compiler(path: str | Path) -> CompilerFile:
     except (ValueError, RecursionError) as exc:
         raise CompilerFileError(f"{name}: compiler manifest is not valid JSON") from exc
     _validate(manifest, raw, name)
+    return raw, meta, manifest
+
+
+def read_compiler_manifest(path: Path) -> dict:
+    """The manifest of a compiler file, from its header only (cheap: no tensors read)."""
+    return _read_header(Path(path), Path(path).name)[2]
+
+
+def load_compiler(path: str | Path) -> CompilerFile:
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise CompilerFileError(f"no such compiler file: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CompilerFileError(f"cannot read {path}: {exc.strerror}") from exc
+    raw, meta, manifest = _read_header(data, name)
     try:
         tensors = carts.read_tensors(raw, name)
     except Exception as exc:
@@ -116,8 +126,12 @@ def _validate(m, raw, name: str) -> None:
     model, comp = m.get("model"), m.get("compiler")
     if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
         raise CompilerFileError(f"{name}: manifest has no model fingerprint")
-    if not isinstance(comp, dict) or not isinstance(comp.get("lora_rank"), int) or comp["lora_rank"] < 1:
-        raise CompilerFileError(f"{name}: manifest has no compiler settings")
+    if (not isinstance(comp, dict) or not isinstance(comp.get("lora_rank"), int) or comp["lora_rank"] < 1
+            or not isinstance(comp.get("lora_alpha"), (int, float)) or not isinstance(comp.get("sink"), bool)
+            or not isinstance(comp.get("lora_targets"), list) or not comp["lora_targets"]
+            or not all(isinstance(t, str) for t in comp["lora_targets"])):
+        raise CompilerFileError(f"{name}: manifest has no valid compiler settings (lora_rank, lora_alpha, "
+                                f"lora_targets, sink)")
     if not isinstance(m.get("tensor_sha256"), str):
         raise CompilerFileError(f"{name}: manifest has no tensor digest")
     entries = [k for k in raw.header if k != "__metadata__"]

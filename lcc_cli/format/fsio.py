@@ -118,5 +118,5 @@ def _os_error(exc: OSError, what: str):
 
 
 def write_text(path: Path, text: str) -> Path:
-    """Atomic replace of a small text file (caches, reports)."""
+    """Atomic replace of a small text file (the fingerprint cache)."""
     return atomic_write(Path(path), text.encode("utf-8"), overwrite=True)

@@ -48,7 +48,6 @@ class LoadedModel:
     tokenizer: Any
     model_id: str  # human-readable name; the fingerprint is what is checked
     fingerprint: str
-    path: Path
 
     @property
     def device(self):
@@ -219,7 +218,7 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
     fingerprint = fingerprint_cached(net, tokenizer, path)
     net.to(device=device, dtype=compute_dtype(device, dtype)).eval()
     net.requires_grad_(False)
-    return LoadedModel(net, tokenizer, model_id, fingerprint, path)
+    return LoadedModel(net, tokenizer, model_id, fingerprint)
 
 
 def quiet_transformers() -> None:

@@ -26,7 +26,7 @@ class Answer:
     token_ids: list[int]
     seconds_to_first_token: float
     seconds_total: float
-    kv_positions: int  # cache length the question attended to: the KV memory held
+    kv_positions: int  # buffer entries the question attended to (0 with the document in the prompt)
     prompt_tokens: int  # tokens prefilled at question time
 
 
@@ -39,7 +39,8 @@ def answer(loaded, questions: list[str], buffer: Buffer | None = None, document:
     cfg = cfg or AskConfig()
     p = loaded.prompter
     if buffer is not None:
-        buffer = buffer.to(loaded.device, loaded.dtype)
+        if buffer.device != loaded.device or buffer.dtype != loaded.dtype:
+            buffer = buffer.to(loaded.device, loaded.dtype)
         prefix, first = buffer.cache_layers(), buffer.first_query_position
         prompts = [p.query_ids(q) for q in questions]
     else:
@@ -68,8 +69,8 @@ def _check_window(loaded, prompt_end: int, max_new_tokens: int, question: str) -
     limit = loaded.facts.max_positions
     if limit and prompt_end + max_new_tokens > limit:
         raise UsageError(f"the question needs positions up to {prompt_end} plus {max_new_tokens} new tokens, "
-                         f"past the model's {limit}-position window", hint="shorten the question or the answer",
-                         field="max_new_tokens" if prompt_end < limit else None)
+                         f"past the model's {limit}-position window",
+                         hint="shorten the question or the answer, or use fewer cartridges")
 
 
 def _streamer(tokenizer, on_text):

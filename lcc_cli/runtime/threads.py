@@ -60,8 +60,7 @@ class AutoThreads(Progress):
         self.last = (now, busy, own)
         if d_total <= 0:
             return
-        total_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else self.cores
-        others = max(0.0, (d_busy - d_own) / d_total * (os.cpu_count() or total_cores))
+        others = max(0.0, (d_busy - d_own) / d_total * (os.cpu_count() or self.cores))
         want = max(1, min(self.cores, round(self.cores - others)))
         if want != self.threads:
             import torch
