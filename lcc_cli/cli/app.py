@@ -43,6 +43,11 @@ ThreadsOpt = typer.Option(None, "--threads", help="CPU math threads (default: th
 DtypeOpt = typer.Option(None, "--dtype", help="Compute dtype: float32 (CPU default) | bfloat16 (CUDA default; "
                                              "2.3x faster on CPUs with AVX512-BF16).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of text.")
+# Shared by ask and chat.
+ContextOpt = typer.Option(None, "--context", "-c", help="Answer with this document in the prompt instead (baseline).")
+MaxTokensOpt = typer.Option(AskConfig.max_new_tokens, "--max-new-tokens", help="Longest answer, in tokens.")
+TemperatureOpt = typer.Option(AskConfig.temperature, "--temperature", help="0 decodes greedily.")
+ForceReadOpt = typer.Option(False, "--force", help="Use a cartridge even if it was made for another model.")
 
 
 def _flag(name: str) -> str:
@@ -221,15 +226,14 @@ def ask(
                                             help="Answer every question in FILE (one per line, or JSONL with 'q'; "
                                                  "'-' = stdin) with one model load; always writes JSONL, one line "
                                                  "per answer."),
-    context: Optional[Path] = typer.Option(None, "--context", "-c",
-                                           help="Answer with this document in the prompt instead (baseline)."),
-    max_new_tokens: int = typer.Option(AskConfig.max_new_tokens, help="Longest answer, in tokens."),
-    temperature: float = typer.Option(AskConfig.temperature, help="0 decodes greedily."),
+    context: Optional[Path] = ContextOpt,
+    max_new_tokens: int = MaxTokensOpt,
+    temperature: float = TemperatureOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
-    force: bool = typer.Option(False, "--force", help="Use a cartridge even if it was made for another model."),
+    force: bool = ForceReadOpt,
     as_json: bool = JsonOpt,
 ):
     """Answer QUESTION from cartridges (or from --context FILE, or from nothing)."""
@@ -267,14 +271,14 @@ def ask(
 @_errors
 def chat(
     cartridges: Optional[list[Path]] = typer.Argument(None, help="Cartridges to read from (composed)."),
-    context: Optional[Path] = typer.Option(None, "--context", "-c", help="Chat over this document instead."),
-    max_new_tokens: int = typer.Option(AskConfig.max_new_tokens, help="Longest answer, in tokens."),
-    temperature: float = typer.Option(AskConfig.temperature, help="0 decodes greedily."),
+    context: Optional[Path] = ContextOpt,
+    max_new_tokens: int = MaxTokensOpt,
+    temperature: float = TemperatureOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
-    force: bool = typer.Option(False, "--force", help="Use a cartridge even if it was made for another model."),
+    force: bool = ForceReadOpt,
 ):
     """Ask questions one after another with the model kept loaded (Ctrl-D or 'exit' ends).
     Each question is answered on its own: earlier turns are not remembered."""
