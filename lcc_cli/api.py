@@ -447,7 +447,8 @@ def inspect(path: Path) -> dict:
 # --- train-compiler -------------------------------------------------------------------------
 
 def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None = None, force: bool = False,
-                   resume: bool = False, time_limit: float | None = None, progress: Progress = NO_PROGRESS):
+                   resume: bool = False, time_limit: float | None = None, stop_after: int | None = None,
+                   progress: Progress = NO_PROGRESS):
     """`lcc train-compiler`: train a pretrained compiler for the model and write it."""
     from .compile.train import train_compiler as train
     from .format.fsio import check_output
@@ -465,7 +466,7 @@ def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None =
     loaded = load(run)
     try:
         return train(loaded, [Path(d) for d in data], output, cfg, resume=resume, time_limit=time_limit,
-                     progress=progress, overwrite=force)
+                     progress=progress, overwrite=force, stop_after=stop_after)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; checkpoints are kept in {output}.ckpt",
                           hint="rerun with --resume to continue") from None

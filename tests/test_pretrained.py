@@ -209,3 +209,11 @@ def test_gpu_train_compile_and_read_back_on_cpu(data, tmp_path, tiny_model_dir, 
                      run=run_opts(tiny_model_dir, device="cpu"))
     (gpu_answer,) = api.ask(["Who built it?"], [tmp_path / "c.lcc"], run=gpu)
     assert gpu_answer.kv_positions == load_cartridge(tmp_path / "c.lcc").slots
+
+
+def test_stop_after_ends_the_schedule_early_and_says_so(data, tmp_path, tiny_model_dir):
+    result = api.train_compiler([data], tmp_path / "c.safetensors", small(steps=6, checkpoint_every=4),
+                                run=run_opts(tiny_model_dir), stop_after=3)
+    t = load_compiler(tmp_path / "c.safetensors").manifest["training"]
+    assert result.steps == t["steps"] == 3 and t["config"]["steps"] == 6
+    assert [h["step"] for h in t["history"]] == [3]  # the stopping step is scored like a checkpoint

@@ -469,6 +469,8 @@ def train_compiler_cmd(
     seed: int = typer.Option(TrainConfig.seed, help="Random seed: a run is deterministic for a seed (and device)."),
     time_limit: Optional[float] = typer.Option(None, help="Stop after this many minutes (the file records the "
                                                           "steps done)."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop after this many steps of the --steps schedule (the "
+                                                        "file records the steps done)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.ckpt/."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing compiler file."),
     model: Optional[str] = ModelOpt,
@@ -488,9 +490,12 @@ def train_compiler_cmd(
                       min_ratio=min_ratio, max_ratio=max_ratio, checkpoint_every=checkpoint_every, seed=seed)
     if time_limit is not None and not time_limit > 0:
         raise UsageError(f"time_limit must be a positive number of minutes (got {time_limit})", field="time_limit")
+    if stop_after is not None and stop_after < 1:
+        raise UsageError(f"stop_after must be at least 1 (got {stop_after})", field="stop_after")
     with _progress(as_json) as progress:
         result = api.train_compiler(data, output, cfg, run=_run(model, device, threads, dtype), force=force, resume=resume,
-                                    time_limit=time_limit * 60 if time_limit else None, progress=progress)
+                                    time_limit=time_limit * 60 if time_limit else None, stop_after=stop_after,
+                                    progress=progress)
     if as_json:
         print_json(vars(result))
         return

@@ -208,10 +208,11 @@ def _order(count: int, index: int, seed: int) -> int:
 
 def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, resume: bool = False,
                    time_limit: float | None = None, progress: Progress = NO_PROGRESS,
-                   overwrite: bool = False) -> TrainResult:
+                   overwrite: bool = False, stop_after: int | None = None) -> TrainResult:
     """Train and write the compiler file. Checkpoints go to OUTPUT.ckpt/ (resume with
-    `resume=True`); `time_limit` (seconds) stops early at a step boundary, and the file
-    records the steps actually done."""
+    `resume=True`). `stop_after` ends the run after that many steps of the cfg.steps
+    schedule (deterministic); `time_limit` (seconds) at a step boundary. The file records
+    the steps actually done."""
     started = time.perf_counter()
     rows, files = read_training_data(data)
     data_digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
@@ -241,7 +242,8 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
         progress.start("train", cfg.steps, "training")
         progress.advance("train", state["step"])
         step_started, spent_before = time.perf_counter(), state["seconds"]
-        while state["step"] < cfg.steps:
+        last = min(cfg.steps, stop_after or cfg.steps)
+        while state["step"] < last:
             if time_limit is not None and time.perf_counter() - started > time_limit:
                 progress.status(f"time limit reached after {state['step']} steps")
                 break
@@ -264,7 +266,7 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
             state["step"] += 1
             state["seconds"] = spent_before + time.perf_counter() - step_started
             progress.advance("train", **sums, tok_s=round(state["tokens"] / max(state["seconds"], 1e-9)))
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == last:
                 score = heldout_score(loaded, peft_model, bias, [items[i] for i in heldout_rows], cfg)
                 state["history"].append({"step": state["step"], **{k: round(v, 4) for k, v in sums.items()},
                                          "heldout_qa_kl": score})
