@@ -309,10 +309,12 @@ QUALITY_PRESETS: dict[str, dict[str, dict]] = {
     # From scratch: 30 steps collapsed quality; 80 was the v0 default.
     "optimise": {"fast": {"steps": 30}, "balanced": {"steps": 80}, "best": {"steps": 160}},
     # Pretrained: one forward pass, or a short refinement from it (a smaller rate: the start
-    # is already good, and a large step undoes it).
+    # is already good, and a large step undoes it). The refinement drops the KL term: on the
+    # pilot (40 questions) +5 steps without it answered 0.54 at 16x against 0.33 with it, and
+    # cost 35 prefill-equivalents instead of 60 (docs/experiments.md).
     "pretrained": {"fast": {"steps": 0},
-                   "balanced": {"steps": 5, "lr": 1e-3, "kl_pool": 8, "kl_per_step": 4},
-                   "best": {"steps": 20, "lr": 1e-3, "kl_pool": 16, "kl_per_step": 4}},
+                   "balanced": {"steps": 5, "lr": 1e-3, "kl_weight": 0.0},
+                   "best": {"steps": 20, "lr": 1e-3, "kl_weight": 0.0}},
 }
 
 

@@ -27,6 +27,9 @@ def test_real_model_compile_then_ask(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["model"] == "smollm2-135m"
     assert summary["slots"] == -(-summary["tokens"] // 16)
+    # The shipped compiler matches the embedded model, so `auto` starts from it.
+    assert summary["compiler"]["name"] == "pretrained"
+    assert summary["compiler"]["file"] == "compiler-smollm2-135m.safetensors"
 
     verify = runner.invoke(app, ["verify", str(out), "--source", str(EXAMPLE), "--probe", "--json"])
     assert verify.exit_code == 0, verify.stdout + verify.stderr

@@ -190,7 +190,11 @@ def compile_cmd(
         print_json(result.to_dict())
         return
     last = result.metrics[-1] if result.metrics else {}
-    losses = (f"; final recon {last['final_recon']:.3f}, kl {last['final_kl']:.3f}" if "final_recon" in last else "")
+    losses = ""
+    if "final_recon" in last:
+        # A refinement without the KL term reports no KL (a 0.000 would read as a perfect fit).
+        kl = f", kl {last['final_kl']:.3f}" if last.get('final_kl') else ""
+        losses = f"; final recon {last['final_recon']:.3f}{kl}"
     method = result.compiler.get("name", "?") + (f" + {last.get('steps')} steps" if result.compiler.get("name")
                                                   == "pretrained" else "")
     out.print(f"wrote {clean(result.path)}: {result.slots} slots from {result.tokens} tokens "

@@ -419,7 +419,9 @@ def _load_checkpoint(ckpt: Path, peft_model, bias, opt, sched, cfg, data_digest)
         tensors = load_file(str(ckpt / "state.safetensors"))
     except (OSError, ValueError, SafetensorError) as exc:
         raise UsageError(f"the checkpoint in {ckpt} cannot be read ({exc})".splitlines()[0], hint=hint) from exc
-    if written_at != str(meta.get("step")):
+    # Checkpoints written before the step was stamped into the tensors file carry no stamp;
+    # their two files were written back to back, so they are taken as they are.
+    if written_at is not None and written_at != str(meta.get("step")):
         raise UsageError(f"the checkpoint in {ckpt} is a mix of two steps (interrupted while saving)", hint=hint)
     if meta.get("config") != cfg.to_dict() or meta.get("data") != data_digest:
         raise UsageError(f"{ckpt} was made with other settings or data", hint=hint)
