@@ -43,16 +43,14 @@ def main():
     text = Path(sys.argv[1]).read_text()
     compiler = sys.argv[2] if len(sys.argv) > 2 else None
     scratch = CompilerSpec("optimise")
-    methods = {"cuda": [("scratch 80 steps", scratch, compile_config("optimise", steps=80))],
+    methods = {"cuda": [("scratch 80 steps", scratch, compile_config("optimise", steps=80, ratio=16.0))],
                # the CPU pass measures per-step cost on fewer steps: 80 steps would take minutes
-               "cpu": [("scratch 10 steps", scratch, compile_config("optimise", steps=10))]}
+               "cpu": [("scratch 10 steps", scratch, compile_config("optimise", steps=10, ratio=16.0))]}
     if compiler:
         spec = CompilerSpec("pretrained", compiler)
-        pretrained = [("pretrained 0 steps", spec, compile_config("pretrained", "fast")),
-                      ("pretrained 5 steps", spec, compile_config("pretrained", steps=5, lr=1e-3, kl_pool=8))]
-        methods = {"cuda": pretrained + [("pretrained 20 steps", spec, compile_config("pretrained", steps=20, lr=1e-3,
-                                                                                      kl_pool=16))] + methods["cuda"],
-                   "cpu": pretrained + methods["cpu"]}
+        presets = [(f"pretrained {q}", spec, compile_config("pretrained", q, ratio=16.0))
+                   for q in ("fast", "balanced", "best")]
+        methods = {"cuda": presets + methods["cuda"], "cpu": presets[:2] + methods["cpu"]}
     rows = []
     import os
 
@@ -62,7 +60,6 @@ def main():
 
         base = median_prefill(loaded, loaded.prompter.context_ids(text))
         for label, spec, cfg in methods[device]:
-            cfg = compile_config(spec.name, steps=cfg.steps, lr=cfg.lr, kl_pool=cfg.kl_pool, ratio=16.0)
             segment = text_segments(loaded, text, cfg)[0]
             comp = build_compiler(spec, loaded)
             if device == "cuda":

@@ -72,7 +72,9 @@ def _key(**blob) -> str:
 
 
 def _method_key(m: Method) -> list:
-    return [m.label, m.spec.name, m.spec.path, m.settings, m.stride]
+    # Not the stride: it decides which documents a method runs on, not what it produces, so
+    # a bench resized later reuses the cartridges and documents already done.
+    return [m.label, m.spec.name, m.spec.path, m.settings]
 
 
 def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
