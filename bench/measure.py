@@ -6,8 +6,9 @@ Each measurement runs its conditions one after another in one run, on this machi
 the real embedded model, and writes bench/results/measurements.{json,md}:
 
 - questions:  20 questions answered by one `lcc ask --questions` vs 20 separate `lcc ask`
-- backends:   a 20-paragraph batch compile with the local, processes and ray executors
-              (documents per minute), and Ray's fixed start-up cost on its own
+- backends:   a 20-paragraph batch compile (pretrained + 2 steps, so the executors' own
+              costs show) with the local, processes and ray executors (documents per
+              minute), and Ray's fixed start-up cost on its own
 - contention: a 6-step compile of the README example (the whole process) idle, beside a
               busy loop on one core, and beside a second lcc compile; with the old settings
               (--threads 2, spinning OpenMP waits) and the new (automatic threads, passive waits)
@@ -76,7 +77,7 @@ def measure_backends(tmp: Path) -> dict:
     for backend, extra in (("local", []), ("processes", ["--workers", "2", "--threads", "1"]),
                            ("ray", ["--workers", "2", "--threads", "1"])):
         seconds, proc = sh(LCC + ["compile", str(docs), "-o", f"{tmp / backend}/", "--backend", backend,
-                                  "--quality", "balanced", "--json", *extra])
+                                  "--quality", "balanced", "--steps", "2", "--json", *extra])
         ok(proc)
         summary = json.loads(proc.stdout)
         out[backend] = {"seconds": round(seconds, 1), "documents": summary["counts"]["done"],
@@ -147,7 +148,7 @@ def render(results: dict) -> str:
                   f"{q['separate_processes_s']} s ({q['speedup']}x).", ""]
     if "backends" in results:
         b = results["backends"]
-        lines += ["## Executors: a 20-paragraph batch (`--quality balanced`)", "",
+        lines += ["## Executors: a 20-paragraph batch (`--quality balanced --steps 2`)", "",
                   "| backend | seconds | documents | documents / minute |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['seconds']} | {v['documents']} | {v['documents_per_minute']} |" for k, v in b.items()
                   if k != "ray_fixed_cost"]
