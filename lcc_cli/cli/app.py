@@ -192,8 +192,7 @@ def compile_cmd(
     last = result.metrics[-1] if result.metrics else {}
     losses = ""
     if "final_recon" in last:
-        # A refinement without the KL term reports no KL (a 0.000 would read as a perfect fit).
-        kl = f", kl {last['final_kl']:.3f}" if last.get('final_kl') else ""
+        kl = f", kl {last['final_kl']:.3f}" if "final_kl" in last else ""
         losses = f"; final recon {last['final_recon']:.3f}{kl}"
     method = result.compiler.get("name", "?") + (f" + {last.get('steps')} steps" if result.compiler.get("name")
                                                   == "pretrained" else "")

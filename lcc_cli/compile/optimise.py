@@ -117,7 +117,9 @@ def optimise_segment(loaded, text: str, cfg: CompileConfig, progress: Progress =
             loss.backward()
             opt.step()
             sched.step()
-            metrics = {"loss": loss.item(), "recon": recon.item(), "kl": kl.item(), "cloze": cloze.item()}
+            metrics = {"loss": loss.item(), "recon": recon.item(), "cloze": cloze.item()}
+            if batch:  # no KL term (kl_weight 0 leaves the teacher pool empty): no KL to report
+                metrics["kl"] = kl.item()
             if step == 0:
                 first = {f"first_{key}": v for key, v in metrics.items()}
             progress.advance("steps", **metrics)
