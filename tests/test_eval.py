@@ -140,3 +140,17 @@ def test_methods_strides_and_layout_checks(toy, tmp_path, tiny_model_dir):
     assert costs["scratch+2"]["documents"] == 1 and costs["scratch+1"]["documents"] == 2
     assert costs["scratch+1"]["file_bytes"] > 0 and costs["scratch+1"]["prefill_equivalents"] > 0
     assert [t["ratio"] for t in result["summary"]["targets"]] == [16.0, 16.0, 8.0]
+
+
+def test_a_retrained_compiler_at_the_same_path_is_not_reused(tmp_path):
+    # Retraining rewrites the shipped compiler in place: finished documents of the old one
+    # must not be served as results of the new one.
+    from lcc_cli.compile.base import CompilerSpec
+
+    path = tmp_path / "compiler.safetensors"
+    path.write_bytes(b"old weights")
+    method = evaluate.Method("pretrained+0", CompilerSpec("pretrained", str(path)), {"steps": 0})
+    before = evaluate._method_key(method)
+    path.write_bytes(b"new weights!")
+    assert evaluate._method_key(method) != before
+    assert evaluate._method_key(evaluate.Method("x", CompilerSpec(), {})) == ["x", "optimise", None, {}]
