@@ -67,7 +67,8 @@ def summarize(results: list[dict], kv_bytes_per_position: int) -> dict:
         conditions.append(c)
     costs = _costs(results, conditions, kv_bytes_per_position)
     return {"documents": sum(1 for d in results if not d["id"].startswith("article:")),
-            "questions": len({(r["doc"], r["question"]) for r in rows}),
+            # by id: a paragraph can carry the same question text twice
+            "questions": len({(r["doc"], r.get("qid") or r["question"]) for r in rows}),
             "conditions": conditions, "costs": costs, "general": _general(results),
             "targets": _targets(conditions, costs)}
 
@@ -149,7 +150,7 @@ def render_markdown(summary: dict, meta: dict, plot: str | None) -> str:
     methods = "\n".join(f"- `{m['label']}`: compiler `{m['compiler'][0]}`"
                         + (f" (`{m['compiler'][1]}`)" if m["compiler"][1] else "")
                         + f", steps {m['settings'].get('steps')}, lr {m['settings'].get('lr')}"
-                        + (f", every {m['stride']}th document" if m["stride"] > 1 else "")
+                        + (f", one document in {m['stride']}" if m["stride"] > 1 else "")
                         for m in meta.get("methods", []))
     lines = ["# lcc eval report", "",
              f"Model `{meta['model']}` (fingerprint `{meta['fingerprint'][:16]}`), data `{meta['data']}`, "
