@@ -145,12 +145,17 @@ def test_methods_strides_and_layout_checks(toy, tmp_path, tiny_model_dir):
 def test_a_retrained_compiler_at_the_same_path_is_not_reused(tmp_path):
     # Retraining rewrites the shipped compiler in place: finished documents of the old one
     # must not be served as results of the new one.
+    import torch
+
     from lcc_cli.compile.base import CompilerSpec
+    from lcc_cli.format.compiler_file import save_compiler
 
     path = tmp_path / "compiler.safetensors"
-    path.write_bytes(b"old weights")
+    manifest = {"model": {"fingerprint": "f" * 64},
+                "compiler": {"lora_rank": 4, "lora_alpha": 4, "lora_targets": ["q_proj"], "sink": True}}
+    save_compiler(path, manifest, {"slot_bias": torch.zeros(8)})
     method = evaluate.Method("pretrained+0", CompilerSpec("pretrained", str(path)), {"steps": 0})
     before = evaluate._method_key(method)
-    path.write_bytes(b"new weights!")
+    save_compiler(path, manifest, {"slot_bias": torch.ones(8)})
     assert evaluate._method_key(method) != before
     assert evaluate._method_key(evaluate.Method("x", CompilerSpec(), {})) == ["x", "optimise", None, {}]

@@ -20,7 +20,6 @@ run resumes where it stopped. `report.write_report` turns the rows into the repo
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -34,6 +33,7 @@ import torch
 from ..compile.base import CompilerSpec
 from ..config import CompileConfig, EvalSettings
 from ..format.cartridge import Cartridge, load_cartridge
+from ..format.compiler_file import read_compiler_manifest
 from ..format.fsio import atomic_write
 from ..ingest import Document
 from ..progress import NO_PROGRESS, Progress
@@ -72,24 +72,13 @@ def _key(**blob) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-@functools.lru_cache(maxsize=None)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _method_key(m: Method) -> list:
     # Not the stride: it decides which documents a method runs on, not what it produces, so
-    # a bench resized later reuses the cartridges and documents already done. The compiler
-    # file's content, not its path: retraining the shipped compiler rewrites the same path.
-    compiler = None
-    if m.spec.path:
-        stat = Path(m.spec.path).stat()
-        compiler = _file_digest(str(m.spec.path), stat.st_size, stat.st_mtime_ns)
-    return [m.label, m.spec.name, compiler, m.settings]
+    # a bench resized later reuses the cartridges and documents already done. The compiler's
+    # weights (the digest its header records), not its path: retraining the shipped compiler
+    # rewrites the same path.
+    weights = read_compiler_manifest(Path(m.spec.path))["tensor_sha256"] if m.spec.path else None
+    return [m.label, m.spec.name, weights, m.settings]
 
 
 def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
