@@ -247,10 +247,12 @@ def load_eval_config(path: Path | None) -> EvalSettings:
 class TrainConfig(_FromDict):
     """Everything that changes what `lcc train-compiler` produces. Stored in the compiler file."""
 
-    # Optimiser steps; each step averages the gradient over `batch` documents. 1000 x 8 is
-    # about ten passes over the 841 training paragraphs of the shipped data.
-    steps: int = 1000
+    # Optimiser steps; each step averages the gradient over `batch` paragraphs and
+    # `long_batch` long documents. 1,200 x (8 + 1) is about half a pass over SQuAD train's
+    # 18k paragraphs and 1.4 passes over its 887 long windows (docs/compiler.md).
+    steps: int = 1200
     batch: int = 8
+    long_batch: int = 1
     # A pretrained LoRA moves slowly and is reused forever: a moderate rate, warm-up, and a
     # cosine decay to 10% (the same schedule as per-document compiles).
     lr: float = 1e-3
@@ -261,37 +263,49 @@ class TrainConfig(_FromDict):
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     # One compiler for every ratio in this range: each document draws its own (log-uniform).
     min_ratio: float = 4.0
-    max_ratio: float = 16.0
+    max_ratio: float = 32.0
     sink: bool = True
-    # Objective: reconstruction of the document, KL to the full-context teacher on the data's
-    # questions (where it has them), and on document-referring instructions.
+    # Documents are split as `lcc compile` splits them (CompileConfig.segment_tokens), one
+    # buffer per segment; at most max_segments are trained on per document.
+    segment_tokens: int = 1024
+    max_segments: int = 4
+    # Objective: KL to the teacher on the data's questions (gold answers, teacher-forced),
+    # reconstruction of one-segment documents, KL to the model without a document on
+    # context-free instructions.
     recon_weight: float = 0.5
     qa_weight: float = 1.0
     kl_weight: float = 0.5
-    questions_per_step: int = 4  # per document
-    instructions_per_doc: int = 4  # teacher targets prepared per document
+    questions_per_step: int = 4  # per paragraph
+    questions_per_long: int = 8  # per long document
     instructions_per_step: int = 2
     response_tokens: int = 24
     recon_tokens: int = 256  # reconstruct at most this many document tokens (cost grows with it)
-    top_k: int = 64  # teacher log-probabilities kept per response token
-    max_doc_tokens: int = 1024
-    heldout: int = 24  # documents kept out of training to choose the best checkpoint
-    checkpoint_every: int = 50
+    top_k: int = 64  # teacher log-probabilities kept per instruction response token
+    max_doc_tokens: int = 1536  # a guard: a segment's context turn is cut here
+    # Whole articles are held out until there are this many paragraphs and long documents
+    # to choose the best checkpoint on, scored at heldout_ratio.
+    heldout: int = 24
+    heldout_long: int = 4
+    heldout_ratio: float = 16.0
+    checkpoint_every: int = 25
     seed: int = 0
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
         for name in ("steps", "batch", "lora_rank", "lora_alpha", "response_tokens", "recon_tokens", "top_k",
-                     "max_doc_tokens", "checkpoint_every"):
+                     "max_doc_tokens", "checkpoint_every", "segment_tokens", "max_segments"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "at least 1", value)
-        for name in ("warmup", "questions_per_step", "instructions_per_doc", "instructions_per_step", "heldout"):
+        for name in ("warmup", "questions_per_step", "questions_per_long", "instructions_per_step", "heldout",
+                     "heldout_long", "long_batch"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, "0 or more", value)
         _check(_finite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
         _check(_finite(self.min_ratio) and self.min_ratio >= 1, "min_ratio", "at least 1", self.min_ratio)
         _check(_finite(self.max_ratio) and self.max_ratio >= self.min_ratio, "max_ratio", "at least min_ratio",
                self.max_ratio)
+        _check(_finite(self.heldout_ratio) and self.heldout_ratio >= 1, "heldout_ratio", "at least 1",
+               self.heldout_ratio)
         for name in ("recon_weight", "qa_weight", "kl_weight"):
             _check(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
 

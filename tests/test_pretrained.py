@@ -18,8 +18,18 @@ from lcc_cli.format.cartridge import load_cartridge
 from lcc_cli.format.compiler_file import load_compiler
 from lcc_cli.progress import Progress
 
+LONG = "\n\n".join([
+    "The harbour wall was begun in 1820 and finished in 1826 by the engineer Ada Stone.",
+    "Its lighthouse burned oil until 1923, when an electric lamp replaced the old burner.",
+    "The keepers left in 1987, when the station was automated and the cottages were sold.",
+    "Seals rest on the granite spur at low tide, and terns nest on the roof of the store.",
+])
 ROWS = [
-    {"context": DOC, "questions": [{"q": "Who built it?"}, {"q": "When was it completed?"}]},
+    {"context": DOC, "title": "harbor", "questions": [{"q": "Who built it?"}, {"q": "When was it completed?"}]},
+    {"context": LONG, "title": "harbour-long", "questions": [
+        {"q": "Who finished the wall?", "answers": ["Ada Stone"], "para": 0},
+        {"q": "When was it automated?", "answers": ["1987"], "para": 2},
+        {"q": "What rests on the spur?", "answers": ["Seals"], "para": 3}]},
     {"context": "The tower is 41 metres tall and painted in red and white bands.", "questions": [{"q": "How tall?"}]},
     {"context": "The lamp burned oil. It was replaced in 1923. The station was automated in 1987.",
      "questions": [{"q": "When was it automated?"}]},
@@ -31,7 +41,7 @@ ROWS = [
 
 def small(**overrides) -> TrainConfig:
     base = dict(steps=6, batch=2, lr=5e-3, warmup=1, lora_rank=4, lora_alpha=4, response_tokens=4, top_k=8,
-                checkpoint_every=3, heldout=1, recon_tokens=40)
+                checkpoint_every=3, heldout=1, heldout_long=0, recon_tokens=40, segment_tokens=32)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -58,6 +68,11 @@ def trained(tmp_path_factory, tiny_model_dir):
     return d / "c.safetensors", result
 
 
+def _losses(history: list[dict]) -> list[dict]:
+    """A run's history without its timings (everything else must match exactly)."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
 def _tensors_equal(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -68,9 +83,9 @@ def test_compiler_file_records_model_training_and_data(trained, tiny):
     m = comp.manifest
     assert m["format"] == "lcc-compiler" and m["model"]["fingerprint"] == tiny.fingerprint
     t = m["training"]
-    assert t["ratios"] == [4.0, 16.0] and t["steps"] == result.steps == 6
+    assert t["ratios"] == [4.0, 32.0] and t["steps"] == result.steps == 6
     assert t["objective"] == {"recon": 0.5, "qa_kl": 1.0, "instruction_kl": 0.5}
-    assert t["data"][0]["rows"] == 5 and len(t["data"][0]["sha256"]) == 64
+    assert t["data"][0]["rows"] == 6 and len(t["data"][0]["sha256"]) == 64
     assert t["tokens"] > 0 and t["tokens_per_second"] > 0 and m["lcc_version"]
     assert comp.slot_bias.shape == (tiny.facts.hidden_size,) and comp.lora
     # the held-out score was measured at every checkpoint, and the kept step is one of them
@@ -149,7 +164,7 @@ def test_training_is_deterministic_for_a_seed(data, tmp_path, tiny_model_dir):
         b = api.train_compiler([data], tmp_path / "b.safetensors", small(steps=3), run=run_opts(tiny_model_dir, threads=1))
     finally:
         torch.set_num_threads(threads)
-    assert a.history == b.history
+    assert _losses(a.history) == _losses(b.history)
     assert _tensors_equal(load_compiler(tmp_path / "a.safetensors").tensors, load_compiler(tmp_path / "b.safetensors").tensors)
 
 
@@ -180,7 +195,7 @@ def test_interrupted_training_resumes_to_the_same_compiler(data, tmp_path, tiny_
         torch.set_num_threads(threads)
     ref, got = load_compiler(tmp_path / "ref.safetensors"), load_compiler(tmp_path / "c.safetensors")
     assert _tensors_equal(ref.tensors, got.tensors)
-    assert ref.manifest["training"]["history"] == got.manifest["training"]["history"]
+    assert _losses(ref.manifest["training"]["history"]) == _losses(got.manifest["training"]["history"])
 
 
 def test_train_compiler_cli_refuses_bad_data(tmp_path, tiny_model_dir):

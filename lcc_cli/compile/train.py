@@ -2,19 +2,28 @@
 
 What is learned is the pretrained compiler (pretrained.py): a buffer-only LoRA and a bias
 added to every slot's starting embedding. Each training document is compiled exactly as
-`lcc compile --steps 0` compiles (context turn frozen, slots after it with the LoRA on,
-reader with the LoRA off over [sink + slots]) at a ratio drawn per document, and the
-reader's losses train the LoRA:
+`lcc compile --steps 0` compiles it: split into segments of `segment_tokens` (the compile
+default), each segment's context turn frozen, its slots after it with the LoRA on, and the
+segments' buffers laid out one after another as a cartridge lays them out. The reader (LoRA
+off) reads [sink + slots] of every segment, and its losses train the LoRA:
 
-- reconstruction of the document (cross-entropy, teacher-forced);
-- KL to the full-context teacher on the data's own questions: the teacher reads the
-  document, the student only the buffer (where the data has questions);
-- KL to the same teacher on document-referring instructions (as in per-document compiles).
+- KL to a teacher on the data's own questions, teacher-forced on the gold answer (or, for a
+  question without one, on the teacher's own greedy answer). The teacher is the frozen model
+  with the question's own *segment* in its context: for a long document that is a stronger
+  target than the whole document (the 135M model answers worse from 3k tokens than from the
+  right 1k), and it is what a composed cartridge should reproduce;
+- reconstruction of a one-segment document (cross-entropy, teacher-forced);
+- KL on context-free instructions to the model without any document (the manifold
+  regulariser: the buffer must not change how the reader answers unrelated requests).
 
-Teacher responses and their top-k log-probabilities are generated once, before training,
-and cached. Checkpoints hold everything needed to resume exactly; the step's randomness is
-derived from (seed, step), so a resumed run draws what the uninterrupted one would have.
-A few documents are held out; the compiler saved is the checkpoint that did best on them.
+The teacher's targets are computed inside the step from the context KV the compile has just
+prefilled (one extra forward of short rows, no generation), so no teacher pass over the whole
+dataset precedes training and every one of the data's questions can be used. Only the
+instruction responses are generated, once per model, and cached.
+
+Checkpoints hold everything needed to resume exactly; the step's randomness is derived from
+(seed, step). Whole articles (`title`) are held out; the compiler saved is the checkpoint that
+did best on them.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +45,7 @@ from ..errors import InputError, UsageError
 from ..format import manifest as mf
 from ..format.compiler_file import save_compiler
 from ..format.fsio import atomic_write
+from ..ingest import split_text, token_spans_of
 from ..progress import NO_PROGRESS, Progress
 from ..runtime.cache import prefill
 from ..runtime.decode import decode
@@ -44,12 +54,29 @@ from .objective import ce_loss, reader_logits
 from .optimise import attach_lora
 from .slots import chunk_embeddings, encode_slots, entries, reader_view
 
+# A row of more words than this share of segment_tokens is a long document (likely several
+# segments; at the default 1,024 that is 600 words): long documents are drawn on their own,
+# `long_batch` per step, so that every step has some.
+LONG_WORDS_PER_TOKEN = 0.6
+# A context this long (characters) is cut at load: training reads at most max_doc_tokens.
+MAX_CONTEXT_CHARS = 200_000
+
 # --- data -------------------------------------------------------------------------------------
 
 
-def read_training_data(paths: list[Path]) -> tuple[list[dict], list[dict]]:
-    """Rows of {"context" (or "text"), "questions": [{"q": ...}] (optional)} from JSONL files,
-    and a record of each file (name, sha256, rows) for the compiler's manifest."""
+@dataclass
+class Row:
+    text: str
+    questions: list[dict]  # {"q", "answer" (str or None), "para" (int or None)}
+    group: str  # what is held out together: the article title, or the row itself
+
+    long: bool = False
+
+
+def read_training_data(paths: list[Path], segment_tokens: int = 1024) -> tuple[list[Row], list[dict]]:
+    """Rows of {"context" (or "text"), "title" (optional), "questions": [{"q", "answers"
+    (optional), "para" (optional)}]} from JSONL files, and a record of each file (name,
+    sha256, rows) for the compiler's manifest."""
     from ..ingest import read_jsonl
 
     rows, files = [], []
@@ -62,12 +89,80 @@ def read_training_data(paths: list[Path]) -> tuple[list[dict], list[dict]]:
                     isinstance(q, dict) and isinstance(q.get("q"), str) for q in questions):
                 raise InputError(f"{path.name} line {number}: need \"context\" text and optional \"questions\" "
                                  f"[{{\"q\": ...}}]")
-            rows.append({"text": text.strip(), "questions": [q["q"] for q in questions]})
+            qs = []
+            for q in questions:
+                answers = [a for a in q.get("answers") or [] if isinstance(a, str) and a.strip()]
+                para = q.get("para")
+                qs.append({"q": q["q"][:2000], "answer": answers[0].strip() if answers else None,
+                           "para": para if isinstance(para, int) and not isinstance(para, bool) else None})
+            title = row.get("title")
+            group = title if isinstance(title, str) and title else f"{path.name}:{number}"
+            text = text.strip()[:MAX_CONTEXT_CHARS]
+            rows.append(Row(text, qs, group, len(text.split()) > LONG_WORDS_PER_TOKEN * segment_tokens))
             count += 1
-        files.append({"name": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": count})
+        files.append({"name": path.name, "sha256": _file_sha256(path), "rows": count})
     if not rows:
         raise InputError("the training data holds no documents")
     return rows, files
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Question:
+    prompt: list[int]
+    answer: list[int] | None  # gold answer + end of turn; None: the teacher answers greedily
+    segment: int
+
+
+@dataclass
+class Doc:
+    """A training document tokenised as `lcc compile` would see it."""
+
+    segments: list[list[int]]  # each segment's context turn
+    recon: list[int] | None  # reconstruction target (one-segment documents only)
+    questions: list[Question]
+
+
+def prepare(loaded, row: Row, cfg: TrainConfig) -> Doc:
+    """Split and tokenise one row. A question belongs to the segment that holds its answer
+    inside its paragraph (the paragraph's start when the answer is not found)."""
+    p = loaded.prompter
+    texts = split_text(row.text, token_spans_of(loaded.tokenizer), cfg.segment_tokens)
+    starts, pos = [], 0
+    for t in texts:
+        at = row.text.find(t[:200], pos)
+        starts.append(at if at >= 0 else pos)
+        pos = starts[-1] + len(t)
+    paras, offset = [], 0
+    for para in row.text.split("\n\n"):
+        paras.append((offset, para))
+        offset += len(para) + 2
+    texts = texts[: cfg.max_segments]
+    questions = []
+    for q in row.questions:
+        if len(starts) > 1:
+            if q["para"] is None or not 0 <= q["para"] < len(paras):
+                continue  # a question of a long document without its paragraph: no segment to ask
+            start, para = paras[q["para"]]
+            found = para.find(q["answer"]) if q["answer"] else -1
+            segment = max(i for i, s in enumerate(starts) if s <= start + max(found, 0))
+            if segment >= len(texts):
+                continue  # its segment is past max_segments
+        else:
+            segment = 0
+        # The assistant turn starts on a fresh line: the answer is encoded without a leading space.
+        answer = p.encode(q["answer"])[: cfg.response_tokens] + p.end_ids if q["answer"] else None
+        questions.append(Question(p.query_ids(q["q"]), answer, segment))
+    segments = [p.context_ids(t)[: cfg.max_doc_tokens] for t in texts]
+    recon = p.document_ids(texts[0])[: cfg.recon_tokens] if len(texts) == 1 else None
+    return Doc(segments, recon, questions)
 
 
 @dataclass
@@ -80,53 +175,43 @@ class Target:
     top_logprobs: torch.Tensor  # [len(response), k] float32
 
 
-@dataclass
-class Item:
-    ctx_ids: list[int]
-    recon: list[int]
-    questions: list[Target] = field(default_factory=list)
-    instructions: list[Target] = field(default_factory=list)
+def instruction_targets(loaded, cfg: TrainConfig, progress: Progress = NO_PROGRESS) -> list[Target]:
+    """The model without a document answers every context-free instruction, greedily (once
+    per model and settings; cached in $LCC_HOME/teacher/)."""
+    from safetensors.torch import load_file, save
 
+    from ..config import lcc_home
 
-def teacher_targets(loaded, rows: list[dict], cfg: TrainConfig, progress: Progress = NO_PROGRESS) -> list[Item]:
-    """The teacher (the frozen model with the document in its context) answers every
-    question and a seeded sample of document-referring instructions, greedily."""
+    agnostic, _ = generic_instructions()
     p = loaded.prompter
-    _, about = generic_instructions()
-    items, jobs = [], []  # jobs: (item index, kind, prompt)
-    for i, row in enumerate(rows):
-        ctx = p.context_ids(row["text"])[: cfg.max_doc_tokens]
-        items.append(Item(ctx, p.document_ids(row["text"])[: cfg.recon_tokens]))
-        rng = random.Random(f"{cfg.seed}:instructions:{i}")
-        for q in row["questions"]:
-            jobs.append((i, "q", p.query_ids(q)))
-        for q in rng.sample(about, min(cfg.instructions_per_doc, len(about))):
-            jobs.append((i, "i", p.query_ids(q)))
-    progress.start("teacher", len(jobs), "teacher answers")
-    cuda = loaded.device.type == "cuda"
-    # On a GPU, rows of many documents decode together (each with its own context); on a
-    # CPU, each document's rows share one prefill of its context.
-    groups = ([jobs[s: s + 128] for s in range(0, len(jobs), 128)] if cuda else
-              [[j for j in jobs if j[0] == i] for i in range(len(items))])
-    with torch.no_grad():  # not inference_mode: these tensors later take part in autograd
-        for group in groups:
-            if not group:
-                continue
-            if cuda:
-                prompts = [items[i].ctx_ids + prompt for i, _, prompt in group]
-                out = decode(loaded.model, None, 0, prompts, cfg.response_tokens, p.stop_ids, top_k=cfg.top_k)
-            else:
-                ctx = items[group[0][0]].ctx_ids
-                kv, _ = prefill(loaded.model, ctx)
-                out = decode(loaded.model, kv, len(ctx), [prompt for _, _, prompt in group], cfg.response_tokens,
-                             p.stop_ids, top_k=cfg.top_k)
-            for (i, kind, prompt), d in zip(group, out):
-                # float16, as cached: a run that generates its targets and one that reads them
-                # back must train on the same numbers.
-                target = Target(prompt, d.tokens, d.top[0].cpu(), d.top[1].to(torch.float16).float().cpu())
-                (items[i].questions if kind == "q" else items[i].instructions).append(target)
-            progress.advance("teacher", len(group))
-    return items
+    keep = {k: cfg.to_dict()[k] for k in ("response_tokens", "top_k")}
+    key = hashlib.sha256(json.dumps([loaded.fingerprint, agnostic, keep], sort_keys=True).encode()).hexdigest()[:16]
+    path = lcc_home() / "teacher" / f"instructions-{key}.safetensors"
+    if path.is_file():
+        try:
+            tensors, index = load_file(str(path)), json.loads(path.with_suffix(".json").read_text())
+            return [Target(pr, rs, tensors[f"{i}.ids"].long(), tensors[f"{i}.lp"].float())
+                    for i, (pr, rs) in enumerate(index)]
+        except Exception:  # a damaged cache only costs a regeneration
+            progress.status(f"teacher targets in {path.name} are damaged; generating them again")
+    progress.status(f"teacher answers to {len(agnostic)} instructions…")
+    kv, _ = prefill(loaded.model, p.context_ids(None))
+    prompts = [p.query_ids(q) for q in agnostic]
+    with torch.no_grad():
+        out = decode(loaded.model, kv, kv[0][0].shape[-2], prompts, cfg.response_tokens, p.stop_ids, top_k=cfg.top_k)
+    # float16, as cached: a run that generates the targets and one that reads them back must
+    # train on the same numbers.
+    targets = [Target(pr, d.tokens, d.top[0].cpu(), d.top[1].to(torch.float16).float().cpu())
+               for pr, d in zip(prompts, out)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, t in enumerate(targets):
+        tensors[f"{i}.ids"] = t.top_ids.to(torch.int32).contiguous()
+        tensors[f"{i}.lp"] = t.top_logprobs.to(torch.float16).contiguous()
+    atomic_write(path.with_suffix(".json"), json.dumps([[t.prompt, t.response] for t in targets]).encode(),
+                 overwrite=True)
+    atomic_write(path, save(tensors), overwrite=True)
+    return targets
 
 
 # --- one document's losses ----------------------------------------------------------------------
@@ -142,40 +227,92 @@ def topk_kl(logits: torch.Tensor, row: int, target: Target) -> torch.Tensor:
     return (teacher.exp() * (teacher - student.gather(-1, ids))).sum()
 
 
-def sample_targets(item: Item, rng: random.Random, cfg: TrainConfig) -> list[tuple[str, Target]]:
-    """This step's teacher targets for one document: some questions, some instructions."""
-    return ([("qa", t) for t in rng.sample(item.questions, min(cfg.questions_per_step, len(item.questions)))]
-            + [("kl", t) for t in rng.sample(item.instructions, min(cfg.instructions_per_step, len(item.instructions)))])
+def _answer_rows(p_len: list[int], rows: list[list[int]], logits: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's log-distributions at the positions that predict its response tokens."""
+    return [F.log_softmax(logits[i, p - 1: len(r) - 1].float(), dim=-1) for i, (p, r) in enumerate(zip(p_len, rows))]
 
 
-def document_losses(loaded, peft_model, bias: torch.Tensor, item: Item, ratio: float,
-                    chosen: list[tuple[str, Target]], cfg: TrainConfig, recon: bool = True) -> tuple[dict, int]:
-    """Compile `item` at `ratio` with the compiler being trained and score the reader on
-    reconstruction and the `chosen` teacher targets. Returns the loss terms (per token) and
-    the number of tokens processed."""
-    model, rope, p = loaded.model, loaded.rope, loaded.prompter
-    n = len(item.ctx_ids)
-    _, slots = entries(n, ratio, cfg.sink)
-    with torch.no_grad(), peft_model.disable_adapter():
-        ctx_kv, _ = prefill(model, item.ctx_ids)
-    embeds = chunk_embeddings(model, item.ctx_ids, slots) + bias
-    view, at = reader_view(ctx_kv, encode_slots(model, ctx_kv, embeds, n), n, cfg.sink, rope)
+def compile_document(loaded, peft_model, bias: torch.Tensor, doc: Doc, ratio: float, cfg: TrainConfig):
+    """Compile every segment with the compiler being trained (LoRA on at the slots) and lay
+    the buffers out one after another, as a cartridge does. Returns the reader's view, where
+    its question starts, each segment's frozen context KV (for the teacher) and the tokens
+    processed."""
+    rope = loaded.rope
+    views, ctx_kvs, tokens, offset = [], [], 0, 0
+    for ctx_ids in doc.segments:
+        n = len(ctx_ids)
+        _, slots = entries(n, min(ratio, n), cfg.sink)  # a context shorter than the ratio keeps one slot
+        with torch.no_grad(), peft_model.disable_adapter():
+            ctx_kv, _ = prefill(loaded.model, ctx_ids)
+        embeds = chunk_embeddings(loaded.model, ctx_ids, slots) + bias
+        view, at = reader_view(ctx_kv, encode_slots(loaded.model, ctx_kv, embeds, n), n, cfg.sink, rope)
+        # Segment j's buffer follows the earlier ones: its keys move by the entries before it.
+        views.append([(rope.shift(k, offset) if offset else k, v) for k, v in view])
+        ctx_kvs.append(ctx_kv)
+        offset += at
+        tokens += n + slots
+    layers = [(torch.cat([v[i][0] for v in views], dim=2), torch.cat([v[i][1] for v in views], dim=2))
+              for i in range(len(views[0]))]
+    return layers, offset, ctx_kvs, tokens
+
+
+def teacher_answers(loaded, ctx_kvs, questions: list[Question], cfg: TrainConfig):
+    """Responses (gold answers, or the teacher's own where there is none) and the teacher's
+    log-distributions over them, each question read with its own segment in the context."""
+    p = loaded.prompter
+    rows, dists = [None] * len(questions), [None] * len(questions)
+    with torch.no_grad():
+        for segment in sorted({q.segment for q in questions}):
+            kv = ctx_kvs[segment]
+            n = kv[0][0].shape[-2]
+            mine = [i for i, q in enumerate(questions) if q.segment == segment]
+            for i in mine:
+                if questions[i].answer is None:
+                    out = decode(loaded.model, kv, n, [questions[i].prompt], cfg.response_tokens, p.stop_ids)
+                    questions[i] = Question(questions[i].prompt, out[0].tokens, segment)
+            seqs = [questions[i].prompt + questions[i].answer for i in mine]
+            logits = reader_logits(loaded.model, kv, n, seqs)
+            for i, lp in zip(mine, _answer_rows([len(questions[i].prompt) for i in mine], seqs, logits)):
+                rows[i], dists[i] = questions[i].prompt + questions[i].answer, lp
+    return rows, dists
+
+
+def document_losses(loaded, peft_model, bias: torch.Tensor, doc: Doc, ratio: float, questions: list[Question],
+                    instructions: list[Target], cfg: TrainConfig, recon: bool = True) -> tuple[dict, int]:
+    """Compile `doc` at `ratio` with the compiler being trained (the LoRA attached to
+    loaded.model) and score the reader on the chosen questions, instructions and (for a
+    one-segment document) reconstruction. Returns the loss terms (per token) and the number
+    of tokens processed."""
+    model, p = loaded.model, loaded.prompter
+    view, at, ctx_kvs, tokens = compile_document(loaded, peft_model, bias, doc, ratio, cfg)
     zero = torch.zeros((), device=loaded.device)
     terms = {"recon": zero, "qa": zero, "kl": zero}
-    tokens = n + slots
     with peft_model.disable_adapter():
-        if recon and cfg.recon_weight:
+        if questions:
+            rows, teacher = teacher_answers(loaded, ctx_kvs, list(questions), cfg)
+            logits = reader_logits(model, view, at, rows)
+            student = _answer_rows([len(q.prompt) for q in questions], rows, logits)
+            total = sum(F.kl_div(s, t, log_target=True, reduction="sum") for s, t in zip(student, teacher))
+            terms["qa_tokens"] = sum(len(t) for t in teacher)
+            terms["qa"] = total / terms["qa_tokens"]
+            tokens += 2 * sum(len(r) for r in rows)
+        if recon and cfg.recon_weight and doc.recon is not None:
             prompt = p.query_ids(RECONSTRUCT_INSTRUCTION)
-            terms["recon"] = ce_loss(model, view, at, [(prompt, item.recon)])
-            tokens += len(prompt) + len(item.recon)
-        if chosen:
-            logits = reader_logits(model, view, at, [t.prompt + t.response for _, t in chosen])
-            for kind in ("qa", "kl"):
-                rows = [(i, t) for i, (k, t) in enumerate(chosen) if k == kind]
-                if rows:
-                    terms[kind] = sum(topk_kl(logits, i, t) for i, t in rows) / sum(len(t.response) for _, t in rows)
-            tokens += sum(len(t.prompt) + len(t.response) for _, t in chosen)
+            terms["recon"] = ce_loss(model, view, at, [(prompt, doc.recon)])
+            tokens += len(prompt) + len(doc.recon)
+        if instructions:
+            logits = reader_logits(model, view, at, [t.prompt + t.response for t in instructions])
+            terms["kl"] = sum(topk_kl(logits, i, t) for i, t in enumerate(instructions)) / sum(
+                len(t.response) for t in instructions)
+            tokens += sum(len(t.prompt) + len(t.response) for t in instructions)
     return terms, tokens
+
+
+def sample_step(doc: Doc, targets: list[Target], rng: random.Random, cfg: TrainConfig):
+    """This step's questions and instructions for one document."""
+    per_doc = cfg.questions_per_long if len(doc.segments) > 1 else cfg.questions_per_step
+    return (rng.sample(doc.questions, min(per_doc, len(doc.questions))),
+            rng.sample(targets, min(cfg.instructions_per_step, len(targets))))
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -198,12 +335,53 @@ def _ratio(rng: random.Random, cfg: TrainConfig) -> float:
     return math.exp(rng.uniform(math.log(cfg.min_ratio), math.log(cfg.max_ratio)))
 
 
-def _order(count: int, index: int, seed: int) -> int:
+def _order(count: int, index: int, seed: str) -> int:
     """The `index`-th document drawn: a fresh seeded permutation every epoch."""
     epoch, pos = divmod(index, count)
     perm = list(range(count))
     random.Random(f"{seed}:epoch:{epoch}").shuffle(perm)
     return perm[pos]
+
+
+@dataclass
+class Split:
+    """Which rows train and which are held out (whole groups, e.g. articles, at a time)."""
+
+    short: list[int]
+    long: list[int]
+    heldout: list[int]
+
+
+def split_rows(rows: list[Row], cfg: TrainConfig) -> Split:
+    """Hold out whole groups (articles) until there are `heldout` paragraphs and
+    `heldout_long` long documents with questions among them (at most a fifth of the groups);
+    the held-out documents are then taken from those groups in turn, for variety."""
+    groups = sorted({r.group for r in rows})
+    random.Random(f"{cfg.seed}:heldout").shuffle(groups)
+    want = {False: min(cfg.heldout, len(rows) // 5), True: cfg.heldout_long}
+    members: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        members.setdefault(r.group, []).append(i)
+    held: list[str] = []
+    for g in groups:
+        counts = {kind: sum(rows[i].long == kind and bool(rows[i].questions) for h in held for i in members[h])
+                  for kind in (False, True)}
+        if (all(counts[k] >= want[k] for k in want) and len(held) >= min(6, len(groups) // 5)) \
+                or len(held) >= max(1, len(groups) // 5):
+            break
+        held.append(g)
+    heldout = []
+    for kind in (False, True):
+        queues = [[i for i in members[g] if rows[i].long == kind and rows[i].questions] for g in held]
+        picked = []
+        while len(picked) < want[kind] and any(queues):
+            for q in queues:
+                if q and len(picked) < want[kind]:
+                    picked.append(q.pop(0))
+        heldout += picked
+    held_set = set(held)
+    train = [i for i, r in enumerate(rows) if r.group not in held_set]
+    return Split([i for i in train if not rows[i].long], [i for i in train if rows[i].long], sorted(heldout))
 
 
 def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, resume: bool = False,
@@ -214,17 +392,17 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
     schedule (deterministic); `time_limit` (seconds) at a step boundary. The file records
     the steps actually done."""
     started = time.perf_counter()
-    rows, files = read_training_data(data)
+    rows, files = read_training_data(data, cfg.segment_tokens)
     data_digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     ckpt = Path(str(output) + ".ckpt")
     torch.manual_seed(cfg.seed)
-    order = list(range(len(rows)))
-    random.Random(f"{cfg.seed}:heldout").shuffle(order)
-    heldout_rows = sorted(order[: min(cfg.heldout, len(rows) // 5)])
-    train_rows = sorted(set(order) - set(heldout_rows))
-    progress.status(f"{len(train_rows)} training documents, {len(heldout_rows)} held out")
-
-    items = _cached_targets(loaded, rows, cfg, data_digest, progress)
+    split = split_rows(rows, cfg)
+    if not split.short and not split.long:
+        raise InputError("every training document is held out; give more documents")
+    progress.status(f"{len(split.short)} paragraphs and {len(split.long)} long documents train, "
+                    f"{len(split.heldout)} held out")
+    heldout = [prepare(loaded, rows[i], cfg) for i in split.heldout]
+    targets = instruction_targets(loaded, cfg, progress) if cfg.kl_weight and cfg.instructions_per_step else []
     peft_model = attach_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     try:
         bias = torch.nn.Parameter(torch.zeros(loaded.facts.hidden_size, device=loaded.device))
@@ -249,17 +427,22 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
                 break
             step = state["step"]
             rng = random.Random(f"{cfg.seed}:step:{step}")
+            picks = ([split.short[_order(len(split.short), step * cfg.batch + b, f"{cfg.seed}")]
+                      for b in range(cfg.batch)] if split.short else [])
+            picks += ([split.long[_order(len(split.long), step * cfg.long_batch + b, f"{cfg.seed}:long")]
+                       for b in range(cfg.long_batch)] if split.long else [])
             opt.zero_grad(set_to_none=True)
             sums = {"recon": 0.0, "qa": 0.0, "kl": 0.0}
-            for b in range(cfg.batch):
-                item = items[train_rows[_order(len(train_rows), step * cfg.batch + b, cfg.seed)]]
+            for index in picks:
+                doc = prepare(loaded, rows[index], cfg)
                 ratio = _ratio(rng, cfg)
-                terms, tokens = document_losses(loaded, peft_model, bias, item, ratio, sample_targets(item, rng, cfg), cfg)
+                questions, instructions = sample_step(doc, targets, rng, cfg)
+                terms, tokens = document_losses(loaded, peft_model, bias, doc, ratio, questions, instructions, cfg)
                 loss = cfg.recon_weight * terms["recon"] + cfg.qa_weight * terms["qa"] + cfg.kl_weight * terms["kl"]
-                (loss / cfg.batch).backward()
+                (loss / len(picks)).backward()
                 state["tokens"] += tokens
                 for k in sums:
-                    sums[k] += float(terms[k].detach()) / cfg.batch
+                    sums[k] += float(terms[k].detach()) / len(picks)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -267,13 +450,16 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
             state["seconds"] = spent_before + time.perf_counter() - step_started
             progress.advance("train", **sums, tok_s=round(state["tokens"] / max(state["seconds"], 1e-9)))
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == last:
-                score = heldout_score(loaded, peft_model, bias, [items[i] for i in heldout_rows], cfg)
-                state["history"].append({"step": state["step"], **{k: round(v, 4) for k, v in sums.items()},
-                                         "heldout_qa_kl": score})
+                scores = heldout_scores(loaded, peft_model, bias, heldout, cfg)
+                state["history"].append({"step": state["step"], "tokens": state["tokens"],
+                                         "seconds": round(state["seconds"], 1),
+                                         **{k: round(v, 4) for k, v in sums.items()}, **scores})
+                score = scores["heldout_qa_kl"]
                 if score is None or state["best"] is None or score <= state["best"]["heldout_qa_kl"]:
                     state["best"] = {"step": state["step"], "heldout_qa_kl": score}
                     best_tensors = _compiler_tensors(peft_model, bias)
                 _save_checkpoint(ckpt, peft_model, bias, opt, sched, state, cfg, data_digest, best_tensors)
+                progress.status(f"step {state['step']}: held-out " + ", ".join(f"{k} {v}" for k, v in scores.items()))
         if best_tensors is None or state["best"] is None:  # stopped before the first checkpoint
             best_tensors = _compiler_tensors(peft_model, bias)
             state["best"] = {"step": state["step"], "heldout_qa_kl": None}
@@ -306,18 +492,25 @@ def _schedule(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def heldout_score(loaded, peft_model, bias, items: list[Item], cfg: TrainConfig) -> float | None:
-    """Mean per-token QA KL on held-out documents at the hardest ratio (deterministic)."""
-    total, count = 0.0, 0
+def heldout_scores(loaded, peft_model, bias, docs: list[Doc], cfg: TrainConfig) -> dict:
+    """Mean per-token QA KL on the held-out documents at `heldout_ratio` (deterministic): over
+    all of them (what selects the checkpoint), and over paragraphs and long documents apart."""
+    sums = {"short": [0.0, 0], "long": [0.0, 0]}
     with torch.no_grad():
-        for item in items:
-            if not item.questions:
+        for doc in docs:
+            if not doc.questions:
                 continue
-            chosen = [("qa", t) for t in item.questions[:8]]
-            terms, _ = document_losses(loaded, peft_model, bias, item, cfg.max_ratio, chosen, cfg, recon=False)
-            weight = sum(len(t.response) for _, t in chosen)
-            total, count = total + float(terms["qa"]) * weight, count + weight
-    return round(total / count, 5) if count else None
+            questions = doc.questions[: (cfg.questions_per_long if len(doc.segments) > 1 else 8)]
+            terms, _ = document_losses(loaded, peft_model, bias, doc, cfg.heldout_ratio, questions, [], cfg,
+                                       recon=False)
+            weight = terms["qa_tokens"]
+            kind = sums["long" if len(doc.segments) > 1 else "short"]
+            kind[0] += float(terms["qa"]) * weight
+            kind[1] += weight
+    total, count = sums["short"][0] + sums["long"][0], sums["short"][1] + sums["long"][1]
+    return {"heldout_qa_kl": round(total / count, 5) if count else None,
+            "heldout_short": round(sums["short"][0] / sums["short"][1], 5) if sums["short"][1] else None,
+            "heldout_long": round(sums["long"][0] / sums["long"][1], 5) if sums["long"][1] else None}
 
 
 def _compiler_tensors(peft_model, bias) -> dict[str, torch.Tensor]:
@@ -329,60 +522,7 @@ def _compiler_tensors(peft_model, bias) -> dict[str, torch.Tensor]:
     return out
 
 
-# --- teacher cache and checkpoints (safetensors + JSON: no pickle) -------------------------------
-
-
-def _targets_key(loaded, cfg: TrainConfig, data_digest: str) -> str:
-    keep = {k: v for k, v in cfg.to_dict().items() if k in ("instructions_per_doc", "response_tokens", "top_k",
-                                                               "max_doc_tokens", "recon_tokens", "seed")}
-    return hashlib.sha256(json.dumps([loaded.fingerprint, data_digest, keep], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _cached_targets(loaded, rows, cfg, data_digest: str, progress) -> list[Item]:
-    """Teacher targets, generated once per (model, data, settings) and kept in
-    $LCC_HOME/teacher/ so that a resumed or repeated run skips the generation."""
-    from safetensors.torch import save
-
-    from ..config import lcc_home
-
-    cache = lcc_home() / "teacher"
-    path = cache / f"{_targets_key(loaded, cfg, data_digest)}.safetensors"
-    if path.is_file():
-        try:
-            return _read_targets(path, progress)
-        except Exception:  # a damaged cache only costs a regeneration
-            progress.status(f"teacher targets in {path.name} are damaged; generating them again")
-    items = teacher_targets(loaded, rows, cfg, progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    tensors, index = {}, []
-    for i, item in enumerate(items):
-        entry = {"ctx": item.ctx_ids, "recon": item.recon, "questions": [], "instructions": []}
-        for kind in ("questions", "instructions"):
-            for j, t in enumerate(getattr(item, kind)):
-                entry[kind].append([t.prompt, t.response])
-                tensors[f"{i}.{kind}.{j}.ids"] = t.top_ids.to(torch.int32).contiguous()
-                tensors[f"{i}.{kind}.{j}.lp"] = t.top_logprobs.to(torch.float16).contiguous()
-        index.append(entry)
-    atomic_write(path.with_suffix(".json"), json.dumps(index).encode())
-    atomic_write(path, save(tensors))
-    return items
-
-
-def _read_targets(path: Path, progress) -> list[Item]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    index = json.loads((path.with_suffix(".json")).read_text())
-    items = []
-    for i, entry in enumerate(index):
-        item = Item(entry["ctx"], entry["recon"])
-        for kind in ("questions", "instructions"):
-            for j, (prompt, response) in enumerate(entry[kind]):
-                getattr(item, kind).append(Target(prompt, response, tensors[f"{i}.{kind}.{j}.ids"].long(),
-                                                  tensors[f"{i}.{kind}.{j}.lp"].float()))
-        items.append(item)
-    progress.status(f"teacher targets read from {path.name}")
-    return items
+# --- checkpoints (safetensors + JSON: no pickle) ------------------------------------------------
 
 
 def _save_checkpoint(ckpt: Path, peft_model, bias, opt, sched, state, cfg, data_digest, best) -> None:
