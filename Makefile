@@ -22,6 +22,7 @@ test:
 # interrupted run resumes), then the side-by-side measurements.
 bench:
 	$(PY) -m lcc_cli eval ../shared/data/squad_dev_sample.jsonl --config bench/bench.toml --out bench/results
+	$(PY) -m lcc_cli eval ../shared/data/squad_long_dev.jsonl --config bench/long.toml --out bench/results/long
 	$(PY) bench/measure.py all --out bench/results
 
 # Retrain the shipped compiler: 550 steps of the 1,000-step schedule, keeping the checkpoint

@@ -1,62 +1,15 @@
-"""Two methods of one `lcc eval` run compared question by question.
+"""Two methods (or a method and a baseline: truncate, retrieve) of one `lcc eval` run
+compared question by question (lcc_cli/eval/paired.py).
 
-    python bench/paired.py RESULTS.json METHOD_A METHOD_B
-
-Per ratio: mean "contains" and F1 of each (absolute and relative to full context), the
-difference B - A with a 95% interval from a bootstrap over documents (questions about one
-paragraph are not independent), and on how many questions B beat or lost to A. Paired
-differences separate two methods on far fewer questions than two independent means do.
+    python bench/paired.py RESULTS.json A B
 """
 
 from __future__ import annotations
 
 import json
-import random
 import sys
-from collections import defaultdict
 
-METRICS = ("contains", "f1")
-
-
-def compare(results: dict, a_label: str, b_label: str, resamples: int = 5000) -> dict:
-    rows = [r for d in results["documents"] for r in d["rows"]]
-    full = {(r["doc"], r["qid"]): r for r in rows if r["condition"] == "full"}
-    out = {}
-    for ratio in sorted({r["ratio"] for r in rows if r["condition"] == "cartridge"}):
-        def of(label):
-            return {(r["doc"], r["qid"]): r for r in rows
-                    if r["condition"] == "cartridge" and r["ratio"] == ratio and r["method"] == label}
-
-        a, b = of(a_label), of(b_label)
-        keys = sorted(set(a) & set(b))
-        if not keys:
-            continue
-        by_doc = defaultdict(list)
-        for k in keys:
-            by_doc[k[0]].append(k)
-        docs = sorted(by_doc)
-
-        def diff(ks, metric):
-            return sum(b[k][metric] - a[k][metric] for k in ks) / len(ks)
-
-        rng = random.Random(0)
-        boots = {m: sorted(diff([k for d in rng.choices(docs, k=len(docs)) for k in by_doc[d]], m)
-                           for _ in range(resamples)) for m in METRICS}
-        row = {"questions": len(keys), "documents": len(docs)}
-        for m in METRICS:
-            total_full = sum(full[k][m] for k in keys)
-            mean_a = sum(a[k][m] for k in keys) / len(keys)
-            mean_b = sum(b[k][m] for k in keys) / len(keys)
-            lo, hi = boots[m][int(0.025 * resamples)], boots[m][int(0.975 * resamples) - 1]
-            row[m] = {a_label: round(mean_a, 4), b_label: round(mean_b, 4), "diff": round(diff(keys, m), 4),
-                      "diff_ci95": [round(lo, 4), round(hi, 4)],
-                      f"{a_label} vs full": round(mean_a * len(keys) / total_full, 3) if total_full else None,
-                      f"{b_label} vs full": round(mean_b * len(keys) / total_full, 3) if total_full else None}
-        row["contains: B better / worse"] = [sum(b[k]["contains"] > a[k]["contains"] for k in keys),
-                                             sum(b[k]["contains"] < a[k]["contains"] for k in keys)]
-        out[f"{ratio:g}x"] = row
-    return out
-
+from lcc_cli.eval.paired import compare
 
 if __name__ == "__main__":
     if len(sys.argv) != 4:

@@ -176,6 +176,11 @@ class EvalSettings(_FromDict):
     ratios: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
     limit: int | None = None  # documents
     questions_per_doc: int | None = None
+    # With questions_per_doc: None takes each document's first questions; a seed samples them
+    # (a long document's first questions all come from its first paragraph).
+    sample_seed: int | None = None
+    # The `retrieve` baseline beside `truncate`: BM25 sentences of the same token budget.
+    retrieve: bool = True
     general_probes: bool = True
     # Also answer each article's questions from its paragraphs' cartridges composed together
     # (and, as the baseline, from all its paragraphs in the prompt).

@@ -41,10 +41,17 @@ def test_results_structure_and_numbers(toy, tmp_path, tiny_model_dir):
     data = json.loads((out / "results.json").read_text())
     assert (out / "report.md").is_file() and (out / "frontier.png").stat().st_size > 1000
     rows = [r for d in data["documents"] for r in d["rows"]]
-    # 3 questions x (full + none + 2 ratios x (truncate + cartridge)) = 18 rows
-    assert len(rows) == 18
+    # 3 questions x (full + none + 2 ratios x (truncate + retrieve + cartridge)) = 24 rows
+    assert len(rows) == 24
     assert {(r["condition"], r["ratio"]) for r in rows} == {
-        ("full", None), ("none", None), ("truncate", 4.0), ("truncate", 8.0), ("cartridge", 4.0), ("cartridge", 8.0)}
+        ("full", None), ("none", None), ("truncate", 4.0), ("truncate", 8.0), ("retrieve", 4.0), ("retrieve", 8.0),
+        ("cartridge", 4.0), ("cartridge", 8.0)}
+    # retrieve spends the truncate budget (the same K tokens; sentence joins may merge a token or two)
+    for ratio in (4.0, 8.0):
+        trunc = {r["qid"]: r for r in rows if r["condition"] == "truncate" and r["ratio"] == ratio}
+        for r in rows:
+            if r["condition"] == "retrieve" and r["ratio"] == ratio:
+                assert r["kv_positions"] <= trunc[r["qid"]]["kv_positions"] + 2
     for r in rows:
         assert 0 <= r["f1"] <= 1 and r["em"] in (0.0, 1.0) and r["contains"] in (0.0, 1.0)
     summary = result["summary"]
@@ -64,6 +71,9 @@ def test_results_structure_and_numbers(toy, tmp_path, tiny_model_dir):
     assert summary["general"] and summary["general"][0]["n"] == 2 * len(evaluate.GENERAL_PROBES)
     report = (out / "report.md").read_text()
     assert "| cartridge | cartridge | 8.0 |" in report and "PE" in report and "## Targets" in report
+    assert "## Paired against the baselines" in report and "| cartridge | retrieve | 8x |" in report
+    assert {(p["baseline"], p["ratio"]) for p in summary["paired"]} == {
+        (b, r) for b in ("truncate", "retrieve") for r in ("4x", "8x")}
 
 
 def test_resume_after_interrupt_keeps_finished_documents(toy, tmp_path, tiny_model_dir, monkeypatch):
@@ -159,3 +169,20 @@ def test_a_retrained_compiler_at_the_same_path_is_not_reused(tmp_path):
     save_compiler(path, manifest, {"slot_bias": torch.ones(8)})
     assert evaluate._method_key(method) != before
     assert evaluate._method_key(evaluate.Method("x", CompilerSpec(), {})) == ["x", "optimise", None, {}]
+
+
+def test_retrieve_picks_the_questions_sentences_within_the_budget():
+    from lcc_cli.eval.retrieve import retrieve
+
+    text = ("The harbour is on the east coast. Its wall was built in 1826 by Ada Stone.\n\n"
+            "Seals rest on the granite spur. The lighthouse was automated in 1987 after a storm.")
+
+    def words(t):
+        return len(t.split())
+
+    got = retrieve(text, "When was the lighthouse automated?", 12, words)
+    assert got == "The lighthouse was automated in 1987 after a storm."
+    both = retrieve(text, "Who built the wall, and when was the lighthouse automated?", 40, words)
+    assert both.index("1826") < both.index("1987")  # document order, not score order
+    assert words(retrieve(text, "lighthouse automated storm", 4, words)) <= 4  # an over-long best sentence is cut
+    assert retrieve(text, "anything", 0, words) == ""

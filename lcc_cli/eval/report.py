@@ -16,8 +16,8 @@ from ..format.fsio import atomic_write
 from .scoring import normalize, token_f1
 
 METRICS = ("em", "f1", "contains")
-_ORDER = {"full": 0, "none": 1, "truncate": 2, "cartridge": 3, "cartridge_v1_layout": 4, "cartridge_bf16": 5,
-          "full_article": 6, "composed": 7, "composed_overlap": 8}
+_ORDER = {"full": 0, "none": 1, "truncate": 2, "retrieve": 3, "cartridge": 4, "cartridge_v1_layout": 5,
+          "cartridge_bf16": 6, "full_article": 7, "composed": 8, "composed_overlap": 9}
 # Issue 9's targets: contains vs full at a compile budget, per ratio.
 TARGETS = [(16.0, 10, 0.6), (16.0, 100, 0.8), (8.0, 100, 0.9)]
 
@@ -128,7 +128,10 @@ def _general(results) -> list[dict]:
 
 
 def write_report(results: list[dict], out: Path, meta: dict) -> dict:
+    from .paired import against_baselines
+
     summary = summarize(results, meta["kv_bytes_per_position"])
+    summary["paired"] = against_baselines({"documents": results})
     payload = {"meta": meta, "summary": summary, "documents": results}
     atomic_write(out / "results.json", json.dumps(payload, indent=1).encode())
     plot = _plot(summary, out / "frontier.png")
@@ -163,10 +166,12 @@ def render_markdown(summary: dict, meta: dict, plot: str | None) -> str:
     lines += ["## Quality", "", score_table(summary), "",
               "`*_vs_full` divides by the full-context score on the same questions (`full_article` for the "
               "composed conditions). `truncate` gives the model the first K document tokens, K = the cartridge's "
-              "slots (the same KV budget). `composed` answers each article's questions from all its paragraphs' "
+              "slots (the same KV budget); `retrieve` the question's best BM25 sentences, K tokens at most. "
+              "`composed` answers each article's questions from all its paragraphs' "
               "cartridges side by side; `composed_overlap` with every cartridge at its own positions. "
               "`cartridge_v1_layout` reads the same cartridges with the buffer placed after its text (the v1 "
               "layout); `cartridge_bf16` reads them after a round trip through bfloat16.", "",
+              *paired_section(summary),
               "## Cost", "", cost_table(summary), "",
               "Prefill equivalents (PE): compile wall seconds / seconds of one forward pass over the document "
               "(median of 5, timed right before each compile). Break-even: compile seconds / ask seconds saved "
@@ -182,6 +187,21 @@ def render_markdown(summary: dict, meta: dict, plot: str | None) -> str:
     if plot:
         lines += [f"![contains vs compile cost]({plot})", ""]
     return "\n".join(lines)
+
+
+def paired_section(summary: dict) -> list[str]:
+    if not summary.get("paired"):
+        return []
+    head = ("| method | against | ratio | questions (docs) | method contains | baseline contains | difference "
+            "(95% CI) | better / worse |\n|---|---|---|---|---|---|---|---|")
+    body = [f"| {p['method']} | {p['baseline']} | {p['ratio']} | {p['questions']} ({p['documents']}) | "
+            f"{p['method_contains']:.3f} | {p['baseline_contains']:.3f} | {p['diff']:+.3f} "
+            f"({p['ci95'][0]:+.3f} to {p['ci95'][1]:+.3f}) | {p['better_worse'][0]} / {p['better_worse'][1]} |"
+            for p in summary["paired"]]
+    return ["## Paired against the baselines", "", head, *body, "",
+            "Absolute \"contains\" on the same questions; the interval is a bootstrap over documents. "
+            "`retrieve` puts the question's best BM25 sentences of the document in the prompt, as many tokens "
+            "as the cartridge has entries.", ""]
 
 
 def targets_table(summary: dict) -> str:
@@ -241,7 +261,8 @@ def _plot(summary: dict, path: Path) -> str | None:
             for c in points:
                 ax.annotate(c["method"].removeprefix(family), (c["prefill_equivalents"], c["contains_vs_full"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
-        for condition, style, colour in (("truncate", "--", "tab:orange"), ("none", ":", "tab:red")):
+        for condition, style, colour in (("truncate", "--", "tab:orange"), ("retrieve", "-.", "tab:purple"),
+                                         ("none", ":", "tab:red")):
             ref = next((x for x in summary["conditions"] if x["condition"] == condition
                         and x["ratio"] in (ratio, None)), None)
             if ref and ref["contains_vs_full"] is not None:

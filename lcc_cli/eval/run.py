@@ -4,6 +4,7 @@ Conditions, all with the same prompt layout, decoding settings and scorer:
   full       the document in the prompt
   none       no document
   truncate   the first K document tokens in the prompt, K = the cartridge's slots (same KV budget)
+  retrieve   the question's best BM25 sentences of the document, K tokens at most (eval/retrieve.py)
   cartridge  a compiled cartridge, for each method (compiler + settings) at each ratio
 
 A method may run on every `stride`-th document only (an expensive one, e.g. from scratch);
@@ -85,7 +86,7 @@ def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
     """Identifies a finished document's results: everything that changes them."""
     return _key(fp=loaded.fingerprint, ask=vars(settings.ask), ratios=settings.ratios, probes=settings.general_probes,
                 qpd=settings.questions_per_doc, methods=[_method_key(m) for m in methods],
-                check=settings.layout_check)
+                check=settings.layout_check, sample=settings.sample_seed, retrieve=settings.retrieve)
 
 
 def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, methods: list[Method], compile_fn,
@@ -178,7 +179,14 @@ def _slug(text: str) -> str:
 
 def _questions(row: dict, settings: EvalSettings) -> list[dict]:
     qs = row["questions"]
-    return qs[: settings.questions_per_doc] if settings.questions_per_doc else qs
+    if not settings.questions_per_doc or len(qs) <= settings.questions_per_doc:
+        return qs
+    if settings.sample_seed is None:
+        return qs[: settings.questions_per_doc]
+    import random
+
+    picked = random.Random(f"{settings.sample_seed}:{row['id']}").sample(range(len(qs)), settings.questions_per_doc)
+    return [qs[i] for i in sorted(picked)]
 
 
 def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, cart_dir: Path,
@@ -209,6 +217,8 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
                 truncated_at.add((ratio, k))
                 truncated = loaded.tokenizer.decode(doc_tokens[:k], skip_special_tokens=True)
                 add("truncate", ratio, None, answer(loaded, texts, document=truncated, cfg=ask, batch=True))
+                if settings.retrieve:
+                    add("retrieve", ratio, None, retrieved_answers(loaded, text, texts, k, ask))
             add("cartridge", ratio, method.label, answer(loaded, texts, buffer=cart.buffer, cfg=ask, batch=True))
             if settings.layout_check and i == 0:
                 v1 = cart.buffer.moved(cart.rope, cart.segments[0]["token_count"])  # the buffer after its text
@@ -226,6 +236,16 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
     return {"id": row["id"], "title": row.get("title"), "doc_tokens": len(doc_tokens),
             "context_tokens": len(prompter.context_ids(text)), "compiles": compiles, "rows": rows,
             "general": general}
+
+
+def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask) -> list:
+    """Each question answered from its own BM25 sentences of the document (`budget` tokens)."""
+    from .retrieve import retrieve
+
+    def count(t: str) -> int:
+        return len(loaded.prompter.encode(t))
+
+    return [answer(loaded, [q], document=retrieve(text, q, budget, count), cfg=ask, batch=True)[0] for q in questions]
 
 
 def _cart_name(loaded, doc_sha: str, ratio: float, method: Method) -> str:

@@ -1,0 +1,52 @@
+"""The `retrieve` baseline: what a user would do instead of compiling a long document.
+
+For each question, the document's sentences are ranked by BM25 (rank_bm25's Okapi scorer)
+against the question, and the best ones that fit the budget, as many tokens as the
+cartridge has KV entries, go into the prompt in document order. Same KV budget as the
+cartridge and `truncate`, but chosen with the question in hand, which a cartridge cannot do.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+_WORD = re.compile(r"\w+")
+
+
+def _terms(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def chunks_of(text: str) -> list[str]:
+    """Sentences (cut at sentence ends and blank lines), the unit retrieval picks."""
+    return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+
+
+def retrieve(text: str, question: str, budget: int, count_tokens) -> str:
+    """The best-scoring sentences for `question` that fit `budget` tokens together, in
+    document order. A best sentence longer than the whole budget is cut to it by words.
+    `count_tokens(text) -> int` is the model's tokenizer."""
+    from rank_bm25 import BM25Okapi
+
+    chunks = chunks_of(text)
+    if not chunks or budget <= 0:
+        return ""
+    scores = BM25Okapi([_terms(c) or [""] for c in chunks]).get_scores(_terms(question))
+    ranked = sorted(range(len(chunks)), key=lambda i: (-scores[i], i))
+    chosen, used = [], 0
+    for i in ranked:
+        cost = count_tokens(chunks[i])
+        if used + cost <= budget:
+            chosen.append(i)
+            used += cost
+        elif not chosen:  # the best sentence alone is over budget: keep its first words
+            words = chunks[i].split()
+            while words and count_tokens(" ".join(words)) > budget:
+                words = words[: max(1, len(words) * budget // max(count_tokens(" ".join(words)), 1) - 1)]
+                if len(words) == 1 and count_tokens(words[0]) > budget:
+                    words = []
+            return " ".join(words)
+        if used >= budget:
+            break
+    return " ".join(chunks[i] for i in sorted(chosen))
