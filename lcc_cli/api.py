@@ -269,13 +269,35 @@ def expand_sources(sources: list) -> list[Path]:
 
 
 def _output_names(files: list[Path], out_dir: Path) -> list[Path]:
-    taken: dict[str, int] = {}
+    """One distinct cartridge name per source, decided before any work: STEM.lcc, or
+    STEM-2.lcc, STEM-3.lcc... when a name is taken by an earlier source of the batch (names
+    are compared case-blind: some file systems are). A name that is taken is never reused,
+    even by a source whose own stem looks like `doc-2`."""
+    used: set[str] = set()
     names = []
     for f in files:
         stem = f.stem or "document"
-        taken[stem] = taken.get(stem, 0) + 1
-        names.append(out_dir / (f"{stem}.lcc" if taken[stem] == 1 else f"{stem}-{taken[stem]}.lcc"))
+        name, n = f"{stem}.lcc", 1
+        while name.lower() in used:
+            n += 1
+            name = f"{stem}-{n}.lcc"
+        used.add(name.lower())
+        names.append(out_dir / name)
     return names
+
+
+def _distinct(files: list[Path]) -> list[Path]:
+    """Sources named twice (the same file by two paths) are compiled once."""
+    seen, out = set(), []
+    for f in files:
+        try:
+            key = f.resolve()
+        except OSError:
+            key = f
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
 
 
 def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None = None,
@@ -294,7 +316,7 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
 
     started = time.perf_counter()
     run = run or RunOptions()
-    files = expand_sources(sources)
+    files = _distinct(expand_sources(sources))
     if any(str(f) == "-" for f in files):
         raise UsageError("stdin ('-') can only be compiled on its own")
     if not files:
@@ -311,7 +333,11 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
     method = _build(spec, loaded)
     info = method.describe()
     items, tasks, owners = [], [], []
-    for source, output in zip(files, _output_names(files, out_dir)):
+    outputs = _output_names(files, out_dir)
+    for source, output in zip(files, outputs):
+        if output.stem != (source.stem or "document"):
+            progress.status(f"{source} -> {output} (its name is taken by another source of this batch)")
+    for source, output in zip(files, outputs):
         item = BatchItem(str(source), str(output), "failed")
         items.append(item)
         try:
@@ -560,7 +586,7 @@ def export_cartridge(path: Path, to: str, out_dir: Path, force: bool = False) ->
 
     if to != "peft":
         raise UsageError(f"to must be peft (got {to!r})", field="to")
-    return export_peft(load_cartridge(path), Path(out_dir), force=force)
+    return export_peft(load_cartridge(path), Path(out_dir), force=force, source=Path(path))
 
 
 def _lcc_manifest(m) -> bool:
@@ -583,8 +609,12 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
     from .format.fsio import check_output
     from .export.peft import read_peft
 
-    output = Path(output)
-    check_output(output, force)
+    from .export.peft import ADAPTER_FILES, check_adapter_dir
+
+    output, directory = Path(output), Path(directory)
+    check_adapter_dir(directory)
+    inputs = tuple(directory / name for name in ADAPTER_FILES)
+    check_output(output, force, inputs)  # before the model loads; never one of the adapter's own files
     loaded = load(run or RunOptions())
     buffer, theirs, sha = read_peft(Path(directory), loaded.facts)
     check_values({f"{kind}.{i}": t for kind, ts in (("k", buffer.keys), ("v", buffer.values)) for i, t in enumerate(ts)},
@@ -610,6 +640,6 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
     from_bytes(data, Path(output).name)  # exactly the checks any later load runs
     from .format.fsio import atomic_write
 
-    atomic_write(output, data, overwrite=force)
+    atomic_write(output, data, overwrite=force, inputs=inputs)
     return CompileResult(str(output), cart.slots, source.get("token_count", 0), len(rows), 0.0, loaded.model_id,
                          compiler, [])

@@ -27,6 +27,7 @@ from ..format.fsio import atomic_write
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "lcc_manifest.json"
+ADAPTER_FILES = (CONFIG, WEIGHTS, MANIFEST)
 
 
 def pack(buffer: Buffer) -> torch.Tensor:
@@ -46,15 +47,28 @@ def unpack(embeddings: torch.Tensor, layers: int, kv_heads: int, head_dim: int) 
     return Buffer(keys, values, torch.arange(k))
 
 
-def export_peft(cart: Cartridge, out_dir: Path, force: bool = False) -> Path:
-    """Write a PEFT Cartridge adapter directory for `cart`."""
+def export_peft(cart: Cartridge, out_dir: Path, force: bool = False, source: Path | None = None) -> Path:
+    """Write a PEFT Cartridge adapter directory for `cart` (read from `source`, which is
+    never overwritten). Every target is checked before anything is written; the three files
+    are staged in a temporary folder and moved into place together (a new directory is one
+    rename)."""
+    import os
+    import shutil
+    import tempfile
+
     from safetensors.torch import save
+
+    from ..format.fsio import check_output
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+    fresh = not out_dir.exists() or not any(out_dir.iterdir())
+    if not fresh and not force:
         raise OutputExistsError(f"{out_dir} exists and is not empty", hint="pass --force to overwrite its files")
+    for name in (WEIGHTS, MANIFEST, CONFIG):
+        if (out_dir / name).exists() or (out_dir / name).is_symlink():
+            check_output(out_dir / name, True, (source,) if source else ())
     if cart.buffer.positions.tolist() != list(range(cart.slots)):
         cart = relayout(cart)  # a converted multi-segment v1 file: PEFT needs one 0..K-1 prefix
     m = cart.manifest
@@ -63,16 +77,62 @@ def export_peft(cart: Cartridge, out_dir: Path, force: bool = False) -> Path:
               "num_layers": m["model"]["num_layers"], "num_attention_heads": m["model"]["num_kv_heads"],
               "token_dim": m["model"]["num_kv_heads"] * m["model"]["head_dim"], "num_transformer_submodules": 1,
               "inference_mode": True, "base_model_name_or_path": m["model"]["id"]}
+    files = {WEIGHTS: save({"prompt_embeddings": pack(cart.buffer)},
+                           metadata={"format": "pt", "lcc_manifest": json.dumps(m, sort_keys=True)}),
+             MANIFEST: json.dumps(m, indent=1, sort_keys=True).encode(),
+             CONFIG: json.dumps(config, indent=2).encode()}
+    parent = out_dir if not fresh else out_dir.parent
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name[:40]}.", suffix=".export", dir=parent))
     except OSError as exc:
         raise UsageError(f"cannot create {out_dir}: {exc.strerror}") from exc
-    text = json.dumps(m, sort_keys=True)
-    atomic_write(out_dir / WEIGHTS, save({"prompt_embeddings": pack(cart.buffer)},
-                                         metadata={"format": "pt", "lcc_manifest": text}))
-    atomic_write(out_dir / MANIFEST, json.dumps(m, indent=1, sort_keys=True).encode())
-    atomic_write(out_dir / CONFIG, json.dumps(config, indent=2).encode())
+    try:
+        for name, data in files.items():
+            atomic_write(stage / name, data)
+        if fresh:
+            os.chmod(stage, 0o755)
+            if out_dir.exists():
+                out_dir.rmdir()  # empty, checked above
+            os.rename(stage, out_dir)
+        else:
+            for name in files:  # same filesystem: each move is atomic, and all were checked first
+                os.replace(stage / name, out_dir / name)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out_dir}: {exc.strerror}") from exc
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
     return out_dir
+
+
+# An adapter's JSON files are read whole: a config is a few hundred bytes and lcc's manifest
+# a few hundred kilobytes at most, so anything far larger is refused before it is read.
+MAX_JSON_BYTES = 8 << 20
+
+
+def check_adapter_dir(directory: Path) -> None:
+    """The adapter's files are there and regular (cheap; before a model loads)."""
+    config_path, weights = directory / CONFIG, directory / WEIGHTS
+    if not config_path.is_file():
+        raise CartridgeError(f"{directory} is not a PEFT adapter directory (no {CONFIG})")
+    if not weights.is_file():
+        raise CartridgeError(f"{directory} has no {WEIGHTS}", hint="lcc reads safetensors only, never pickled .bin")
+
+
+def _read_json(path: Path):
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CartridgeError(f"{path.name} is {size:,} bytes; an adapter's JSON files are at most "
+                                 f"{MAX_JSON_BYTES:,}")
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:  # a device or a file that grew: stat said nothing useful
+            raise CartridgeError(f"{path.name} is larger than {MAX_JSON_BYTES:,} bytes")
+        return json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CartridgeError(f"{path.name} is not valid JSON") from exc
 
 
 def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
@@ -82,15 +142,9 @@ def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    check_adapter_dir(directory)
     config_path, weights = directory / CONFIG, directory / WEIGHTS
-    if not config_path.is_file():
-        raise CartridgeError(f"{directory} is not a PEFT adapter directory (no {CONFIG})")
-    if not weights.is_file():
-        raise CartridgeError(f"{directory} has no {WEIGHTS}", hint="lcc reads safetensors only, never pickled .bin")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise CartridgeError(f"{config_path.name} is not valid JSON") from exc
+    config = _read_json(config_path)
     if not isinstance(config, dict) or config.get("peft_type") != "CARTRIDGE":
         raise CartridgeError(f"{directory} holds a {str(config.get('peft_type') if isinstance(config, dict) else '?')[:20]}"
                              f" adapter, not a PEFT Cartridge")
@@ -104,7 +158,14 @@ def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
 
     layers = number("num_layers", facts.num_layers)
     heads = number("num_attention_heads", facts.num_kv_heads)
-    head_dim = number("token_dim", facts.num_kv_heads * facts.head_dim) // heads
+    token_dim = number("token_dim", facts.num_kv_heads * facts.head_dim)
+    if token_dim % heads:
+        raise CartridgeError(f"{CONFIG}: token_dim {token_dim} is not divisible by num_attention_heads {heads}")
+    head_dim = token_dim // heads
+    virtual = number("num_virtual_tokens", None)
+    if virtual is not None and facts.max_positions and virtual >= facts.max_positions:
+        raise CartridgeError(f"{CONFIG}: {virtual:,} virtual tokens do not fit the model's "
+                             f"{facts.max_positions:,}-position window")
     if (layers, heads, head_dim) != (facts.num_layers, facts.num_kv_heads, facts.head_dim):
         raise CartridgeError(f"the adapter is for {layers} layers x {heads} kv heads x head dim {head_dim}; "
                              f"the model has {facts.num_layers} x {facts.num_kv_heads} x {facts.head_dim}")
@@ -118,12 +179,15 @@ def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
         raise CartridgeError(f"{weights.name} has no non-empty 2-D prompt_embeddings tensor")
     if embeddings.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         embeddings = embeddings.float()
-    if config.get("num_virtual_tokens") not in (None, embeddings.shape[0]):
+    if virtual not in (None, embeddings.shape[0]):
         raise CartridgeError("num_virtual_tokens disagrees with the adapter tensor")
+    if facts.max_positions and embeddings.shape[0] >= facts.max_positions:
+        raise CartridgeError(f"the adapter's {embeddings.shape[0]:,} entries do not fit the model's "
+                             f"{facts.max_positions:,}-position window")
     manifest = None
     if (directory / MANIFEST).is_file():
         try:
-            manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
+            manifest = _read_json(directory / MANIFEST)
+        except CartridgeError:
             manifest = None
     return unpack(embeddings, layers, heads, head_dim), manifest, hashlib.sha256(data).hexdigest()
