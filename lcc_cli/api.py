@@ -487,15 +487,34 @@ def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None =
 
             raise InputError(f"no such training data: {d}")
     run = run or RunOptions()
-    progress = _governed(run, progress)
-    progress.status("loading model…")
-    loaded = load(run)
+    if run.backend not in ("local", "ray"):
+        raise UsageError("train-compiler runs in this process or on Ray Train (--backend ray)", field="backend")
     try:
+        if run.backend == "ray":
+            return _train_on_ray([Path(d) for d in data], output, cfg, run, force, resume, time_limit, stop_after,
+                                 progress)
+        progress = _governed(run, progress)
+        progress.status("loading model…")
+        loaded = load(run)
         return train(loaded, [Path(d) for d in data], output, cfg, resume=resume, time_limit=time_limit,
                      progress=progress, overwrite=force, stop_after=stop_after)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; checkpoints are kept in {output}.ckpt",
                           hint="rerun with --resume to continue") from None
+
+
+def _train_on_ray(data, output: Path, cfg, run: RunOptions, force, resume, time_limit, stop_after, progress):
+    """Data-parallel training (backends/ray_train.py); the result is read back from the file
+    rank 0 wrote."""
+    from .backends.ray_train import train_on_ray
+    from .compile.train import TrainResult
+    from .format.compiler_file import load_compiler
+
+    train_on_ray(data, output, cfg, run, resume, time_limit, force, stop_after, progress)
+    comp = load_compiler(output)
+    t = comp.manifest["training"]
+    return TrainResult(str(output), comp.sha256, t["steps"], t["seconds"], t["tokens"], t["tokens_per_second"],
+                       t["selected_step"], t["heldout_qa_kl"], t["history"])
 
 
 # --- eval -------------------------------------------------------------------------------------

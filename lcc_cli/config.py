@@ -273,7 +273,7 @@ class TrainConfig(_FromDict):
     # Documents are split as `lcc compile` splits them (CompileConfig.segment_tokens), one
     # buffer per segment; at most max_segments are trained on per document.
     segment_tokens: int = 1024
-    max_segments: int = 4
+    max_segments: int = 3
     # Objective: KL to the teacher on the data's questions (gold answers, teacher-forced),
     # reconstruction of one-segment documents, KL to the model without a document on
     # context-free instructions.
@@ -284,7 +284,7 @@ class TrainConfig(_FromDict):
     questions_per_long: int = 8  # per long document
     instructions_per_step: int = 2
     response_tokens: int = 24
-    recon_tokens: int = 256  # reconstruct at most this many document tokens (cost grows with it)
+    recon_tokens: int = 128  # reconstruct at most this many document tokens (cost grows with it)
     top_k: int = 64  # teacher log-probabilities kept per instruction response token
     max_doc_tokens: int = 1536  # a guard: a segment's context turn is cut here
     # Whole articles are held out until there are this many paragraphs and long documents

@@ -476,6 +476,11 @@ def train_compiler_cmd(
                                                         "file records the steps done)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.ckpt/."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing compiler file."),
+    backend: str = typer.Option("local", "--backend", help="local (this process) | ray (data-parallel on Ray "
+                                                           "Train: DDP over --workers processes)."),
+    workers: int = typer.Option(1, "--workers", help="Ray Train workers; each computes its share of every step."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
+                                              help="Ray cluster to use with --backend ray (default: a local one)."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -496,7 +501,8 @@ def train_compiler_cmd(
     if stop_after is not None and stop_after < 1:
         raise UsageError(f"stop_after must be at least 1 (got {stop_after})", field="stop_after")
     with _progress(as_json) as progress:
-        result = api.train_compiler(data, output, cfg, run=_run(model, device, threads, dtype), force=force, resume=resume,
+        run = _run(model, device, threads, dtype, workers=workers, backend=backend, ray_address=ray_address)
+        result = api.train_compiler(data, output, cfg, run=run, force=force, resume=resume,
                                     time_limit=time_limit * 60 if time_limit else None, stop_after=stop_after,
                                     progress=progress)
     if as_json:

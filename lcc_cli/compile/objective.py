@@ -55,23 +55,26 @@ def make_teacher_targets(loaded, ctx_kv: Layers, cfg: CompileConfig) -> TeacherT
     return TeacherTargets(prompts, [d.tokens for d in out], [d.logprobs for d in out])
 
 
-def reader_logits(model, buf_kv: Layers, first_position: int, rows: list[list[int]]) -> torch.Tensor:
+def reader_logits(model, buf_kv: Layers, first_position: int, rows: list[list[int]], keep_from: int = 0) -> torch.Tensor:
     """Reader pass over right-padded rows. Causal attention means real tokens never see the
-    padding after them, so no attention mask is needed."""
+    padding after them, so no attention mask is needed. Logits are computed from position
+    `keep_from` on (index 0 of the result is that position): the vocabulary projection of
+    prompt positions whose predictions no loss reads is a quarter of a small model's work."""
     width = max(len(r) for r in rows)
     device = next(model.parameters()).device
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
     cache = make_cache(buf_kv, batch=len(rows))
-    return forward(model, cache, first_position, input_ids=ids)
+    return forward(model, cache, first_position, input_ids=ids, logits_to_keep=width - keep_from if keep_from else 0)
 
 
 def ce_loss(model, buf_kv: Layers, first_position: int, items: list[tuple[list[int], list[int]]]):
     """Mean cross-entropy of each item's target tokens after its prompt, read through the
     buffer only. Used for reconstruction (one long item) and span cloze (several short)."""
-    logits = reader_logits(model, buf_kv, first_position, [p + t for p, t in items])
-    preds = [logits[i, len(p) - 1: len(p) + len(t) - 1] for i, (p, t) in enumerate(items)]
+    keep = min(len(p) for p, _ in items) - 1
+    logits = reader_logits(model, buf_kv, first_position, [p + t for p, t in items], keep_from=keep)
+    preds = [logits[i, len(p) - 1 - keep: len(p) + len(t) - 1 - keep] for i, (p, t) in enumerate(items)]
     targets = torch.tensor([tok for _, t in items for tok in t], device=logits.device)
     return F.cross_entropy(torch.cat(preds).float(), targets)
 
@@ -79,10 +82,11 @@ def ce_loss(model, buf_kv: Layers, first_position: int, items: list[tuple[list[i
 def kl_loss(model, buf_kv: Layers, first_position: int, teacher: TeacherTargets, batch: list[int]):
     """Mean per-token KL(teacher || student) over the chosen generic responses."""
     rows = [teacher.prompts[i] + teacher.responses[i] for i in batch]
-    logits = reader_logits(model, buf_kv, first_position, rows)
+    keep = min(len(teacher.prompts[i]) for i in batch) - 1
+    logits = reader_logits(model, buf_kv, first_position, rows, keep_from=keep)
     total, count = 0.0, 0
     for row, i in enumerate(batch):
-        p, r = len(teacher.prompts[i]), len(teacher.responses[i])
+        p, r = len(teacher.prompts[i]) - keep, len(teacher.responses[i])
         student = F.log_softmax(logits[row, p - 1: p + r - 1].float(), dim=-1)
         total = total + F.kl_div(student, teacher.logprobs[i], log_target=True, reduction="sum")
         count += r

@@ -217,19 +217,24 @@ def instruction_targets(loaded, cfg: TrainConfig, progress: Progress = NO_PROGRE
 # --- one document's losses ----------------------------------------------------------------------
 
 
-def topk_kl(logits: torch.Tensor, row: int, target: Target) -> torch.Tensor:
+def topk_kl(logits: torch.Tensor, row: int, target: Target, offset: int = 0) -> torch.Tensor:
     """Sum over response tokens of KL(teacher || student), the teacher restricted to its top k
-    (renormalised) and the student's log-probabilities read at the same token ids."""
-    p, r = len(target.prompt), len(target.response)
+    (renormalised) and the student's log-probabilities read at the same token ids. `logits`
+    start at position `offset` of the row."""
+    p, r = len(target.prompt) - offset, len(target.response)
     student = F.log_softmax(logits[row, p - 1: p + r - 1].float(), dim=-1)
     ids = target.top_ids.to(student.device)
     teacher = F.log_softmax(target.top_logprobs.to(student.device), dim=-1)
     return (teacher.exp() * (teacher - student.gather(-1, ids))).sum()
 
 
-def _answer_rows(p_len: list[int], rows: list[list[int]], logits: torch.Tensor) -> list[torch.Tensor]:
-    """Each row's log-distributions at the positions that predict its response tokens."""
-    return [F.log_softmax(logits[i, p - 1: len(r) - 1].float(), dim=-1) for i, (p, r) in enumerate(zip(p_len, rows))]
+def _answer_logits(model, kv, at: int, p_len: list[int], rows: list[list[int]]) -> list[torch.Tensor]:
+    """Each row's log-distributions at the positions that predict its response tokens (the
+    logits of the prompt positions before them are never computed)."""
+    keep = min(p_len) - 1
+    logits = reader_logits(model, kv, at, rows, keep_from=keep)
+    return [F.log_softmax(logits[i, p - 1 - keep: len(r) - 1 - keep].float(), dim=-1)
+            for i, (p, r) in enumerate(zip(p_len, rows))]
 
 
 def compile_document(loaded, peft_model, bias: torch.Tensor, doc: Doc, ratio: float, cfg: TrainConfig):
@@ -271,8 +276,7 @@ def teacher_answers(loaded, ctx_kvs, questions: list[Question], cfg: TrainConfig
                     out = decode(loaded.model, kv, n, [questions[i].prompt], cfg.response_tokens, p.stop_ids)
                     questions[i] = Question(questions[i].prompt, out[0].tokens, segment)
             seqs = [questions[i].prompt + questions[i].answer for i in mine]
-            logits = reader_logits(loaded.model, kv, n, seqs)
-            for i, lp in zip(mine, _answer_rows([len(questions[i].prompt) for i in mine], seqs, logits)):
+            for i, lp in zip(mine, _answer_logits(loaded.model, kv, n, [len(questions[i].prompt) for i in mine], seqs)):
                 rows[i], dists[i] = questions[i].prompt + questions[i].answer, lp
     return rows, dists
 
@@ -290,8 +294,7 @@ def document_losses(loaded, peft_model, bias: torch.Tensor, doc: Doc, ratio: flo
     with peft_model.disable_adapter():
         if questions:
             rows, teacher = teacher_answers(loaded, ctx_kvs, list(questions), cfg)
-            logits = reader_logits(model, view, at, rows)
-            student = _answer_rows([len(q.prompt) for q in questions], rows, logits)
+            student = _answer_logits(model, view, at, [len(q.prompt) for q in questions], rows)
             total = sum(F.kl_div(s, t, log_target=True, reduction="sum") for s, t in zip(student, teacher))
             terms["qa_tokens"] = sum(len(t) for t in teacher)
             terms["qa"] = total / terms["qa_tokens"]
@@ -301,8 +304,9 @@ def document_losses(loaded, peft_model, bias: torch.Tensor, doc: Doc, ratio: flo
             terms["recon"] = ce_loss(model, view, at, [(prompt, doc.recon)])
             tokens += len(prompt) + len(doc.recon)
         if instructions:
-            logits = reader_logits(model, view, at, [t.prompt + t.response for t in instructions])
-            terms["kl"] = sum(topk_kl(logits, i, t) for i, t in enumerate(instructions)) / sum(
+            keep = min(len(t.prompt) for t in instructions) - 1
+            logits = reader_logits(model, view, at, [t.prompt + t.response for t in instructions], keep_from=keep)
+            terms["kl"] = sum(topk_kl(logits, i, t, keep) for i, t in enumerate(instructions)) / sum(
                 len(t.response) for t in instructions)
             tokens += sum(len(t.prompt) + len(t.response) for t in instructions)
     return terms, tokens
@@ -313,6 +317,46 @@ def sample_step(doc: Doc, targets: list[Target], rng: random.Random, cfg: TrainC
     per_doc = cfg.questions_per_long if len(doc.segments) > 1 else cfg.questions_per_step
     return (rng.sample(doc.questions, min(per_doc, len(doc.questions))),
             rng.sample(targets, min(cfg.instructions_per_step, len(targets))))
+
+
+class StepLoss(torch.nn.Module):
+    """One document's weighted loss as a module holding the trained parameters (the LoRA
+    inside the model, the slot bias), so that data-parallel training can wrap it in DDP."""
+
+    def __init__(self, loaded, peft_model, bias: torch.nn.Parameter, cfg: TrainConfig):
+        super().__init__()
+        self.peft_model, self.bias = peft_model, bias
+        self.loaded, self.cfg = loaded, cfg
+
+    def forward(self, doc: Doc, ratio: float, questions: list[Question], instructions: list[Target]):
+        cfg = self.cfg
+        terms, tokens = document_losses(self.loaded, self.peft_model, self.bias, doc, ratio, questions,
+                                        instructions, cfg)
+        loss = cfg.recon_weight * terms["recon"] + cfg.qa_weight * terms["qa"] + cfg.kl_weight * terms["kl"]
+        return loss, terms, tokens
+
+
+class Dist:
+    """One process (the default). Data-parallel training (backends/ray_train.py) replaces it:
+    each rank computes its share of a step's documents, and DDP averages the gradients."""
+
+    rank, world = 0, 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def accumulate(self, module: torch.nn.Module, more_to_come: bool):
+        """The context for one document's backward (DDP syncs only after a rank's last)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def sum(self, values: list[float]) -> list[float]:
+        return values
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -386,11 +430,16 @@ def split_rows(rows: list[Row], cfg: TrainConfig) -> Split:
 
 def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, resume: bool = False,
                    time_limit: float | None = None, progress: Progress = NO_PROGRESS,
-                   overwrite: bool = False, stop_after: int | None = None) -> TrainResult:
+                   overwrite: bool = False, stop_after: int | None = None, dist: Dist | None = None) -> TrainResult | None:
     """Train and write the compiler file. Checkpoints go to OUTPUT.ckpt/ (resume with
     `resume=True`). `stop_after` ends the run after that many steps of the cfg.steps
     schedule (deterministic); `time_limit` (seconds) at a step boundary. The file records
-    the steps actually done."""
+    the steps actually done. With a data-parallel `dist`, only rank 0 scores, checkpoints and
+    writes (the others return None)."""
+    dist = dist or Dist()
+    if cfg.batch + cfg.long_batch < dist.world:
+        raise UsageError(f"{dist.world} workers need at least as many documents per step "
+                         f"(batch {cfg.batch} + long_batch {cfg.long_batch})", field="workers")
     started = time.perf_counter()
     rows, files = read_training_data(data, cfg.segment_tokens)
     data_digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
@@ -410,6 +459,7 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
         for param in lora_params:  # adapters train in float32 even over a bf16 model
             param.data = param.data.float()
         params = lora_params + [bias]
+        step_loss = StepLoss(loaded, peft_model, bias, cfg)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg))
         state = {"step": 0, "tokens": 0, "seconds": 0.0, "best": None, "history": []}
@@ -417,12 +467,18 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
             state = _load_checkpoint(ckpt, peft_model, bias, opt, sched, cfg, data_digest)
             progress.status(f"resuming at step {state['step']}")
         best_tensors = _load_best(ckpt) if state.get("best") else None
+        # After a resume: every rank has read the same checkpoint, so DDP's first broadcast
+        # changes nothing.
+        step_loss = dist.wrap(step_loss)
         progress.start("train", cfg.steps, "training")
         progress.advance("train", state["step"])
         step_started, spent_before = time.perf_counter(), state["seconds"]
         last = min(cfg.steps, stop_after or cfg.steps)
         while state["step"] < last:
-            if time_limit is not None and time.perf_counter() - started > time_limit:
+            over = time_limit is not None and time.perf_counter() - started > time_limit
+            if dist.world > 1:  # every rank stops at the same step, or the others wait forever
+                over = dist.sum([float(over)])[0] > 0
+            if over:
                 progress.status(f"time limit reached after {state['step']} steps")
                 break
             step = state["step"]
@@ -432,24 +488,32 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
             picks += ([split.long[_order(len(split.long), step * cfg.long_batch + b, f"{cfg.seed}:long")]
                        for b in range(cfg.long_batch)] if split.long else [])
             opt.zero_grad(set_to_none=True)
-            sums = {"recon": 0.0, "qa": 0.0, "kl": 0.0}
+            drawn = []  # every rank draws every document's settings, in order: one random stream
             for index in picks:
                 doc = prepare(loaded, rows[index], cfg)
                 ratio = _ratio(rng, cfg)
-                questions, instructions = sample_step(doc, targets, rng, cfg)
-                terms, tokens = document_losses(loaded, peft_model, bias, doc, ratio, questions, instructions, cfg)
-                loss = cfg.recon_weight * terms["recon"] + cfg.qa_weight * terms["qa"] + cfg.kl_weight * terms["kl"]
-                (loss / len(picks)).backward()
-                state["tokens"] += tokens
-                for k in sums:
-                    sums[k] += float(terms[k].detach()) / len(picks)
+                drawn.append((doc, ratio, *sample_step(doc, targets, rng, cfg)))
+            mine = drawn[dist.rank:: dist.world]
+            local = [0.0, 0.0, 0.0, 0.0]  # recon, qa, kl (means over the step's documents), tokens
+            for j, args in enumerate(mine):
+                with dist.accumulate(step_loss, more_to_come=j < len(mine) - 1):
+                    loss, terms, tokens = step_loss(*args)
+                    # DDP averages over ranks; each rank's share is scaled so that the result is
+                    # the mean over all the step's documents, as in one process.
+                    (loss * dist.world / len(drawn)).backward()
+                for k, key in enumerate(("recon", "qa", "kl")):
+                    local[k] += float(terms[key].detach()) / len(drawn)
+                local[3] += tokens
+            recon, qa, kl, tokens = dist.sum(local)
+            sums = {"recon": recon, "qa": qa, "kl": kl}
+            state["tokens"] += int(tokens)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             state["step"] += 1
             state["seconds"] = spent_before + time.perf_counter() - step_started
             progress.advance("train", **sums, tok_s=round(state["tokens"] / max(state["seconds"], 1e-9)))
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == last:
+            if dist.main and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == last):
                 scores = heldout_scores(loaded, peft_model, bias, heldout, cfg)
                 state["history"].append({"step": state["step"], "tokens": state["tokens"],
                                          "seconds": round(state["seconds"], 1),
@@ -465,6 +529,8 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
             state["best"] = {"step": state["step"], "heldout_qa_kl": None}
     finally:
         peft_model.unload()
+    if not dist.main:
+        return None
     manifest = {
         "model": loaded.facts.to_manifest(loaded.model_id, loaded.fingerprint),
         "compiler": {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_targets": list(cfg.lora_targets),
