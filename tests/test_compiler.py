@@ -48,10 +48,10 @@ def test_training_reader_sees_only_the_buffer(tiny, monkeypatch):
     lengths, positions = [], []
     real = objective.reader_logits
 
-    def spy(model, buf_kv, first_position, rows):
+    def spy(model, buf_kv, first_position, rows, keep_from=0):
         lengths.append(buf_kv[0][0].shape[-2])
         positions.append(first_position)
-        return real(model, buf_kv, first_position, rows)
+        return real(model, buf_kv, first_position, rows, keep_from)
 
     monkeypatch.setattr(objective, "reader_logits", spy)
     seg = optimise_segment(tiny, DOC, fast_config())
