@@ -517,6 +517,24 @@ def _train_on_ray(data, output: Path, cfg, run: RunOptions, force, resume, time_
                        t["selected_step"], t["heldout_qa_kl"], t["history"])
 
 
+# --- serve ------------------------------------------------------------------------------------
+
+def serve(paths: list[Path], host: str, port: int, limits, api_key: str | None = None,
+          run: RunOptions | None = None, progress: Progress = NO_PROGRESS, warn=None) -> None:
+    """`lcc serve`: load the model once and answer from the cartridges over HTTP until stopped."""
+    from .serve.run import is_loopback, serve as serve_forever
+
+    for path in map(Path, paths):
+        if not path.exists():
+            raise UsageError(f"nothing to serve at {path}: no such file or folder")
+    if not api_key and not is_loopback(host) and warn is not None:
+        warn(f"listening on {host} without --api-key: anyone who can reach this address can use the server")
+    run = run or RunOptions()
+    progress = _governed(run, progress)
+    progress.status("loading model…")
+    serve_forever(load(run), [Path(p) for p in paths], host, port, limits, api_key, progress)
+
+
 # --- eval -------------------------------------------------------------------------------------
 
 def eval_methods(loaded, settings: EvalSettings, compiler=None) -> list:

@@ -513,6 +513,42 @@ def train_compiler_cmd(
               f"(held-out QA KL {result.heldout_qa_kl})", markup=False)
 
 
+@app.command("serve")
+@_errors
+def serve_cmd(
+    paths: list[Path] = typer.Argument(..., metavar="DIR|CART...", help="Folders of cartridges (new files are "
+                                       "served as they appear) and cartridge files."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LCC_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 (or set LCC_API_KEY)."),
+    max_queue: int = typer.Option(32, "--max-queue", help="Requests waiting or running at once; more get 429."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Requests for one cartridge decoded together."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+):
+    """Serve cartridges over an OpenAI-compatible HTTP API (POST /v1/chat/completions).
+
+    A request's model is a cartridge's name (its file stem), several joined with '+', or
+    the plain model's name. Stop with Ctrl-C: requests in flight finish first."""
+    from .. import api
+    from ..serve.app import Limits
+
+    for name, value, low in (("port", port, 0), ("max_queue", max_queue, 1), ("max_batch", max_batch, 1),
+                             ("max_tokens", max_tokens, 1)):
+        if value < low or (name == "port" and value > 65535):
+            raise UsageError(f"{name} must be {'a port number' if name == 'port' else f'at least {low}'} "
+                             f"(got {value})", field=name)
+    limits = Limits(max_queue=max_queue, max_batch=max_batch, max_tokens=max_tokens,
+                    default_max_tokens=min(256, max_tokens))
+    with _progress(False) as progress:
+        api.serve(paths, host, port, limits, api_key, run=_run(model, device, threads, dtype), progress=progress,
+                  warn=lambda text: err.print(f"lcc: warning: {clean(text)}", markup=False))
+
+
 def main():
     # Before torch loads OpenMP: waiting threads sleep instead of spinning on a core that
     # another program needs (runtime/threads.py; measured in bench/results).

@@ -30,11 +30,13 @@ class Decoded:
 def decode(model, prefix: Layers | None, first_position: int, prompts: list[list[int]], max_new_tokens: int,
            stop_ids: set[int], temperature: float = 0.0, generator: torch.Generator | None = None,
            keep_logprobs: bool = False, on_token: Callable[[list[int]], None] | None = None,
-           top_k: int = 0) -> list[Decoded]:
+           top_k: int = 0, on_step: Callable[[list[list[int]], list[bool]], bool] | None = None) -> list[Decoded]:
     """Decode every prompt after `prefix` (KV that every row shares, e.g. a buffer).
     A stop token ends its row and is kept in `tokens`. `keep_logprobs` keeps each step's
     full log-distribution, `top_k` only its k largest entries (a teacher target for
-    thousands of rows). `on_token(tokens of row 0)` is called after each new token."""
+    thousands of rows). `on_token(tokens of row 0)` is called after each new token;
+    `on_step(tokens of every row, done flags)` after each step, and a false return ends the
+    decode there (a server whose clients all left)."""
     start = time.perf_counter()
     batch, width = len(prompts), max(len(p) for p in prompts)
     device = next(model.parameters()).device
@@ -73,6 +75,8 @@ def decode(model, prefix: Layers | None, first_position: int, prompts: list[list
                 done[i] = int(pick[i]) in stop_ids
         if on_token is not None and not done[0]:
             on_token(tokens[0])
+        if on_step is not None and on_step(tokens, done) is False:
+            break
         if all(done):
             break
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)

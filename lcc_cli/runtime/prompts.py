@@ -53,6 +53,24 @@ class Prompter:
                              hint="lcc needs a template with a system role")
         return self.encode(full[len(head):])
 
+    def turns_ids(self, turns: list[tuple[str, str]]) -> list[int]:
+        """A conversation after the context turn: (role, text) pairs of user and assistant
+        turns ending with a user turn, then the assistant header. One user turn gives
+        exactly `query_ids`."""
+        if len(turns) == 1:
+            return self.query_ids(turns[0][1])
+        if not self.chat:
+            text = "".join(f"Question: {t}\n" if role == "user" else f"Answer: {t}\n" for role, t in turns)
+            return self.encode(text + "Answer:")
+        system = [{"role": "system", "content": "x"}]
+        head = self.tokenizer.apply_chat_template(system, tokenize=False)
+        full = self.tokenizer.apply_chat_template(system + [{"role": r, "content": t} for r, t in turns],
+                                                  tokenize=False, add_generation_prompt=True)
+        if not full.startswith(head):
+            raise ModelError("the model's chat template does not render the system turn as a prefix",
+                             hint="lcc needs a template with a system role")
+        return self.encode(full[len(head):])
+
     def document_ids(self, document: str) -> list[int]:
         """The reconstruction target: the document's tokens followed by the end of the turn."""
         return self.encode(document) + self.end_ids

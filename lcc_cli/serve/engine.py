@@ -1,0 +1,180 @@
+"""The one thread that runs the model for the server, and its batching policy.
+
+Requests become `Job`s in one queue. The engine takes the oldest job and, if it decodes
+greedily, every other queued greedy job for the same cartridge set (up to `max_batch`), and
+decodes them together: the reader's decoding loop already takes several prompts after one
+shared buffer. A sampled job (temperature > 0) runs alone, so that its seed alone decides
+its text. Text goes back to each request as it is produced (for streaming) through the
+request's own asyncio queue. A job whose client left is skipped and frees its place at
+once; a batch whose clients all left stops decoding.
+
+At most `max_queue` jobs wait or run at a time; `submit` refuses more (the app answers 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    key: str  # the cartridge set ("" for the plain model): only jobs with one key share a batch
+    buffer: object | None  # buffer.Buffer on the model's device and dtype
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    seed: int
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue  # ("delta", text) ... then ("end", finish_reason, completion_tokens) or ("error", msg)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # engine-side state
+    shown: str = ""
+    finished: bool = False
+    tokens: int = 0
+
+    def send(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+    def __init__(self, loaded, max_batch: int = 8, max_queue: int = 32):
+        self.loaded, self.max_batch, self.max_queue = loaded, max_batch, max_queue
+        self._pending: list[Job] = []
+        self._active: set[int] = set()  # ids of jobs waiting or running whose clients are still there
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.batches = itertools.count()  # how many decodes ran (for tests and /health)
+        self.batch_sizes: list[int] = []
+        self._thread = threading.Thread(target=self._loop, name="lcc-engine", daemon=True)
+        self._thread.start()
+
+    # --- called from the app -----------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._active) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting or running")
+            self._pending.append(job)
+            self._active.add(id(job))
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client left: drop the job if it still waits; a running one stops being served."""
+        job.cancelled.set()
+        with self._cv:
+            if job in self._pending:
+                self._pending.remove(job)
+            self._active.discard(id(job))
+
+    def load(self) -> int:
+        with self._cv:
+            return len(self._active)
+
+    def stop(self) -> None:
+        """Cancel what waits, let the running batch finish, end the thread."""
+        with self._cv:
+            self._stopping = True
+            for job in self._pending:
+                job.send("error", "the server is shutting down")
+                self._active.discard(id(job))
+            self._pending.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+
+    # --- the engine thread -------------------------------------------------------------------
+
+    def _take(self) -> list[Job] | None:
+        with self._cv:
+            while not self._pending and not self._stopping:
+                self._cv.wait()
+            if self._stopping and not self._pending:
+                return None
+            first = self._pending.pop(0)
+            group = [first]
+            if first.temperature <= 0:
+                for job in list(self._pending):
+                    if len(group) >= self.max_batch:
+                        break
+                    if job.key == first.key and job.temperature <= 0:
+                        group.append(job)
+                        self._pending.remove(job)
+            return group
+
+    def _loop(self) -> None:
+        while True:
+            group = self._take()
+            if group is None:
+                return
+            try:
+                self._run(group)
+            except Exception as exc:  # a failed decode fails its requests, never the server
+                for job in group:
+                    if not job.finished:
+                        job.finished = True
+                        job.send("error", f"decoding failed: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+            finally:
+                with self._cv:
+                    for job in group:
+                        self._active.discard(id(job))
+
+    def _run(self, group: list[Job]) -> None:
+        from ..runtime.decode import decode
+
+        group = [j for j in group if not j.cancelled.is_set()]
+        if not group:
+            return
+        next(self.batches)
+        self.batch_sizes.append(len(group))
+        p, tok = self.loaded.prompter, self.loaded.tokenizer
+        head = group[0]
+        prefix = head.buffer.cache_layers() if head.buffer is not None else None
+        first = head.buffer.first_query_position if head.buffer is not None else 0
+        generator = torch.Generator().manual_seed(head.seed)
+
+        def on_step(tokens: list[list[int]], done: list[bool]) -> bool:
+            for job, row, ended in zip(group, tokens, done):
+                if job.finished:
+                    continue
+                if job.cancelled.is_set():
+                    job.finished = True
+                    continue
+                kept = [t for t in row if t not in p.stop_ids]
+                job.tokens = len(row)
+                text = tok.decode(kept, skip_special_tokens=True).lstrip()
+                reason = "stop" if ended else "length" if len(row) >= job.max_tokens else None
+                cut = min((i for i in (text.find(s) for s in job.stop if s) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                if reason is not None:
+                    text = text.rstrip()
+                if len(text) > len(job.shown) and (reason is not None or not text.endswith("\ufffd")):
+                    job.send("delta", text[len(job.shown):])
+                    job.shown = text
+                if reason is not None:
+                    job.finished = True
+                    job.send("end", reason, job.tokens)
+            with self._cv:  # finished rows free their place at once (clients that left already did)
+                for job in group:
+                    if job.finished:
+                        self._active.discard(id(job))
+            return not all(j.finished for j in group)
+
+        with torch.inference_mode():
+            decode(self.loaded.model, prefix, first, [j.prompt for j in group], max(j.max_tokens for j in group),
+                   p.stop_ids, head.temperature, generator, on_step=on_step)
+        for job in group:  # rows that ran out of new tokens in a decode sized for a longer one
+            if not job.finished:
+                job.finished = True
+                job.send("end", "length", job.tokens)
