@@ -253,9 +253,10 @@ class TrainConfig(_FromDict):
     """Everything that changes what `lcc train-compiler` produces. Stored in the compiler file."""
 
     # Optimiser steps; each step averages the gradient over `batch` paragraphs and
-    # `long_batch` long documents. 1,200 x (8 + 1) is about half a pass over SQuAD train's
-    # 18k paragraphs and 1.4 passes over its 887 long windows (docs/compiler.md).
-    steps: int = 1200
+    # `long_batch` long documents. 600 x (8 + 1) is about a quarter of a pass over SQuAD train's
+    # 18k paragraphs and 0.7 passes over its 887 long windows: about 10 h on 2 CPU cores
+    # without AVX-512 (docs/compiler.md); runs continue with --resume across sessions.
+    steps: int = 600
     batch: int = 8
     long_batch: int = 1
     # A pretrained LoRA moves slowly and is reused forever: a moderate rate, warm-up, and a
