@@ -13,6 +13,10 @@ the real embedded model, and writes bench/results/measurements.{json,md}:
               busy loop on one core, and beside a second lcc compile; with the old settings
               (--threads 2, spinning OpenMP waits) and the new (automatic threads, passive waits)
 - sizes:      file sizes of the same cartridge as v1 and v2, fp32 and bfloat16
+- serve:      `lcc serve` with 1, 4 and 16 concurrent clients (requests per second, p50/p95
+              latency) against the same questions through one `lcc ask --questions`; and the
+              time to the first streamed token from the cartridge against the same model with
+              the document in the prompt
 """
 
 from __future__ import annotations
@@ -136,6 +140,90 @@ def measure_sizes(tmp: Path) -> dict:
                                           "v2_bfloat16_bytes": len(to_bytes(real_bf16))}}
 
 
+def measure_serve(tmp: Path) -> dict:
+    import socket
+    import statistics
+    import threading
+
+    import httpx
+
+    carts = tmp / "carts"
+    carts.mkdir()
+    ok(sh(LCC + ["compile", str(EXAMPLE), "-o", str(carts / "harbor.lcc"), "--quality", "fast", "-f"])[1])
+    (tmp / "q.txt").write_text("\n".join(QUESTIONS))
+    ask_s, proc = sh(LCC + ["ask", str(carts / "harbor.lcc"), "--questions", str(tmp / "q.txt"),
+                            "--max-new-tokens", "32"])
+    ok(proc)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(LCC + ["serve", str(carts), "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise SystemExit(f"lcc serve did not start: {server.stderr.read()[-500:] if server.stderr else ''}")
+                time.sleep(0.5)
+        plain = next(m["id"] for m in httpx.get(url + "/v1/models").json()["data"] if m["lcc"].get("cartridge", 1) is None)
+
+        def request(question: str, model: str = "harbor", stream: bool = False) -> float:
+            body = {"model": model, "max_tokens": 32, "stream": stream,
+                    "messages": [{"role": "user", "content": question}]}
+            start = time.perf_counter()
+            if not stream:
+                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+                r.raise_for_status()
+                return time.perf_counter() - start
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+                for line in r.iter_lines():
+                    if '"content":"' in line and '"content":""' not in line:
+                        return time.perf_counter() - start
+            return time.perf_counter() - start
+
+        request(QUESTIONS[0])  # warm-up
+        out = {"questions": len(QUESTIONS), "ask_questions_s": round(ask_s, 2),
+               "ask_questions_per_s": round(len(QUESTIONS) / ask_s, 2)}
+        for clients in (1, 4, 16):
+            jobs = [QUESTIONS[i % len(QUESTIONS)] for i in range(max(len(QUESTIONS), 2 * clients))]
+            latencies: list[float] = []
+            lock = threading.Lock()
+
+            def worker(mine: list[str]) -> None:
+                for q in mine:
+                    seconds = request(q)
+                    with lock:
+                        latencies.append(seconds)
+
+            start = time.perf_counter()
+            threads = [threading.Thread(target=worker, args=(jobs[i::clients],)) for i in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - start
+            latencies.sort()
+            out[f"clients_{clients}"] = {"requests": len(jobs), "seconds": round(wall, 2),
+                                         "requests_per_s": round(len(jobs) / wall, 2),
+                                         "p50_s": round(statistics.median(latencies), 3),
+                                         "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3)}
+        document = EXAMPLE.read_text()
+        ttft_cart = [request(q, stream=True) for q in QUESTIONS[:5]]
+        ttft_doc = [request(f"Answer using this document. Be brief.\n\n{document}\n\nQuestion: {q}", plain, True)
+                    for q in QUESTIONS[:5]]
+        out["first_token_cartridge_s"] = round(statistics.median(ttft_cart), 3)
+        out["first_token_document_in_prompt_s"] = round(statistics.median(ttft_doc), 3)
+        return out
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def render(results: dict) -> str:
     lines = ["# Measurements beside the eval", "",
              f"Machine: {os.cpu_count()} CPU cores, no GPU. Each table's conditions ran one after another in one run "
@@ -163,6 +251,19 @@ def render(results: dict) -> str:
         lines += [f"| {k} | {v['idle']} | {v['busy loop on one core']} | {v['second lcc compile']} | "
                   f"{v['busy / idle']} | {v['second lcc / idle']} |" for k, v in c.items()]
         lines.append("")
+    if "serve" in results:
+        v = results["serve"]
+        lines += ["## `lcc serve`: concurrent clients (README example cartridge, `fast`, 32 new tokens)", "",
+                  "| condition | requests | seconds | requests / s | p50 latency s | p95 latency s |",
+                  "|---|---|---|---|---|---|",
+                  f"| one `lcc ask --questions` process (model load included) | {v['questions']} | "
+                  f"{v['ask_questions_s']} | {v['ask_questions_per_s']} | – | – |"]
+        lines += [f"| serve, {c} concurrent client{'s' if c > 1 else ''} | {v[f'clients_{c}']['requests']} | "
+                  f"{v[f'clients_{c}']['seconds']} | {v[f'clients_{c}']['requests_per_s']} | "
+                  f"{v[f'clients_{c}']['p50_s']} | {v[f'clients_{c}']['p95_s']} |" for c in (1, 4, 16)]
+        lines += ["", f"Time to the first streamed token (median of 5): from the cartridge "
+                      f"{v['first_token_cartridge_s']} s; the same model with the document in the prompt "
+                      f"{v['first_token_document_in_prompt_s']} s.", ""]
     if "sizes" in results:
         s = results["sizes"]
         lines += ["## File sizes", "", "```", json.dumps(s, indent=1), "```", ""]
@@ -171,14 +272,14 @@ def render(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "serve", "all"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "measurements.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    todo = ["questions", "backends", "contention", "sizes"] if args.what == "all" else [args.what]
+    todo = ["questions", "backends", "contention", "sizes", "serve"] if args.what == "all" else [args.what]
     with tempfile.TemporaryDirectory() as tmp:
         for name in todo:
             print(f"measuring {name}…", flush=True)
