@@ -208,6 +208,10 @@ def settle(loaded, compiler, cfg, quality: str = "balanced") -> tuple[CompilerSp
     spec = compiler if isinstance(compiler, CompilerSpec) else resolve_compiler(loaded, compiler)
     if not isinstance(cfg, CompileConfig):
         cfg = compile_config(spec.name, quality, **(cfg or {}))
+    if spec.name == "optimise":
+        from .compile.optimise import check_lora_targets
+
+        check_lora_targets(loaded.model, cfg.lora_targets)  # now, not after the first minutes of work
     return spec, cfg
 
 
@@ -399,18 +403,39 @@ class Reader:
         if carts:
             self.buffer = combine(carts, force=force).to(self.loaded.device, self.loaded.dtype)
 
+    def check(self, questions: list[str], cfg: AskConfig | None = None) -> None:
+        """Refuse any question that cannot be answered before the first is: empty, not text,
+        too long in characters (checked before tokenising) or for the model's window."""
+        from .runtime.reader import check_fits
+
+        for question in questions:
+            check_question(question)
+        for question in questions:
+            check_fits(self.loaded, question, buffer=self.buffer, document=self.document, cfg=cfg or AskConfig())
+
     def ask(self, question: str, cfg: AskConfig | None = None, on_text=None):
         """One answer (runtime.reader.Answer)."""
         from .runtime.reader import answer
 
-        if not question.strip():
-            raise UsageError("the question is empty")
-        try:
-            question.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UsageError("the question is not valid text (it holds an undecodable byte)") from None
+        check_question(question)
         return answer(self.loaded, [question], buffer=self.buffer, document=self.document, cfg=cfg,
                       on_text=on_text)[0]
+
+
+# A question is cut off in characters before anything tokenises it: far past any window a
+# model here has (8,192 tokens is about 33,000 characters), and cheap to tokenise.
+MAX_QUESTION_CHARS = 200_000
+
+
+def check_question(question: str, where: str = "the question") -> None:
+    if not question.strip():
+        raise UsageError(f"{where} is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise UsageError(f"{where} is {len(question):,} characters; at most {MAX_QUESTION_CHARS:,}")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{where} is not valid text (it holds an undecodable byte)") from None
 
 
 def ask(questions: list[str], cartridges: list[Path] = (), context: Path | None = None,
@@ -419,6 +444,7 @@ def ask(questions: list[str], cartridges: list[Path] = (), context: Path | None 
     """Answer questions from cartridges (composed), from a document in the prompt, or from
     nothing; one model load for all of them, each answered on its own."""
     reader = Reader(cartridges, context, run, force, loaded)
+    reader.check(questions, cfg)
     return [reader.ask(q, cfg, on_text) for q in questions]
 
 
@@ -436,6 +462,9 @@ def read_questions(path: Path | str) -> list[str]:
         if not isinstance(q, str) or not q.strip():
             raise InputError(f"{Path(str(path)).name} line {number}: need a \"q\" or \"question\" text field")
         out.append(q)
+    for number, q in enumerate(out, 1):
+        if len(q) > MAX_QUESTION_CHARS:
+            check_question(q, f"question {number} of {Path(str(path)).name}")
     if not out:
         raise InputError(f"{path} holds no questions")
     return out
@@ -552,6 +581,7 @@ def eval_methods(loaded, settings: EvalSettings, compiler=None) -> list:
         spec = resolve_compiler(loaded, m.get("compiler", "auto"))
         cfg = compile_config(spec.name, m.get("quality", "balanced"), **{**settings.compile_table,
                                                                           **method_overrides(m)})
+        settle(loaded, spec, cfg)  # its checks against the model, before any work
         out.append(Method(m["label"], spec, {k: v for k, v in cfg.to_dict().items() if k != "ratio"},
                           m.get("stride", 1)))
     return out

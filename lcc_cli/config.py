@@ -169,6 +169,9 @@ class AskConfig(_FromDict):
                self.temperature)
 
 
+MAX_METHODS = 64  # each method compiles every document at every ratio: more is a mistake
+
+
 @dataclass
 class EvalSettings(_FromDict):
     """What `lcc eval` measures. The [eval] table of an eval TOML file."""
@@ -205,6 +208,8 @@ class EvalSettings(_FromDict):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), name,
                    "at least 1", value)
+        if not isinstance(self.methods, list) or len(self.methods) > MAX_METHODS:
+            raise UsageError(f"at most {MAX_METHODS} [[eval.methods]] tables (got {len(self.methods):,})")
         labels = set()
         for m in self.methods:
             if not isinstance(m, dict) or not isinstance(m.get("label"), str) or m["label"] in labels:

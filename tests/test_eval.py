@@ -161,12 +161,13 @@ def test_a_retrained_compiler_at_the_same_path_is_not_reused(tmp_path):
     from lcc_cli.format.compiler_file import save_compiler
 
     path = tmp_path / "compiler.safetensors"
-    manifest = {"model": {"fingerprint": "f" * 64},
+    manifest = {"model": {"fingerprint": "f" * 64, "id": "m"},
                 "compiler": {"lora_rank": 4, "lora_alpha": 4, "lora_targets": ["q_proj"], "sink": True}}
-    save_compiler(path, manifest, {"slot_bias": torch.zeros(8)})
+    lora = {"lora.q_proj.lora_A.weight": torch.zeros(4, 8), "lora.q_proj.lora_B.weight": torch.zeros(8, 4)}
+    save_compiler(path, manifest, {"slot_bias": torch.zeros(8), **lora})
     method = evaluate.Method("pretrained+0", CompilerSpec("pretrained", str(path)), {"steps": 0})
     before = evaluate._method_key(method)
-    save_compiler(path, manifest, {"slot_bias": torch.ones(8)})
+    save_compiler(path, manifest, {"slot_bias": torch.ones(8), **lora})
     assert evaluate._method_key(method) != before
     assert evaluate._method_key(evaluate.Method("x", CompilerSpec(), {})) == ["x", "optimise", None, {}]
 

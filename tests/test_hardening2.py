@@ -114,3 +114,150 @@ def test_adapter_shapes_that_cannot_be_served_are_refused(compiled, tmp_path, ti
         assert_error(run("import", adapter, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 5, fragment)
         (adapter / "adapter_config.json").write_text(original)
     assert not (tmp_path / "o.lcc").exists()
+
+
+# 4, 9 and 10. compiler files: counts, fields and values checked before use ---------------------
+
+def _resign_compiler(src: Path, out: Path, edit=None, tensors=None) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from lcc_cli.format import cartridge as fmt
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    manifest = json.loads(meta["lcc_compiler"])
+    if edit:
+        edit(manifest)
+    if tensors:
+        data = tensors(data)
+    manifest["tensor_sha256"] = fmt.tensor_sha256(data)
+    text = json.dumps(manifest, sort_keys=True)
+    out.write_bytes(save(data, metadata={"lcc_compiler": text, "lcc_checksum": fmt.checksum(text, manifest["tensor_sha256"])}))
+    return out
+
+
+def _set(path, value):
+    def edit(m):
+        node = m
+        for key in path[:-1]:
+            node = node[key]
+        if value is _DROP:
+            node.pop(path[-1])
+        else:
+            node[path[-1]] = value
+    return edit
+
+
+_DROP = object()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_compiler(tmp_path_factory, tiny_model_dir):
+    import os
+
+    from conftest import run_opts
+    from lcc_cli import api
+    from test_pretrained import ROWS, small
+
+    d = tmp_path_factory.mktemp("compiler")
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    old = os.environ.get("LCC_HOME")
+    os.environ["LCC_HOME"] = str(d / "home")
+    try:
+        api.train_compiler([d / "train.jsonl"], d / "c.safetensors", small(steps=1), run=run_opts(tiny_model_dir))
+    finally:
+        os.environ.pop("LCC_HOME") if old is None else os.environ.__setitem__("LCC_HOME", old)
+    return d / "c.safetensors"
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_set(["compiler", "lora_rank"], 10**6), "lora_rank"),
+    (_set(["compiler", "lora_alpha"], float("nan")), "lora_alpha"),
+    (_set(["model", "id"], _DROP), "model id"),
+    (_set(["training"], "a string"), "training"),
+    (_set(["compiler"], ["a", "list"]), "compiler settings"),
+])
+def test_a_lying_compiler_file_is_refused_before_anything_is_built(trained_compiler, tmp_path, tiny_model_dir,
+                                                                   edit, fragment):
+    bad = _resign_compiler(trained_compiler, tmp_path / "bad.safetensors", edit)
+    assert_error(run("inspect", bad), 5, fragment)
+    doc = tmp_path / "d.txt"
+    doc.write_text(DOC)
+    assert_error(run("compile", doc, "-o", tmp_path / "o.lcc", "--compiler", bad, "--steps", "0",
+                     "--model", tiny_model_dir), 5, fragment)
+    assert not (tmp_path / "o.lcc").exists()
+
+
+def test_a_compiler_whose_targets_name_no_module_is_refused(trained_compiler, tmp_path, tiny_model_dir):
+    def rename(tensors):
+        return {k.replace("q_proj", "nope_proj"): v for k, v in tensors.items()}
+
+    bad = _resign_compiler(trained_compiler, tmp_path / "bad.safetensors",
+                           _set(["compiler", "lora_targets"], ["nope_proj", "k_proj", "v_proj", "o_proj"]), rename)
+    doc = tmp_path / "d.txt"
+    doc.write_text(DOC)
+    assert_error(run("compile", doc, "-o", tmp_path / "o.lcc", "--compiler", bad, "--steps", "0",
+                     "--model", tiny_model_dir), 5, "nope_proj")
+
+
+def test_huge_compiler_weights_never_write_an_unusable_cartridge(trained_compiler, tmp_path, tiny_model_dir):
+    bad = _resign_compiler(trained_compiler, tmp_path / "huge.safetensors",
+                           tensors=lambda t: {k: (v * 1e30 if k.startswith("lora.") and "lora_B" in k else v)
+                                              for k, v in t.items()})
+    doc = tmp_path / "d.txt"
+    doc.write_text(DOC)
+    assert_error(run("compile", doc, "-o", tmp_path / "o.lcc", "--compiler", bad, "--steps", "0",
+                     "--model", tiny_model_dir), 5, "huge.safetensors")
+    assert not list(tmp_path.glob("o.lcc*"))
+
+
+def test_lora_targets_naming_no_module_fail_before_work(tmp_path, tiny_model_dir):
+    doc = tmp_path / "d.txt"
+    doc.write_text(DOC)
+    (tmp_path / "c.toml").write_text('[compile]\nlora_targets = ["nope_proj"]\nsteps = 1\n')
+    (tmp_path / "d.jsonl").write_text(json.dumps({"context": DOC, "questions": [{"q": "a", "answers": ["b"]}]}) + "\n")
+    result = run("eval", tmp_path / "d.jsonl", "--config", tmp_path / "c.toml", "--compiler", "none",
+                 "--out", tmp_path / "out", "--model", tiny_model_dir)
+    assert_error(result, 2, "nope_proj")
+    assert not (tmp_path / "out" / "docs").exists() or not list((tmp_path / "out" / "docs").iterdir())
+
+
+# 5, 7 and 8. long inputs are refused by their length in characters, before tokenising ----------
+
+def test_an_enormous_question_is_refused_before_tokenising(compiled, tmp_path, tiny_model_dir):
+    from test_hardening import max_rss_mb
+
+    (tmp_path / "q.txt").write_text("short question\n" + "why " * 2_000_000 + "\n")
+    code, peak, err = max_rss_mb(["ask", str(compiled[0]), "--questions", str(tmp_path / "q.txt"),
+                                  "--model", str(tiny_model_dir)])
+    assert code == 2 and "question 2 of q.txt" in err and "characters" in err and "Traceback" not in err
+    assert peak < 1500
+    result = run("ask", compiled[0], "-", "--model", tiny_model_dir, input="why " * 100_000)
+    assert_error(result, 2, "characters")
+
+
+def test_two_questions_are_both_checked_before_the_first_answer(compiled, tmp_path, tiny_model_dir):
+    (tmp_path / "q.txt").write_text("Who built it?\n" + "why " * 5000 + "\n")
+    result = run("ask", compiled[0], "--questions", tmp_path / "q.txt", "--model", tiny_model_dir)
+    assert_error(result, 2, "window")
+    assert result.stdout.strip() == ""
+
+
+def test_an_eval_row_with_a_huge_context_names_its_line(tmp_path, tiny_model_dir):
+    rows = [{"context": "x", "questions": [{"q": "a", "answers": ["b"]}]},
+            {"context": "word " * 300_000, "questions": [{"q": "a", "answers": ["b"]}]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert_error(run("eval", tmp_path / "d.jsonl", "--out", tmp_path / "out", "--model", tiny_model_dir), 3,
+                 "line 2")
+
+
+def test_a_million_eval_methods_are_refused_at_once(tmp_path, tiny_model_dir):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"context": "x", "questions": [{"q": "a", "answers": ["b"]}]}) + "\n")
+    (tmp_path / "m.toml").write_text("".join(f'[[eval.methods]]\nlabel = "m{i}"\n' for i in range(1000)))
+    assert_error(run("eval", tmp_path / "d.jsonl", "--config", tmp_path / "m.toml", "--out", tmp_path / "out",
+                     "--model", tiny_model_dir), 2, "at most 64")

@@ -251,13 +251,14 @@ def ask(
         *cartridges, question = args
         if question.endswith(".lcc") and Path(question).is_file():
             raise UsageError("the question is missing (usage: lcc ask [CARTRIDGE...] QUESTION)")
-        asked = [sys.stdin.read() if question == "-" else question]
-        if not asked[0].strip():
-            raise UsageError("the question is empty")
+        # stdin is read only as far as the longest question allowed (and one more to know)
+        asked = [sys.stdin.read(api.MAX_QUESTION_CHARS + 1) if question == "-" else question]
+        api.check_question(asked[0])
     else:
         cartridges, asked = args, api.read_questions(questions)
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     reader = api.Reader([Path(c) for c in cartridges], context, _run(model, device, threads, dtype), force)
+    reader.check(asked, cfg)  # every question, before the first answer is printed
     if questions is not None:
         for q in asked:
             print_json_line(_answer_json(reader.ask(q, cfg), reader.mode))

@@ -135,8 +135,21 @@ def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: Com
 
 
 def _finish(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict) -> None:
-    """Assemble and (if it has an output) write a complete document, then drop its partial."""
+    """Assemble and (if it has an output) write a complete document, then drop its partial.
+    A buffer that every later load would refuse (non-finite or absurd values: a broken
+    compiler) is refused here, before anything is written."""
+    from ..errors import CompilerFileError
+    from ..format.cartridge import check_values
+
     cart = assemble(loaded, task.doc, [task.done[s.index] for s in task.segments], cfg, compiler_info)
+    b = cart.buffer
+    try:
+        check_values({f"{kind}.{i}": t for kind, ts in (("k", b.keys), ("v", b.values)) for i, t in enumerate(ts)},
+                     task.doc.name)
+    except CartridgeError as exc:
+        who = compiler_info.get("file") or compiler_info.get("name", "the compiler")
+        raise CompilerFileError(f"compiler {who} produced an unusable buffer for {task.doc.name} "
+                                f"({exc.message.split(': ', 1)[-1]}); nothing was written") from None
     if task.output is not None:
         _write_final(task, cart)
     task.cartridge = cart

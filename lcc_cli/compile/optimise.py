@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CompileConfig
-from ..errors import CompilerFileError
+from ..errors import CompilerFileError, UsageError
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
 from ..runtime.cache import prefill
@@ -142,11 +142,24 @@ def lr_factor(step: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def check_lora_targets(model, targets, from_file: bool = False) -> None:
+    """Every LoRA target must name a linear module of the model (before any work is done)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        message = (f"lora_targets {', '.join(repr(t[:40]) for t in missing[:3])} name no module of the model "
+                   f"(it has {', '.join(sorted(names)[:8])})")
+        if from_file:
+            raise CompilerFileError(f"the compiler's {message}")
+        raise UsageError(message, field="lora_targets")
+
+
 def attach_lora(model, rank: int, alpha: int, targets, state: dict | None = None):
     """Wrap the frozen model with a LoRA (the disposable compiler): fresh, or a copy of
     `state` (a pretrained compiler's weights)."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
+    check_lora_targets(model, targets, from_file=state is not None)
     lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
     peft_model = get_peft_model(model, lora)
     if state is not None:

@@ -28,11 +28,19 @@ def load_dataset(path: Path) -> list[dict]:
     return rows
 
 
+# Checked in characters before anything tokenises them: an eval document is compiled and read
+# whole (a million characters is about 250,000 tokens), and a question is a sentence.
+MAX_CONTEXT_CHARS = 1_000_000
+MAX_QUESTION_CHARS = 10_000
+
+
 def _problem(row) -> str | None:
     if not isinstance(row, dict):
         return "need a JSON object with context and questions"
     if not isinstance(row.get("context"), str) or not row["context"].strip():
         return "context must be non-empty text"
+    if len(row["context"]) > MAX_CONTEXT_CHARS:
+        return f"context is {len(row['context']):,} characters; at most {MAX_CONTEXT_CHARS:,}"
     if "id" in row and not isinstance(row["id"], (str, int)):
         return "id must be text or a number"
     if "title" in row and not isinstance(row["title"], (str, type(None))):
@@ -43,6 +51,8 @@ def _problem(row) -> str | None:
     for q in questions:
         if not isinstance(q, dict) or not isinstance(q.get("q"), str) or not q["q"].strip():
             return "each question needs a text field q"
+        if len(q["q"]) > MAX_QUESTION_CHARS:
+            return f"a question is {len(q['q']):,} characters; at most {MAX_QUESTION_CHARS:,}"
         answers = q.get("answers")
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             return "each question needs answers, a list of text"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,14 +133,29 @@ def _validate(m, raw, name: str) -> None:
             or not all(isinstance(t, str) for t in comp["lora_targets"])):
         raise CompilerFileError(f"{name}: manifest has no valid compiler settings (lora_rank, lora_alpha, "
                                 f"lora_targets, sink)")
+    if not isinstance(model.get("id"), str):
+        raise CompilerFileError(f"{name}: manifest has no model id")
+    alpha = comp["lora_alpha"]
+    if isinstance(alpha, bool) or not math.isfinite(alpha) or not 0 < alpha <= 1e6 or comp["lora_rank"] > 4096:
+        raise CompilerFileError(f"{name}: lora_alpha must be a positive finite number and lora_rank at most 4096")
+    if "training" in m and not isinstance(m["training"], dict):
+        raise CompilerFileError(f"{name}: manifest field training must be a table")
     if not isinstance(m.get("tensor_sha256"), str):
         raise CompilerFileError(f"{name}: manifest has no tensor digest")
     entries = [k for k in raw.header if k != "__metadata__"]
     if len(entries) > _MAX_TENSORS or "slot_bias" not in entries:
         raise CompilerFileError(f"{name}: unexpected tensors")
+    rank = comp["lora_rank"]
     for key in entries:
         entry = raw.header[key]
         shape = entry.get("shape")
         if (entry.get("dtype") not in ("F32", "BF16", "F16") or not isinstance(shape, list) or len(shape) > 2
                 or not all(isinstance(d, int) and 0 < d <= 1_000_000 for d in shape)):
             raise CompilerFileError(f"{name}: tensor {key[:60]!r} has an unexpected shape or dtype")
+        # The declared rank sizes the LoRA built before these tensors are read: it must be
+        # the rank the tensors have (lora_A is [rank, in], lora_B [out, rank]).
+        if key.startswith("lora.") and (len(shape) != 2 or (".lora_A." in key and shape[0] != rank)
+                                        or (".lora_B." in key and shape[1] != rank)):
+            raise CompilerFileError(f"{name}: lora_rank {rank} does not match tensor {key[:60]!r} {shape}")
+    if not any(k.startswith("lora.") for k in entries):
+        raise CompilerFileError(f"{name}: no LoRA tensors")

@@ -65,6 +65,18 @@ def answer(loaded, questions: list[str], buffer: Buffer | None = None, document:
     return out
 
 
+def check_fits(loaded, question: str, buffer: Buffer | None = None, document: str | None = None,
+               cfg: AskConfig | None = None) -> None:
+    """UsageError if `question` would not fit the model's window (as `answer` would say)."""
+    cfg = cfg or AskConfig()
+    p = loaded.prompter
+    if buffer is not None:
+        end = buffer.first_query_position + len(p.query_ids(question))
+    else:
+        end = len(p.context_ids(document)) + len(p.query_ids(question))
+    _check_window(loaded, end, cfg.max_new_tokens, question)
+
+
 def _check_window(loaded, prompt_end: int, max_new_tokens: int, question: str) -> None:
     limit = loaded.facts.max_positions
     if limit and prompt_end + max_new_tokens > limit:
