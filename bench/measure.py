@@ -13,6 +13,9 @@ the real embedded model, and writes bench/results/measurements.{json,md}:
               busy loop on one core, and beside a second lcc compile; with the old settings
               (--threads 2, spinning OpenMP waits) and the new (automatic threads, passive waits)
 - sizes:      file sizes of the same cartridge as v1 and v2, fp32 and bfloat16
+- train:      one training step (8 paragraphs + 1 long document of the bench data, the
+              default TrainConfig) computed document by document and batched (batched.py):
+              tokens per second of forward + backward, each way timed 3 times, alternating
 - serve:      `lcc serve` with 1, 4 and 16 concurrent clients (requests per second, p50/p95
               latency) against the same questions through one `lcc ask --questions`; and the
               time to the first streamed token from the cartridge against the same model with
@@ -224,6 +227,54 @@ def measure_serve(tmp: Path) -> dict:
         server.wait(timeout=60)
 
 
+def measure_train(tmp: Path) -> dict:
+    import json as _json
+    import random
+    import statistics
+
+    import torch
+
+    from lcc_cli.api import RunOptions, load
+    from lcc_cli.compile import batched, train
+    from lcc_cli.compile.optimise import attach_lora
+    from lcc_cli.config import TrainConfig
+
+    cfg = TrainConfig()
+    loaded = load(RunOptions(threads=2))
+    rows = [train.Row(r["context"], [{"q": q["q"], "answer": q["answers"][0], "para": q.get("para")}
+                                     for q in r["questions"]], r["id"], False)
+            for r in map(_json.loads, SAMPLE.read_text().splitlines()[:8])]
+    long = _json.loads((ROOT.parent / "shared" / "data" / "squad_long_dev.jsonl").read_text().splitlines()[0])
+    rows.append(train.Row(long["context"], [{"q": q["q"], "answer": q["answers"][0], "para": q["para"]}
+                                            for q in long["questions"]], long["id"], True))
+    targets = train.instruction_targets(loaded, cfg)
+    peft_model = attach_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    bias = torch.nn.Parameter(torch.zeros(loaded.facts.hidden_size))
+    rng = random.Random(0)
+    items = []
+    for row in rows:
+        doc = train.prepare(loaded, row, cfg)
+        items.append((doc, 8.0, *train.sample_step(doc, targets, rng, cfg)))
+    ways = {"per document": lambda: [train.document_losses(loaded, peft_model, bias, *it, cfg) for it in items],
+            "batched": lambda: batched.step_losses(loaded, peft_model, bias, items, cfg)}
+    times: dict[str, list] = {k: [] for k in ways}
+    tokens = 0
+    for _ in range(3):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            results = fn()
+            sum(t["recon"] * cfg.recon_weight + t["qa"] * cfg.qa_weight + t["kl"] * cfg.kl_weight
+                for t, _ in results).backward()
+            times[name].append(time.perf_counter() - start)
+            tokens = sum(n for _, n in results)
+    peft_model.unload()
+    out = {"tokens_per_step": tokens, "threads": 2, "dtype": str(loaded.dtype)}
+    for name, ts in times.items():
+        out[name] = {"seconds": round(statistics.median(ts), 2), "tokens_per_s": round(tokens / statistics.median(ts))}
+    out["batched / per document"] = round(out["batched"]["tokens_per_s"] / out["per document"]["tokens_per_s"], 2)
+    return out
+
+
 def render(results: dict) -> str:
     lines = ["# Measurements beside the eval", "",
              f"Machine: {os.cpu_count()} CPU cores, no GPU. Each table's conditions ran one after another in one run "
@@ -251,6 +302,16 @@ def render(results: dict) -> str:
         lines += [f"| {k} | {v['idle']} | {v['busy loop on one core']} | {v['second lcc compile']} | "
                   f"{v['busy / idle']} | {v['second lcc / idle']} |" for k, v in c.items()]
         lines.append("")
+    if "train" in results:
+        t = results["train"]
+        lines += ["## A training step, document by document and batched", "",
+                  f"One step of the default TrainConfig (8 bench paragraphs + 1 long document, ratio 8), forward and "
+                  f"backward, {t['threads']} threads, {t['dtype']}; median of 3, the two ways alternating; "
+                  f"{t['tokens_per_step']:,} tokens per step.", "",
+                  "| step | seconds | tokens / s |", "|---|---|---|",
+                  f"| per document | {t['per document']['seconds']} | {t['per document']['tokens_per_s']} |",
+                  f"| batched | {t['batched']['seconds']} | {t['batched']['tokens_per_s']} |", "",
+                  f"Batched / per document: {t['batched / per document']}x.", ""]
     if "serve" in results:
         v = results["serve"]
         lines += ["## `lcc serve`: concurrent clients (README example cartridge, `fast`, 32 new tokens)", "",
@@ -272,14 +333,14 @@ def render(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "serve", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "train", "serve", "all"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "measurements.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    todo = ["questions", "backends", "contention", "sizes", "serve"] if args.what == "all" else [args.what]
+    todo = ["questions", "backends", "contention", "sizes", "train", "serve"] if args.what == "all" else [args.what]
     with tempfile.TemporaryDirectory() as tmp:
         for name in todo:
             print(f"measuring {name}…", flush=True)

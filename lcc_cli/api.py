@@ -503,7 +503,7 @@ def inspect(path: Path) -> dict:
 
 def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None = None, force: bool = False,
                    resume: bool = False, time_limit: float | None = None, stop_after: int | None = None,
-                   progress: Progress = NO_PROGRESS):
+                   progress: Progress = NO_PROGRESS, batched: bool | None = None):
     """`lcc train-compiler`: train a pretrained compiler for the model and write it."""
     from .compile.train import train_compiler as train
     from .format.fsio import check_output
@@ -521,25 +521,26 @@ def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None =
     try:
         if run.backend == "ray":
             return _train_on_ray([Path(d) for d in data], output, cfg, run, force, resume, time_limit, stop_after,
-                                 progress)
+                                 progress, batched)
         progress = _governed(run, progress)
         progress.status("loading model…")
         loaded = load(run)
         return train(loaded, [Path(d) for d in data], output, cfg, resume=resume, time_limit=time_limit,
-                     progress=progress, overwrite=force, stop_after=stop_after)
+                     progress=progress, overwrite=force, stop_after=stop_after, batched=batched)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; checkpoints are kept in {output}.ckpt",
                           hint="rerun with --resume to continue") from None
 
 
-def _train_on_ray(data, output: Path, cfg, run: RunOptions, force, resume, time_limit, stop_after, progress):
+def _train_on_ray(data, output: Path, cfg, run: RunOptions, force, resume, time_limit, stop_after, progress,
+                  batched=None):
     """Data-parallel training (backends/ray_train.py); the result is read back from the file
     rank 0 wrote."""
     from .backends.ray_train import train_on_ray
     from .compile.train import TrainResult
     from .format.compiler_file import load_compiler
 
-    train_on_ray(data, output, cfg, run, resume, time_limit, force, stop_after, progress)
+    train_on_ray(data, output, cfg, run, resume, time_limit, force, stop_after, progress, batched)
     comp = load_compiler(output)
     t = comp.manifest["training"]
     return TrainResult(str(output), comp.sha256, t["steps"], t["seconds"], t["tokens"], t["tokens_per_second"],

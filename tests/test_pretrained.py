@@ -232,3 +232,54 @@ def test_stop_after_ends_the_schedule_early_and_says_so(data, tmp_path, tiny_mod
     t = load_compiler(tmp_path / "c.safetensors").manifest["training"]
     assert result.steps == t["steps"] == 3 and t["config"]["steps"] == 6
     assert [h["step"] for h in t["history"]] == [3]  # the stopping step is scored like a checkpoint
+
+
+def test_the_batched_step_computes_the_per_document_losses(data, tiny_model_dir, monkeypatch, tmp_path):
+    """One padded pass per stage for a whole step (batched.py) against one document at a
+    time: the same terms and the same gradient, up to float32 rounding of padded matmuls
+    and of the summation order (1e-4 relative leaves room for that and catches any
+    misplaced position, mask or row, which moves the terms by far more)."""
+    import random
+
+    from lcc_cli.api import load
+    from lcc_cli.compile import batched, train
+    from lcc_cli.compile.optimise import attach_lora
+
+    monkeypatch.setenv("LCC_HOME", str(tmp_path / "home"))
+    cfg = small(segment_tokens=32)
+    loaded = load(run_opts(tiny_model_dir, threads=1))
+    rows, _ = train.read_training_data([data], cfg.segment_tokens)
+    targets = train.instruction_targets(loaded, cfg)
+    peft_model = attach_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    try:
+        torch.manual_seed(0)
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.data = torch.randn_like(p) * 0.05  # a LoRA that does something
+        bias = torch.nn.Parameter(torch.randn(loaded.facts.hidden_size) * 0.01)
+        rng = random.Random(0)
+        items = []
+        for row in rows:
+            doc = train.prepare(loaded, row, cfg)
+            items.append((doc, [3.0, 5.0, 7.0][len(items) % 3], *train.sample_step(doc, targets, rng, cfg)))
+        assert any(len(it[0].segments) > 1 for it in items) and any(it[2] for it in items)
+        params = [p for p in peft_model.parameters() if p.requires_grad] + [bias]
+
+        def run(fn):
+            for p in params:
+                p.grad = None
+            results = fn()
+            sum(cfg.recon_weight * t["recon"] + cfg.qa_weight * t["qa"] + cfg.kl_weight * t["kl"]
+                for t, _ in results).backward()
+            return results, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+        one, g1 = run(lambda: [train.document_losses(loaded, peft_model, bias, *it, cfg) for it in items])
+        many, g2 = run(lambda: batched.step_losses(loaded, peft_model, bias, items, cfg))
+        for (ta, na), (tb, nb) in zip(one, many):
+            assert na == nb
+            for key in ("recon", "qa", "kl"):
+                assert float(tb[key]) == pytest.approx(float(ta[key]), rel=1e-4, abs=1e-5), key
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    finally:
+        peft_model.unload()

@@ -60,11 +60,11 @@ def _worker(config: dict) -> None:
     loaded = load(run)
     train_compiler(loaded, [Path(d) for d in config["data"]], Path(config["output"]), config["cfg"],
                    resume=config["resume"], time_limit=config["time_limit"], overwrite=config["overwrite"],
-                   stop_after=config["stop_after"], dist=TorchDist())
+                   stop_after=config["stop_after"], dist=TorchDist(), batched=config["batched"])
 
 
 def train_on_ray(data: list[Path], output: Path, cfg, run, resume: bool, time_limit: float | None,
-                 overwrite: bool, stop_after: int | None, progress) -> None:
+                 overwrite: bool, stop_after: int | None, progress, batched: bool | None = None) -> None:
     """Run the training on `run.workers` Ray Train workers; the compiler file is written by
     rank 0 at OUTPUT."""
     from ..config import cpu_count
@@ -83,7 +83,7 @@ def train_on_ray(data: list[Path], output: Path, cfg, run, resume: bool, time_li
         config = {"model": run.model, "device": run.device, "dtype": run.dtype, "threads": threads,
                   "data": [str(Path(d).resolve()) for d in data], "output": str(Path(output).resolve()),
                   "cfg": cfg, "resume": resume, "time_limit": time_limit, "overwrite": overwrite,
-                  "stop_after": stop_after,
+                  "stop_after": stop_after, "batched": batched,
                   "env": {k: v for k, v in os.environ.items() if k.startswith("LCC_") or k == "OMP_WAIT_POLICY"}}
         with tempfile.TemporaryDirectory(prefix="lcc-ray-train-") as storage:
             trainer = TorchTrainer(

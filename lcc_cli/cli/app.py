@@ -477,6 +477,10 @@ def train_compiler_cmd(
                                                         "file records the steps done)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.ckpt/."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing compiler file."),
+    batched: Optional[bool] = typer.Option(None, "--batched/--per-document",
+                                           help="A step's documents in a few padded passes (default on CUDA: far "
+                                                "fewer kernel launches) or one document at a time (default on CPUs, "
+                                                "where padding costs more than it saves)."),
     backend: str = typer.Option("local", "--backend", help="local (this process) | ray (data-parallel on Ray "
                                                            "Train: DDP over --workers processes)."),
     workers: int = typer.Option(1, "--workers", help="Ray Train workers; each computes its share of every step."),
@@ -503,7 +507,7 @@ def train_compiler_cmd(
         raise UsageError(f"stop_after must be at least 1 (got {stop_after})", field="stop_after")
     with _progress(as_json) as progress:
         run = _run(model, device, threads, dtype, workers=workers, backend=backend, ray_address=ray_address)
-        result = api.train_compiler(data, output, cfg, run=run, force=force, resume=resume,
+        result = api.train_compiler(data, output, cfg, run=run, force=force, resume=resume, batched=batched,
                                     time_limit=time_limit * 60 if time_limit else None, stop_after=stop_after,
                                     progress=progress)
     if as_json:

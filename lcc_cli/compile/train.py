@@ -320,20 +320,25 @@ def sample_step(doc: Doc, targets: list[Target], rng: random.Random, cfg: TrainC
 
 
 class StepLoss(torch.nn.Module):
-    """One document's weighted loss as a module holding the trained parameters (the LoRA
-    inside the model, the slot bias), so that data-parallel training can wrap it in DDP."""
+    """Documents' weighted losses as a module holding the trained parameters (the LoRA inside
+    the model, the slot bias), so that data-parallel training can wrap it in DDP. `batched`:
+    all the documents in a few padded passes (batched.py) instead of one pass per document."""
 
-    def __init__(self, loaded, peft_model, bias: torch.nn.Parameter, cfg: TrainConfig):
+    def __init__(self, loaded, peft_model, bias: torch.nn.Parameter, cfg: TrainConfig, batched: bool = False):
         super().__init__()
         self.peft_model, self.bias = peft_model, bias
-        self.loaded, self.cfg = loaded, cfg
+        self.loaded, self.cfg, self.batched = loaded, cfg, batched
 
-    def forward(self, doc: Doc, ratio: float, questions: list[Question], instructions: list[Target]):
+    def forward(self, items: list[tuple]) -> list[tuple[torch.Tensor, dict, int]]:
         cfg = self.cfg
-        terms, tokens = document_losses(self.loaded, self.peft_model, self.bias, doc, ratio, questions,
-                                        instructions, cfg)
-        loss = cfg.recon_weight * terms["recon"] + cfg.qa_weight * terms["qa"] + cfg.kl_weight * terms["kl"]
-        return loss, terms, tokens
+        if self.batched:
+            from .batched import step_losses
+
+            results = step_losses(self.loaded, self.peft_model, self.bias, items, cfg)
+        else:
+            results = [document_losses(self.loaded, self.peft_model, self.bias, *item, cfg) for item in items]
+        return [(cfg.recon_weight * t["recon"] + cfg.qa_weight * t["qa"] + cfg.kl_weight * t["kl"], t, n)
+                for t, n in results]
 
 
 class Dist:
@@ -430,7 +435,8 @@ def split_rows(rows: list[Row], cfg: TrainConfig) -> Split:
 
 def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, resume: bool = False,
                    time_limit: float | None = None, progress: Progress = NO_PROGRESS,
-                   overwrite: bool = False, stop_after: int | None = None, dist: Dist | None = None) -> TrainResult | None:
+                   overwrite: bool = False, stop_after: int | None = None, dist: Dist | None = None,
+                   batched: bool | None = None) -> TrainResult | None:
     """Train and write the compiler file. Checkpoints go to OUTPUT.ckpt/ (resume with
     `resume=True`). `stop_after` ends the run after that many steps of the cfg.steps
     schedule (deterministic); `time_limit` (seconds) at a step boundary. The file records
@@ -459,7 +465,9 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
         for param in lora_params:  # adapters train in float32 even over a bf16 model
             param.data = param.data.float()
         params = lora_params + [bias]
-        step_loss = StepLoss(loaded, peft_model, bias, cfg)
+        if batched is None:  # measured: docs/compiler.md
+            batched = loaded.device.type == "cuda"
+        step_loss = StepLoss(loaded, peft_model, bias, cfg, batched)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg))
         state = {"step": 0, "tokens": 0, "seconds": 0.0, "best": None, "history": []}
@@ -495,15 +503,19 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
                 drawn.append((doc, ratio, *sample_step(doc, targets, rng, cfg)))
             mine = drawn[dist.rank:: dist.world]
             local = [0.0, 0.0, 0.0, 0.0]  # recon, qa, kl (means over the step's documents), tokens
-            for j, args in enumerate(mine):
-                with dist.accumulate(step_loss, more_to_come=j < len(mine) - 1):
-                    loss, terms, tokens = step_loss(*args)
+            # batched: one forward and backward for this rank's documents; else one per document
+            # (less memory at once)
+            chunks = [mine] if batched else [[item] for item in mine]
+            for j, chunk in enumerate(chunks):
+                with dist.accumulate(step_loss, more_to_come=j < len(chunks) - 1):
+                    results = step_loss(chunk)
                     # DDP averages over ranks; each rank's share is scaled so that the result is
                     # the mean over all the step's documents, as in one process.
-                    (loss * dist.world / len(drawn)).backward()
-                for k, key in enumerate(("recon", "qa", "kl")):
-                    local[k] += float(terms[key].detach()) / len(drawn)
-                local[3] += tokens
+                    (sum(loss for loss, _, _ in results) * dist.world / len(drawn)).backward()
+                for _, terms, tokens in results:
+                    for k, key in enumerate(("recon", "qa", "kl")):
+                        local[k] += float(terms[key].detach()) / len(drawn)
+                    local[3] += tokens
             recon, qa, kl, tokens = dist.sum(local)
             sums = {"recon": recon, "qa": qa, "kl": kl}
             state["tokens"] += int(tokens)

@@ -64,3 +64,13 @@ def prefill(model, ids: list[int], first_position: int = 0) -> tuple[Layers, tor
     device = next(model.parameters()).device
     logits = forward(model, cache, first_position, input_ids=torch.tensor([ids], device=device), logits_to_keep=1)
     return cache_layers(cache), logits[0, -1]
+
+
+def forward_rows(model, cache: DynamicCache, positions: torch.Tensor, mask: torch.Tensor, input_ids=None,
+                 inputs_embeds=None, logits_to_keep: int = 0):
+    """`forward` with a RoPE position per row and token ([batch, tokens]) and a padding mask
+    over cache + new tokens ([batch, cached + tokens], 1 = attend): rows whose caches and
+    prompts have different lengths, padded, in one pass."""
+    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=positions, attention_mask=mask,
+                use_cache=True, logits_to_keep=logits_to_keep, **cache_kwargs(model, cache))
+    return out.logits
