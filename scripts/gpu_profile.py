@@ -1,17 +1,18 @@
-"""Why is a compiler-training step no faster on an H100 than on two CPU cores? (issue 9/11)
+"""A compiler-training step on a GPU, one document at a time against batched (issue 17).
 
-    python scripts/gpu_profile.py TRAIN.jsonl [DOCS]
+    python scripts/gpu_profile.py PARAGRAPHS.jsonl [LONG.jsonl]
 
-Takes the first DOCS paragraphs (default 8, one training step's batch), generates their teacher
-targets, then times and profiles one step's worth of `document_losses` + backward on the
-device. It prints wall seconds per paragraph beside the GPU's own kernel time: when the kernels
-fill a small part of the wall time, the step is bound by Python and kernel launches, and only
-batching documents (or several processes sharing the GPU) can speed it up.
-Run by scripts/gpu_session.sh on a lent GPU machine; CI never runs it.
+Takes 8 paragraphs (and one long document) of the data, the default TrainConfig, and times
+forward + backward of one step both ways (median of 3, alternating), then profiles the
+batched step: wall seconds beside the GPU's own kernel time. When the kernels fill a small
+part of the wall time, the step is bound by Python and kernel launches (the per-document
+step on an H100: 0.28 s of kernels in 4.4 s). Run by scripts/gpu_session.sh on a lent GPU
+machine; CI never runs it.
 """
 
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,52 +28,57 @@ def sync():
 
 
 def main():
+    from lcc_cli.api import RunOptions, load
+    from lcc_cli.compile import batched, train
     from lcc_cli.compile.optimise import attach_lora
-    from lcc_cli.compile.train import document_losses, read_training_data, sample_targets, teacher_targets
     from lcc_cli.config import TrainConfig
-    from lcc_cli.runtime.model import load_model
 
-    docs = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-    rows, _ = read_training_data([Path(sys.argv[1])])
-    rows = rows[:docs]
-    loaded = load_model(None, device="cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig()
-    start = time.perf_counter()
-    items = teacher_targets(loaded, rows, cfg)
-    sync()
-    teacher_s = time.perf_counter() - start
+    loaded = load(RunOptions(device="cuda" if torch.cuda.is_available() else "cpu"))
+    rows, _ = train.read_training_data([Path(p) for p in sys.argv[1:]], cfg.segment_tokens)
+    rows = [r for r in rows if not r.long and r.questions][:8] + [r for r in rows if r.long][:1]
+    targets = train.instruction_targets(loaded, cfg)
     peft_model = attach_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    for param in peft_model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     bias = torch.nn.Parameter(torch.zeros(loaded.facts.hidden_size, device=loaded.device))
     rng = random.Random(0)
+    items = []
+    for row in rows:
+        doc = train.prepare(loaded, row, cfg)
+        items.append((doc, 8.0, *train.sample_step(doc, targets, rng, cfg)))
+    ways = {"per document": lambda: [train.document_losses(loaded, peft_model, bias, *it, cfg) for it in items],
+            "batched": lambda: batched.step_losses(loaded, peft_model, bias, items, cfg)}
 
-    def one_pass():
-        for item in items:
-            terms, _ = document_losses(loaded, peft_model, bias, item, 8.0, sample_targets(item, rng, cfg), cfg)
-            (0.5 * terms["recon"] + terms["qa"] + 0.5 * terms["kl"]).backward()
+    def step(fn):
+        results = fn()
+        sum(t["recon"] * cfg.recon_weight + t["qa"] * cfg.qa_weight + t["kl"] * cfg.kl_weight
+            for t, _ in results).backward()
+        return sum(n for _, n in results)
 
-    one_pass()  # warm-up: kernels, allocator
-    sync()
-    start = time.perf_counter()
-    one_pass()
-    sync()
-    wall = time.perf_counter() - start
+    for fn in ways.values():  # warm-up
+        step(fn)
+    times = {k: [] for k in ways}
+    for _ in range(3):
+        for name, fn in ways.items():
+            sync()
+            start = time.perf_counter()
+            tokens = step(fn)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    out = {"device": str(loaded.device), "dtype": str(loaded.dtype), "documents": len(items), "tokens": tokens}
+    for name, ts in times.items():
+        out[name] = {"seconds": round(statistics.median(ts), 3), "tokens_per_s": round(tokens / statistics.median(ts))}
+    if torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
 
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        one_pass()
-        sync()
-    events = prof.key_averages()
-    kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    print(events.table(sort_by="cpu_time_total", row_limit=15))
-    print(json.dumps({"device": str(loaded.device), "docs": len(items), "teacher_seconds": round(teacher_s, 2),
-                      "step_wall_seconds": round(wall, 3), "per_doc_seconds": round(wall / len(items), 3),
-                      "gpu_kernel_seconds": round(kernel_us / 1e6, 3), "kernel_launches": launches}))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(ways["batched"])
+            sync()
+        kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        out["batched_kernel_seconds"] = round(kernels, 3)
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
