@@ -207,10 +207,15 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
     none_general = ([a.text for a in answer(loaded, GENERAL_PROBES, cfg=ask, batch=True)]
                     if settings.general_probes else [])
     truncated_at: set[tuple[float, int]] = set()
+    # The unit of cost, a prefill of this document: timed right before each compile of a short
+    # document (a median of several); a long one's prefill (seconds) is timed once, before
+    # its first compile, where one timing is steady enough and several would cost minutes.
+    long_doc = len(doc_tokens) > 1024
+    prefill_s = time_prefill(loaded, prompter.context_ids(text), repeats=1) if long_doc else None
     for ratio in settings.ratios:
         for i, method in enumerate(methods):
-            # The unit of cost, timed just before each compile: a prefill of this document.
-            prefill_s = time_prefill(loaded, prompter.context_ids(text))
+            if not long_doc:
+                prefill_s = time_prefill(loaded, prompter.context_ids(text))
             cart, seconds = compiled_cartridge(loaded, row, doc_sha, ratio, method, cart_dir, compile_fn, progress)
             k = cart.slots
             if (ratio, k) not in truncated_at:  # the same KV budget as this cartridge, from the start of the text
@@ -239,13 +244,26 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
 
 
 def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask) -> list:
-    """Each question answered from its own BM25 sentences of the document (`budget` tokens)."""
+    """Each question answered from its own BM25 sentences of the document (`budget` tokens),
+    all in one batched decode (each row with its own prompt)."""
+    from ..runtime.decode import decode
+    from ..runtime.reader import Answer
     from .retrieve import retrieve
 
-    def count(t: str) -> int:
-        return len(loaded.prompter.encode(t))
+    p = loaded.prompter
 
-    return [answer(loaded, [q], document=retrieve(text, q, budget, count), cfg=ask, batch=True)[0] for q in questions]
+    def count(t: str) -> int:
+        return len(p.encode(t))
+
+    prompts = [p.context_ids(retrieve(text, q, budget, count)) + p.query_ids(q) for q in questions]
+    with torch.inference_mode():
+        results = decode(loaded.model, None, 0, prompts, ask.max_new_tokens, p.stop_ids)
+    out = []
+    for q, prompt, r in zip(questions, prompts, results):
+        tokens = [t for t in r.tokens if t not in p.stop_ids]
+        out.append(Answer(q, loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens,
+                          r.seconds_to_first_token, r.seconds, 0, len(prompt)))
+    return out
 
 
 def _cart_name(loaded, doc_sha: str, ratio: float, method: Method) -> str:
