@@ -11,12 +11,15 @@ from lcc_cli.runtime import model as models
 from lcc_cli.errors import ModelError
 
 
-def test_fingerprint_is_stable_and_cached(tiny_model_dir):
+def test_fingerprint_is_stable_and_cached_under_lcc_home(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LCC_HOME", str(tmp_path / "home"))
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
     a = models.load_model(str(tiny_model_dir))
     b = models.load_model(str(tiny_model_dir))
     assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
-    cached = json.loads((tiny_model_dir / models.FINGERPRINT_FILE).read_text())
-    assert cached["fingerprint"] == a.fingerprint
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "home" / "fingerprints").iterdir()]
+    assert [c["fingerprint"] for c in cached] == [a.fingerprint]
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before  # nothing written into the user's model
 
 
 def test_fingerprint_changes_with_one_weight(tiny):

@@ -234,13 +234,12 @@ def quiet_transformers() -> None:
 
 
 def fingerprint_cached(model, tokenizer, path: Path) -> str:
-    """The model fingerprint, recomputed only when a file in the model directory changed."""
+    """The model fingerprint, recomputed only when a file in the model directory changed. The
+    cache lives under LCC_HOME, never in the user's model directory."""
     stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
                    if p.is_file() and p.name != FINGERPRINT_FILE)
-    key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
-    cache = path / FINGERPRINT_FILE
-    if not os.access(path, os.W_OK):
-        cache = lcc_home() / "fingerprints" / f"{key}.json"
+    key = hashlib.sha256(json.dumps([str(path.resolve()), stats]).encode()).hexdigest()
+    cache = lcc_home() / "fingerprints" / f"{key}.json"
     try:
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
