@@ -705,7 +705,7 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
     from .format.cartridge import from_bytes, to_bytes
 
     data = to_bytes(cart)
-    from_bytes(data, Path(output).name)  # exactly the checks any later load runs
+    from_bytes(data, f"the adapter in {directory.name}")  # exactly the checks any later load runs
     from .format.fsio import atomic_write
 
     atomic_write(output, data, overwrite=force, inputs=inputs)

@@ -244,11 +244,17 @@ def load_eval_config(path: Path | None) -> EvalSettings:
     if unknown:
         raise UsageError(f"unknown tables in {path}: {', '.join(sorted(unknown))}")
     table = data.get("compile", {})
-    compile_cfg = CompileConfig.from_dict(table, where=f"[compile] setting in {path}:")
     ev = dict(data.get("eval", {}))
     if not isinstance(ev.get("methods", []), list):
         raise UsageError(f"[[eval.methods]] in {path} must be a list of tables")
-    settings = EvalSettings.from_dict(ev, where=f"[eval] setting in {path}:")
+    try:
+        compile_cfg = CompileConfig.from_dict(table, where=f"[compile] setting in {path}")
+        settings = EvalSettings.from_dict(ev, where=f"[eval] setting in {path}")
+    except UsageError as exc:
+        if exc.field is None:  # already names the file
+            raise
+        # A value from the file: name the file and its key, not a command-line flag.
+        raise UsageError(f"{path}: {exc.message}", hint=exc.hint) from None
     settings.compile, settings.compile_table = compile_cfg, dict(table)
     return settings
 

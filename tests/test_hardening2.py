@@ -261,3 +261,43 @@ def test_a_million_eval_methods_are_refused_at_once(tmp_path, tiny_model_dir):
     (tmp_path / "m.toml").write_text("".join(f'[[eval.methods]]\nlabel = "m{i}"\n' for i in range(1000)))
     assert_error(run("eval", tmp_path / "d.jsonl", "--config", tmp_path / "m.toml", "--out", tmp_path / "out",
                      "--model", tiny_model_dir), 2, "at most 64")
+
+
+# smaller things: messages that say what is wrong ------------------------------------------------
+
+def test_adapter_files_that_are_not_files_are_named_for_what_they_are(compiled, tmp_path, tiny_model_dir):
+    import os
+
+    adapter = _adapter(compiled, tmp_path)
+    weights = adapter / "adapter_model.safetensors"
+    weights.unlink()
+    os.symlink("/dev/zero", weights)
+    assert_error(run("import", adapter, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 5, "not a regular file")
+    weights.unlink()
+    os.symlink(weights, weights)  # a loop
+    assert_error(run("import", adapter, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 5, "cannot read")
+    weights.unlink()
+    os.symlink(tmp_path / "gone", weights)
+    assert_error(run("import", adapter, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 5, "dangling")
+
+
+def test_an_adapter_without_peft_type_says_so(compiled, tmp_path, tiny_model_dir):
+    adapter = _adapter(compiled, tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.pop("peft_type")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert_error(run("import", adapter, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 5, "names no peft_type")
+
+
+def test_a_bad_toml_value_names_the_file_not_a_flag(tmp_path, tiny_model_dir):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"context": "x", "questions": [{"q": "a", "answers": ["b"]}]}) + "\n")
+    (tmp_path / "bad.toml").write_text('[eval]\nratios = "eight"\n')
+    result = run("eval", tmp_path / "d.jsonl", "--config", tmp_path / "bad.toml", "--out", tmp_path / "o",
+                 "--model", tiny_model_dir)
+    assert_error(result, 2, "bad.toml")
+    assert "--ratios" not in result.stderr
+    (tmp_path / "bad.toml").write_text('[compile]\nnope = 1\n')
+    result = run("eval", tmp_path / "d.jsonl", "--config", tmp_path / "bad.toml", "--out", tmp_path / "o",
+                 "--model", tiny_model_dir)
+    assert_error(result, 2, "nope")
+    assert "::" not in result.stderr

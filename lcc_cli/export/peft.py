@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from pathlib import Path
 
 import torch
@@ -113,11 +114,21 @@ MAX_JSON_BYTES = 8 << 20
 
 def check_adapter_dir(directory: Path) -> None:
     """The adapter's files are there and regular (cheap; before a model loads)."""
-    config_path, weights = directory / CONFIG, directory / WEIGHTS
-    if not config_path.is_file():
-        raise CartridgeError(f"{directory} is not a PEFT adapter directory (no {CONFIG})")
-    if not weights.is_file():
-        raise CartridgeError(f"{directory} has no {WEIGHTS}", hint="lcc reads safetensors only, never pickled .bin")
+    for name in (CONFIG, WEIGHTS):
+        path = directory / name
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            if path.is_symlink():
+                raise CartridgeError(f"{path} is a dangling symbolic link") from None
+            if name == CONFIG:
+                raise CartridgeError(f"{directory} is not a PEFT adapter directory (no {CONFIG})") from None
+            raise CartridgeError(f"{directory} has no {WEIGHTS}",
+                                 hint="lcc reads safetensors only, never pickled .bin") from None
+        except OSError as exc:  # a symbolic-link loop, a permission
+            raise CartridgeError(f"cannot read {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CartridgeError(f"{path} is not a regular file (a device, directory or pipe?)")
 
 
 def _read_json(path: Path):
@@ -145,9 +156,11 @@ def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
     check_adapter_dir(directory)
     config_path, weights = directory / CONFIG, directory / WEIGHTS
     config = _read_json(config_path)
-    if not isinstance(config, dict) or config.get("peft_type") != "CARTRIDGE":
-        raise CartridgeError(f"{directory} holds a {str(config.get('peft_type') if isinstance(config, dict) else '?')[:20]}"
-                             f" adapter, not a PEFT Cartridge")
+    kind = config.get("peft_type") if isinstance(config, dict) else None
+    if not isinstance(kind, str):
+        raise CartridgeError(f"{directory}: {CONFIG} names no peft_type; not a PEFT Cartridge adapter")
+    if kind != "CARTRIDGE":
+        raise CartridgeError(f"{directory} holds a {kind[:20]!r} adapter, not a PEFT Cartridge")
     def number(key, default):
         value = config.get(key)
         if value is None:
