@@ -522,11 +522,14 @@ def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None =
         if run.backend == "ray":
             return _train_on_ray([Path(d) for d in data], output, cfg, run, force, resume, time_limit, stop_after,
                                  progress, batched)
+        from .compile.train import read_training_data
+
+        read = read_training_data([Path(d) for d in data], cfg.segment_tokens)  # bad data fails before the model loads
         progress = _governed(run, progress)
         progress.status("loading model…")
         loaded = load(run)
         return train(loaded, [Path(d) for d in data], output, cfg, resume=resume, time_limit=time_limit,
-                     progress=progress, overwrite=force, stop_after=stop_after, batched=batched)
+                     progress=progress, overwrite=force, stop_after=stop_after, batched=batched, read=read)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; checkpoints are kept in {output}.ckpt",
                           hint="rerun with --resume to continue") from None

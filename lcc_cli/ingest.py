@@ -187,7 +187,8 @@ def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, str, obj
     import json
 
     try:
-        text = sys.stdin.read() if str(path) == STDIN else Path(path).read_bytes().decode("utf-8-sig")
+        raw = sys.stdin.buffer.read() if str(path) == STDIN else Path(path).read_bytes()
+        text = raw.decode("utf-8-sig")  # stdin as bytes too: binary input is "not UTF-8", not a bad row
     except UnicodeDecodeError as exc:
         raise InputError(f"{Path(str(path)).name} is not valid UTF-8 (byte {exc.start})") from exc
     except OSError as exc:

@@ -301,3 +301,31 @@ def test_a_bad_toml_value_names_the_file_not_a_flag(tmp_path, tiny_model_dir):
                  "--model", tiny_model_dir)
     assert_error(result, 2, "nope")
     assert "::" not in result.stderr
+
+
+def test_a_dangling_symlink_as_output_is_named(tmp_path, tiny_model_dir):
+    import os
+
+    doc = tmp_path / "d.txt"
+    doc.write_text(DOC)
+    os.symlink(tmp_path / "nowhere", tmp_path / "o.lcc")
+    assert_error(run("compile", doc, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 2, "dangling")
+
+
+def test_binary_questions_on_stdin_are_not_utf8(compiled, tiny_model_dir):
+    result = run("ask", compiled[0], "--questions", "-", "--model", tiny_model_dir, input=b'{"q": "\xff\xfe"}\n')
+    assert_error(result, 3, "UTF-8")
+
+
+def test_a_pickled_model_is_refused_without_advice_to_unpickle(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, model)
+    for f in model.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    doc = tmp_path / "d.txt"
+    doc.write_text(DOC)
+    result = run("compile", doc, "-o", tmp_path / "o.lcc", "--model", model)
+    assert_error(result, 4, "safetensors")
+    assert "weights_only" not in result.stderr

@@ -558,4 +558,7 @@ def main():
     # Before torch loads OpenMP: waiting threads sleep instead of spinning on a core that
     # another program needs (runtime/threads.py; measured in bench/results).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before anything imports tqdm (which reads this once): the GGUF de-quantiser's bars would
+    # print a dozen lines on a first run; lcc draws its own progress.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     app()

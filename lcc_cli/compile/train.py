@@ -436,18 +436,19 @@ def split_rows(rows: list[Row], cfg: TrainConfig) -> Split:
 def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, resume: bool = False,
                    time_limit: float | None = None, progress: Progress = NO_PROGRESS,
                    overwrite: bool = False, stop_after: int | None = None, dist: Dist | None = None,
-                   batched: bool | None = None) -> TrainResult | None:
+                   batched: bool | None = None, read: tuple | None = None) -> TrainResult | None:
     """Train and write the compiler file. Checkpoints go to OUTPUT.ckpt/ (resume with
     `resume=True`). `stop_after` ends the run after that many steps of the cfg.steps
     schedule (deterministic); `time_limit` (seconds) at a step boundary. The file records
     the steps actually done. With a data-parallel `dist`, only rank 0 scores, checkpoints and
-    writes (the others return None)."""
+    writes (the others return None). `read`: read_training_data's result, when the caller
+    has checked the data before loading the model."""
     dist = dist or Dist()
     if cfg.batch + cfg.long_batch < dist.world:
         raise UsageError(f"{dist.world} workers need at least as many documents per step "
                          f"(batch {cfg.batch} + long_batch {cfg.long_batch})", field="workers")
     started = time.perf_counter()
-    rows, files = read_training_data(data, cfg.segment_tokens)
+    rows, files = read or read_training_data(data, cfg.segment_tokens)  # `read`: already read and checked
     data_digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     ckpt = Path(str(output) + ".ckpt")
     torch.manual_seed(cfg.seed)

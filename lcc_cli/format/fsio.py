@@ -28,6 +28,9 @@ def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None
     try:
         st = path.stat()
     except FileNotFoundError:
+        if path.is_symlink():
+            raise UsageError(f"{path} is a dangling symbolic link", hint="remove it or choose another output") \
+                from None
         st = None
     except OSError as exc:
         raise UsageError(f"cannot use {path} as output: {exc.strerror}") from exc

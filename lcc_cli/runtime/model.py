@@ -210,11 +210,18 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
     quiet_transformers()
     device = resolve_device(device)
     model_id, path = resolve_model_dir(model)
+    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+        raise ModelError(f"{path} has no safetensors weights; lcc never loads pickled weights (.bin, .pt)",
+                         hint="convert the weights to safetensors with a tool you trust")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        net = AutoModelForCausalLM.from_pretrained(path, dtype="auto", attn_implementation="sdpa")
+        net = AutoModelForCausalLM.from_pretrained(path, dtype="auto", attn_implementation="sdpa",
+                                                   use_safetensors=True)
     except Exception as exc:  # transformers raises many types for a broken directory
-        raise ModelError(f"cannot load model from {path}: {exc}".splitlines()[0]) from exc
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in message.lower() or "weights only" in message.lower():
+            message = "its weights are pickled; lcc loads safetensors only"  # never pass on advice to unpickle
+        raise ModelError(f"cannot load model from {path}: {message}"[:300]) from exc
     fingerprint = fingerprint_cached(net, tokenizer, path)
     net.to(device=device, dtype=compute_dtype(device, dtype)).eval()
     net.requires_grad_(False)
