@@ -108,3 +108,34 @@ def compiled(tmp_path_factory, tiny_model_dir):
         else:
             os.environ["LCC_HOME"] = old
     return d / "doc.lcc", src
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    """The tiny model loaded once for read-only tests."""
+    from lcc_cli.runtime.model import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def trained_compiler_file(tmp_path_factory, tiny_model_dir):
+    """A compiler trained for one step on the tiny model, shared by read-only tests."""
+    import json as _json
+
+    from lcc_cli.api import train_compiler
+    from lcc_cli.config import TrainConfig
+
+    d = tmp_path_factory.mktemp("compiler-file")
+    rows = [{"context": DOC, "questions": [{"q": "Who built it?", "answers": ["Ada"]}]}] * 6
+    (d / "t.jsonl").write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    old = os.environ.get("LCC_HOME")
+    os.environ["LCC_HOME"] = str(d / "home")
+    try:
+        train_compiler([d / "t.jsonl"], d / "c.safetensors",
+                       TrainConfig(steps=1, batch=2, lora_rank=4, lora_alpha=4, response_tokens=4, top_k=8,
+                                   heldout=1, heldout_long=0, recon_tokens=20, segment_tokens=64),
+                       run=run_opts(tiny_model_dir))
+    finally:
+        os.environ.pop("LCC_HOME") if old is None else os.environ.__setitem__("LCC_HOME", old)
+    return d / "c.safetensors"

@@ -128,3 +128,67 @@ def test_edited_and_re_signed_manifests_load_cleanly_or_fail_typed(compiled, dat
     except LccError:
         pass
     _load(blob)
+
+
+@FUZZ
+@given(st.data())
+def test_edited_and_re_signed_compiler_files_load_cleanly_or_fail_typed(trained_compiler_file, tmp_path_factory, data):
+    """The same attacker on a compiler file: every edit, re-signed, loads cleanly or fails
+    with CompilerFileError from load, inspect and the compiler's own checks."""
+    import copy
+
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from lcc_cli.api import inspect
+    from lcc_cli.errors import LccError
+    from lcc_cli.format.cartridge import checksum, tensor_sha256
+    from lcc_cli.format.compiler_file import load_compiler
+
+    with safe_open(str(trained_compiler_file), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    manifest = json.loads(meta["lcc_compiler"])
+    edited = copy.deepcopy(manifest)
+    paths = sorted((p for p in _paths(manifest) if p[0] != "training" or len(p) < 3), key=str)
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        target = edited
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = data.draw(VALUES)
+        except (KeyError, IndexError, TypeError):
+            pass
+    edited["tensor_sha256"] = tensor_sha256(tensors)
+    text = json.dumps(edited, sort_keys=True)
+    path = tmp_path_factory.mktemp("fuzz") / "c.safetensors"
+    path.write_bytes(save(tensors, metadata={"lcc_compiler": text,
+                                             "lcc_checksum": checksum(text, edited["tensor_sha256"])}))
+    for fn in (load_compiler, inspect):
+        try:
+            fn(path)
+        except LccError:
+            pass
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["peft_type", "task_type", "num_virtual_tokens", "num_layers",
+                                        "num_attention_heads", "token_dim", "num_frozen_tokens"]), VALUES,
+                       max_size=7))
+def test_random_adapter_configs_import_cleanly_or_fail_typed(tiny_loaded, compiled, tmp_path_factory, config):
+    """An adapter directory with any config beside real weights: a typed error or a buffer."""
+    import shutil
+
+    from lcc_cli.errors import LccError
+    from lcc_cli.export.peft import export_peft, read_peft
+    from lcc_cli.format.cartridge import load_cartridge
+
+    d = tmp_path_factory.mktemp("adapter")
+    export_peft(load_cartridge(compiled[0]), d / "a")
+    (d / "a" / "adapter_config.json").write_text(json.dumps(config))
+    try:
+        read_peft(d / "a", tiny_loaded.facts)
+    except LccError:
+        pass
+    shutil.rmtree(d)
