@@ -260,15 +260,27 @@ class BatchResult:
                 "documents": [asdict(i) for i in self.items]}
 
 
-def expand_sources(sources: list) -> list[Path]:
-    """Files as given; folders walked (recursively, sorted) for documents lcc reads."""
+def expand_sources(sources: list, unlisted: list | None = None) -> list[Path]:
+    """Files as given; folders walked (recursively, sorted) for documents lcc reads. A folder
+    that cannot be listed is added to `unlisted` as (folder, reason) instead of vanishing."""
+    import os
+
     out = []
     for source in map(Path, sources):
-        if source.is_dir():
-            out += sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES
-                          and not any(part.startswith(".") for part in p.relative_to(source).parts))
-        else:
+        if not source.is_dir():
             out.append(source)
+            continue
+
+        def failed(exc: OSError) -> None:
+            if unlisted is not None:
+                unlisted.append((exc.filename or str(source), exc.strerror or str(exc)))
+
+        found = []
+        for root, dirs, files in os.walk(source, onerror=failed):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [Path(root) / f for f in files if not f.startswith(".")
+                      and Path(f).suffix.lower() in DOCUMENT_SUFFIXES and (Path(root) / f).is_file()]
+        out += sorted(found)
     return out
 
 
@@ -320,10 +332,11 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
 
     started = time.perf_counter()
     run = run or RunOptions()
-    files = _distinct(expand_sources(sources))
+    unlisted: list[tuple[str, str]] = []
+    files = _distinct(expand_sources(sources, unlisted))
     if any(str(f) == "-" for f in files):
         raise UsageError("stdin ('-') can only be compiled on its own")
-    if not files:
+    if not files and not unlisted:
         raise UsageError("no documents to compile (folders are searched for " + ", ".join(DOCUMENT_SUFFIXES) + ")")
     out_dir = Path(out_dir)
     try:
@@ -336,7 +349,8 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
     spec, cfg = settle(loaded, compiler, cfg, quality)
     method = _build(spec, loaded)
     info = method.describe()
-    items, tasks, owners = [], [], []
+    items = [BatchItem(folder, None, "failed", f"cannot list this folder: {reason}") for folder, reason in unlisted]
+    tasks, owners = [], []
     outputs = _output_names(files, out_dir)
     for source, output in zip(files, outputs):
         if output.stem != (source.stem or "document"):

@@ -56,16 +56,29 @@ def read_document(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Docum
         raise InputError(f"no such file: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"not a regular file: {path}")
+    check_readable(path, st)
     if st.st_size > max_bytes:
         raise InputError(f"{path.name} is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit",
                          hint="raise it with --max-bytes")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # a pipe has no size to check beforehand
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(data) > max_bytes:
+        raise InputError(f"{path.name} holds more than the {max_bytes:,}-byte limit", hint="raise it with --max-bytes")
     return _document(data, path.name, path.suffix.lower(), path)
+
+
+def check_readable(path: Path, st) -> None:
+    """The one rule for every input lcc reads (documents, questions, datasets, training data):
+    a regular file, or a pipe (a FIFO, `<(...)`, stdin as '-'), read once from start to end.
+    Directories and devices are refused. A pipe that nobody writes to waits, as it does for
+    any program that reads it."""
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{path} is a directory, not a file")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        raise InputError(f"not a regular file or a pipe: {path}")
 
 
 def _document(data: bytes, name: str, suffix: str, path: Path | None = None) -> Document:
@@ -187,6 +200,8 @@ def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, str, obj
     import json
 
     try:
+        if str(path) != STDIN:
+            check_readable(Path(path), Path(path).stat())
         raw = sys.stdin.buffer.read() if str(path) == STDIN else Path(path).read_bytes()
         text = raw.decode("utf-8-sig")  # stdin as bytes too: binary input is "not UTF-8", not a bad row
     except UnicodeDecodeError as exc:

@@ -329,3 +329,26 @@ def test_a_pickled_model_is_refused_without_advice_to_unpickle(tmp_path, tiny_mo
     result = run("compile", doc, "-o", tmp_path / "o.lcc", "--model", model)
     assert_error(result, 4, "safetensors")
     assert "weights_only" not in result.stderr
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_in_the_batch_summary(tmp_path, tiny_model_dir, monkeypatch):
+    import os
+
+    (tmp_path / "lib" / "ok").mkdir(parents=True)
+    (tmp_path / "lib" / "locked").mkdir()
+    (tmp_path / "lib" / "ok" / "a.txt").write_text(DOC)
+    (tmp_path / "lib" / "locked" / "b.txt").write_text(DOC)
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # root reads every folder; this is what a user sees
+    result = run("compile", tmp_path / "lib", "-o", f"{tmp_path / 'out'}/", "--steps", "1", "--compiler", "none",
+                 "--model", tiny_model_dir, "--json")
+    assert result.exit_code == 10, result.stderr
+    docs = json.loads(result.stdout)["documents"]
+    assert [d["status"] for d in docs] == ["failed", "done"]
+    assert docs[0]["source"].endswith("locked") and "Permission denied" in docs[0]["reason"]

@@ -61,8 +61,40 @@ def test_size_limit(tmp_path):
 def test_missing_and_directory(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         read_document(tmp_path / "nope.txt")
-    with pytest.raises(InputError, match="not a regular file"):
+    with pytest.raises(InputError, match="is a directory"):
         read_document(tmp_path)
+    with pytest.raises(InputError, match="not a regular file or a pipe"):
+        read_document("/dev/zero")
+
+
+def test_a_pipe_is_read_like_a_file(tmp_path):
+    """Documents, questions and datasets may come from a pipe (`<(...)`, a FIFO): read once, with
+    the size limit applied while reading."""
+    import os
+    import threading
+
+    from lcc_cli.api import read_questions
+
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+
+    def write(data: bytes):
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    for data, read, check in ((b"A document from a pipe.", lambda: read_document(fifo), lambda r: "pipe" in r.text),
+                              (b"first?\nsecond?\n", lambda: read_questions(fifo), lambda r: r == ["first?", "second?"]),
+                              (b"word " * 100, lambda: read_document(fifo, max_bytes=50), None)):
+        t = threading.Thread(target=write, args=(data,))
+        t.start()
+        try:
+            if check is None:
+                with pytest.raises(InputError, match="limit"):
+                    read()
+            else:
+                assert check(read())
+        finally:
+            t.join(timeout=10)
 
 
 def count_words(s: str) -> int:
