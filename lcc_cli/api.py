@@ -103,6 +103,8 @@ def resolve_compiler(loaded, choice: str | None) -> CompilerSpec:
     choice = choice or "auto"
     if choice == "none":
         return CompilerSpec("optimise")
+    if choice == "am":
+        return CompilerSpec("am")
     if choice in ("auto", "pretrained"):
         path = shipped_compiler()
         if path is not None and read_compiler_manifest(path)["model"]["fingerprint"] == loaded.fingerprint:
@@ -208,6 +210,11 @@ def settle(loaded, compiler, cfg, quality: str = "balanced") -> tuple[CompilerSp
     spec = compiler if isinstance(compiler, CompilerSpec) else resolve_compiler(loaded, compiler)
     if not isinstance(cfg, CompileConfig):
         cfg = compile_config(spec.name, quality, **(cfg or {}))
+    window = loaded.facts.max_positions
+    if spec.name == "am" and window and 2 * cfg.segment_tokens + cfg.segment_tokens / cfg.ratio + 64 > window:
+        from dataclasses import replace
+
+        cfg = replace(cfg, segment_tokens=max(16, int((window - 64) / (2 + 1 / cfg.ratio))))  # the reference pass
     if spec.name == "optimise":
         from .compile.optimise import check_lora_targets
 

@@ -346,6 +346,9 @@ QUALITY_PRESETS: dict[str, dict[str, dict]] = {
     "pretrained": {"fast": {"steps": 0},
                    "balanced": {"steps": 5, "lr": 1e-3, "kl_weight": 0.0},
                    "best": {"steps": 20, "lr": 1e-3, "kl_weight": 0.0}},
+    # Attention-Matching compaction: closed form, no steps; the whole document at once where
+    # its reference pass (the text twice) fits the window (api.settle shrinks this to fit).
+    "am": {q: {"steps": 0, "segment_tokens": 3500} for q in ("fast", "balanced", "best")},
 }
 
 

@@ -130,7 +130,8 @@ def compile_cmd(
     ratio: float = typer.Option(CompileConfig.ratio, help="Compression: document tokens per buffer slot."),
     compiler: str = typer.Option("auto", "--compiler",
                                  help="auto (the shipped pretrained compiler when it fits the model, else none) | "
-                                      "none (per-document optimisation from scratch) | a compiler file."),
+                                      "none (per-document optimisation from scratch) | am (Attention-Matching "
+                                      "compaction: any model, one pass, no training) | a compiler file."),
     quality: str = typer.Option("balanced", "--quality",
                                 help="fast | balanced | best: sets --steps, --lr and the KL pool from the measured "
                                      "frontier (README), per compiler; explicit flags win."),

@@ -1,0 +1,120 @@
+"""`--compiler am`: Attention-Matching compaction in closed form, for any Llama-style model.
+
+After Zweiger et al., "Fast KV Compaction via Attention Matching" (arXiv 2602.16284), in its
+simplest form, which the prototype measured best on the embedded model (issue 18): no training,
+no gradient, one forward pass.
+
+1. Reference queries: the model reads the segment's context turn, then is asked to repeat it
+   and is fed the segment again ("repeat-prefill"); the queries of that second copy, at every
+   layer and head, are what later questions about the text look like to the keys.
+2. Per layer and KV head, each context position is scored by the attention mass those queries
+   give it (softmax over the context, averaged over the queries and the query heads that share
+   the KV head), and the K - 1 best positions are kept, in document order, after the first
+   token, which stays as the attention sink.
+3. Keys and values are copied. Each kept key is re-rotated from its position in the text to
+   its entry index (RoPE rotations compose), so the buffer is an ordinary one at positions
+   0..K-1 and composes, exports and reads like any cartridge. Values are not refitted: on the
+   prototype a least-squares refit halved the error on the reference queries and *lowered* the
+   answers' quality (queries that do not look like questions overfit).
+
+Deterministic, and a few prefills of compute. The whole document is compacted at once when it
+fits the model's window (the reference pass reads it twice), in segments beyond that.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..buffer import Buffer
+from ..config import CompileConfig
+from ..errors import UsageError
+from ..ingest import TextSegment
+from ..progress import NO_PROGRESS, Progress
+from ..runtime.cache import cache_layers, forward, make_cache
+from ..runtime.prompts import RECONSTRUCT_INSTRUCTION
+from .base import CompilerSpec, SegmentResult, register
+from .slots import entries
+
+
+class AttentionMatchingCompiler:
+    name = "am"
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        config = loaded.model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = loaded.facts.head_dim
+
+    def describe(self) -> dict:
+        return {"name": self.name, "queries": "repeat-prefill", "values": "copied"}
+
+    def _attention_layers(self):
+        layers = getattr(getattr(self.loaded.model, "model", None), "layers", None)
+        if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "q_proj")
+                                     for layer in layers):
+            raise UsageError("--compiler am needs a Llama-style model (layers with self_attn.q_proj)",
+                             field="compiler")
+        return layers
+
+    def compile(self, segment: TextSegment, cfg: CompileConfig, progress: Progress = NO_PROGRESS) -> SegmentResult:
+        if cfg.steps:
+            raise UsageError("--compiler am compacts in closed form; refinement steps are not available for it",
+                             hint="use --steps 0", field="steps")
+        started = time.perf_counter()
+        loaded, p = self.loaded, self.loaded.prompter
+        model, rope = loaded.model, loaded.rope
+        ctx = p.context_ids(segment.text)
+        n = len(ctx)
+        k, _ = entries(n, cfg.ratio, sink=True)
+        repeat = p.query_ids(RECONSTRUCT_INSTRUCTION) + p.document_ids(segment.text)[: n]
+        captured: list[torch.Tensor] = []
+        hooks = [layer.self_attn.q_proj.register_forward_hook(lambda mod, args, out: captured.append(out[0, n:]))
+                 for layer in self._attention_layers()]
+        try:
+            with torch.inference_mode():
+                cache = make_cache(None)
+                forward(model, cache, 0, input_ids=torch.tensor([ctx + repeat], device=loaded.device),
+                        logits_to_keep=1)
+                kv = [(key[0, :, :n].float(), value[0, :, :n]) for key, value in cache_layers(cache)]
+                positions = torch.arange(n, n + len(repeat), device=loaded.device)
+                keys, values = [], []
+                for q_flat, (key, value) in zip(captured, kv):
+                    q = q_flat.float().reshape(len(repeat), self.heads, self.head_dim).transpose(0, 1)
+                    q = rope.shift(q, positions)  # the rotation the model applies to these queries
+                    chosen = self._choose(q, key, k)
+                    gathered_k = key.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))
+                    gathered_v = value.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))
+                    # each kept key moves from its text position to its entry index
+                    deltas = torch.arange(k, device=key.device)[None, :] - chosen
+                    moved = torch.stack([rope.shift(gathered_k[h], deltas[h]) for h in range(self.kv_heads)])
+                    keys.append(moved.to(value.dtype))
+                    values.append(gathered_v.clone())
+        finally:
+            for hook in hooks:
+                hook.remove()
+        buffer = Buffer(keys, values, torch.arange(k))
+        seconds = time.perf_counter() - started
+        return SegmentResult(buffer, n, {"seconds": round(seconds, 3), "reference_queries": len(repeat)}, sink=True)
+
+    def _choose(self, q: torch.Tensor, key: torch.Tensor, k: int) -> torch.Tensor:
+        """[kv_heads, k] context positions to keep: 0 (the sink), then the k - 1 positions
+        the reference queries attend to most, in document order."""
+        group = self.heads // self.kv_heads
+        n = key.shape[1]
+        chosen = []
+        for g in range(self.kv_heads):
+            qs = q[g * group: (g + 1) * group]  # [group, R, D]
+            weights = torch.softmax(qs @ key[g].T / self.head_dim ** 0.5, dim=-1)  # [group, R, n]
+            mass = weights.mean(dim=(0, 1))
+            mass[0] = float("inf")  # the sink always stays
+            top = torch.topk(mass, min(k, n)).indices.sort().values
+            chosen.append(top)
+        return torch.stack(chosen)
+
+
+@register("am")
+def _build(spec: CompilerSpec, loaded) -> AttentionMatchingCompiler:
+    return AttentionMatchingCompiler(loaded)

@@ -1,0 +1,62 @@
+"""`--compiler am`: Attention-Matching compaction in closed form."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import DOC, run_opts
+from lcc_cli import api
+from lcc_cli.config import AskConfig
+from lcc_cli.format.cartridge import load_cartridge
+
+
+def test_at_ratio_1_the_buffer_is_the_context_itself(tiny_model_dir, doc_file, tmp_path):
+    """Keeping every position moves no key: the cartridge must answer exactly as the
+    document in the prompt does (same KV, same positions, same question)."""
+    out = tmp_path / "all.lcc"
+    api.compile_file(doc_file, out, {"ratio": 1.0}, compiler="am", run=run_opts(tiny_model_dir))
+    cart = load_cartridge(out)
+    assert cart.manifest["compiler"]["name"] == "am" and cart.segments[0]["sink"]
+    assert cart.slots == cart.segments[0]["token_count"]
+    cfg = AskConfig(max_new_tokens=12)
+    q = ["Who designed the lighthouse?", "When was it completed?"]
+    from_cart = api.ask(q, [out], cfg=cfg, run=run_opts(tiny_model_dir))
+    from_doc = api.ask(q, context=doc_file, cfg=cfg, run=run_opts(tiny_model_dir))
+    assert [a.text for a in from_cart] == [a.text for a in from_doc]
+
+
+def test_am_compacts_deterministically_and_leaves_the_model_alone(tiny, doc_file, tmp_path, tiny_model_dir):
+    from lcc_cli.compile.am import AttentionMatchingCompiler
+    from lcc_cli.config import compile_config
+    from lcc_cli.ingest import TextSegment
+
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    compiler = AttentionMatchingCompiler(tiny)
+    cfg = compile_config("am", "fast", ratio=8.0, segment_tokens=512)
+    a = compiler.compile(TextSegment(0, DOC), cfg)
+    b = compiler.compile(TextSegment(0, DOC), cfg)
+    assert a.buffer.slots == -(-a.token_count // 8) and a.sink
+    assert all(torch.equal(x, y) for x, y in zip(a.buffer.keys + a.buffer.values, b.buffer.keys + b.buffer.values))
+    assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in before.items())
+    # the first entry is the context's first token, untouched (the sink)
+    from lcc_cli.runtime.cache import prefill
+
+    kv, _ = prefill(tiny.model, tiny.prompter.context_ids(DOC))
+    assert torch.allclose(a.buffer.keys[0][:, 0], kv[0][0][0, :, 0]) and torch.allclose(a.buffer.values[1][:, 0],
+                                                                                           kv[1][1][0, :, 0])
+    assert not hasattr(tiny.model, "peft_config")
+
+
+def test_am_on_the_command_line(doc_file, tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from lcc_cli.cli import app
+
+    r = CliRunner().invoke(app, ["compile", str(doc_file), "-o", str(tmp_path / "a.lcc"), "--compiler", "am",
+                                 "--ratio", "8", "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(app, ["verify", str(tmp_path / "a.lcc"), "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0, r.stdout + r.stderr
+    r = CliRunner().invoke(app, ["compile", str(doc_file), "-o", str(tmp_path / "b.lcc"), "--compiler", "am",
+                                 "--steps", "3", "--model", str(tiny_model_dir)])
+    assert r.exit_code == 2 and "closed form" in r.stderr
