@@ -210,11 +210,13 @@ def measure_serve(tmp: Path) -> dict:
             for t in threads:
                 t.join()
             wall = time.perf_counter() - start
+            health = httpx.get(url + "/health").json()
             latencies.sort()
             out[f"clients_{clients}"] = {"requests": len(jobs), "seconds": round(wall, 2),
                                          "requests_per_s": round(len(jobs) / wall, 2),
                                          "p50_s": round(statistics.median(latencies), 3),
-                                         "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3)}
+                                         "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
+                                         "batches_so_far": health["batches"], "mean_batch_so_far": health["mean_batch"]}
         document = EXAMPLE.read_text()
         ttft_cart = [request(q, stream=True) for q in QUESTIONS[:5]]
         ttft_doc = [request(f"Answer using this document. Be brief.\n\n{document}\n\nQuestion: {q}", plain, True)

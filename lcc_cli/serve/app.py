@@ -199,9 +199,11 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
     @app.get("/health")
     async def health():
         listing = catalog.listing()
+        sizes = list(engine.batch_sizes)
         return {"status": "ok", "model": plain, "cartridges": sum(e.available for e in listing),
                 "unavailable": sum(not e.available for e in listing), "load": engine.load(),
-                "max_queue": limits.max_queue}
+                "max_queue": limits.max_queue, "batches": len(sizes),
+                "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None}
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request):
