@@ -184,6 +184,9 @@ class EvalSettings(_FromDict):
     sample_seed: int | None = None
     # The `retrieve` baseline beside `truncate`: BM25 sentences of the same token budget.
     retrieve: bool = True
+    # Also answer multi-segment cartridges reading only the `route` segments each question's
+    # attention favours (runtime/route.py): condition `cartridge_routed`.
+    route: int | None = None
     general_probes: bool = True
     # Also answer each article's questions from its paragraphs' cartridges composed together
     # (and, as the baseline, from all its paragraphs in the prompt).
@@ -204,7 +207,7 @@ class EvalSettings(_FromDict):
         self.ratios = [float(r) for r in self.ratios]
         for r in self.ratios:
             CompileConfig(ratio=r)  # the same rule as compile
-        for name in ("limit", "questions_per_doc"):
+        for name in ("limit", "questions_per_doc", "route"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), name,
                    "at least 1", value)

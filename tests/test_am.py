@@ -60,3 +60,29 @@ def test_am_on_the_command_line(doc_file, tmp_path, tiny_model_dir):
     r = CliRunner().invoke(app, ["compile", str(doc_file), "-o", str(tmp_path / "b.lcc"), "--compiler", "am",
                                  "--steps", "3", "--model", str(tiny_model_dir)])
     assert r.exit_code == 2 and "closed form" in r.stderr
+
+
+def test_routing_reads_the_segment_the_question_attends_to(tiny_model_dir, tmp_path):
+    """A two-segment cartridge whose second segment repeats the question's words: routing to
+    one segment keeps a consecutive buffer of that segment alone; asking with it equals asking
+    the one-segment cartridge of that text."""
+    from lcc_cli.api import load
+    from lcc_cli.runtime.route import routed, segment_scores
+
+    loaded = load(run_opts(tiny_model_dir))
+    text = ("The granite quarry ships stone by rail to the city. " * 6) + "\n\n" + (DOC + " ") * 2
+    src = tmp_path / "two.txt"
+    src.write_text(text)
+    api.compile_file(src, tmp_path / "two.lcc", {"ratio": 2.0, "segment_tokens": 96}, compiler="am",
+                     run=run_opts(tiny_model_dir))
+    cart = load_cartridge(tmp_path / "two.lcc")
+    assert len(cart.segments) >= 2
+    scores = segment_scores(loaded, cart.buffer, cart.segments, "Who designed the lighthouse?")
+    assert len(scores) == len(cart.segments) and all(s >= 0 for s in scores)
+    one = routed(loaded, cart.buffer, cart.segments, "Who designed the lighthouse?", 1)
+    best = max(range(len(scores)), key=scores.__getitem__)
+    assert one.slots == cart.segments[best]["slots"]
+    assert one.positions.tolist() == list(range(one.slots))  # laid out from 0, consecutively
+    alone = cart.segment_buffers()[best].moved(loaded.rope, -int(cart.segment_buffers()[best].positions.min()))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one.keys, alone.keys))
+    assert routed(loaded, cart.buffer, cart.segments, "anything", len(cart.segments)) is cart.buffer

@@ -187,3 +187,20 @@ def test_retrieve_picks_the_questions_sentences_within_the_budget():
     assert both.index("1826") < both.index("1987")  # document order, not score order
     assert words(retrieve(text, "lighthouse automated storm", 4, words)) <= 4  # an over-long best sentence is cut
     assert retrieve(text, "anything", 0, words) == ""
+
+
+def test_routed_condition_on_a_multi_segment_document(tmp_path, tiny_model_dir):
+    from lcc_cli.config import CompileConfig
+
+    row = {"id": "long", "context": "The granite quarry ships stone by rail. " * 20 + "\n\nAda Pellinger designed it.",
+           "questions": [{"q": "Who designed it?", "answers": ["Ada Pellinger"], "qid": "l1"}]}
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    settings = EvalSettings(ratios=[4.0], compile=CompileConfig(steps=0, segment_tokens=64), max_new_tokens=4,
+                            general_probes=False, route=1, methods=[{"label": "am", "compiler": "am", "quality": "fast",
+                                                                     "segment_tokens": 64}])
+    api.run_eval(data, settings, tmp_path / "out", run=run_opts(tiny_model_dir))
+    rows = [r for d in json.loads((tmp_path / "out" / "results.json").read_text())["documents"] for r in d["rows"]]
+    routed = [r for r in rows if r["condition"] == "cartridge_routed"]
+    full = [r for r in rows if r["condition"] == "cartridge"]
+    assert len(routed) == 1 and routed[0]["kv_positions"] < full[0]["kv_positions"]

@@ -16,8 +16,8 @@ from ..format.fsio import atomic_write
 from .scoring import normalize, token_f1
 
 METRICS = ("em", "f1", "contains")
-_ORDER = {"full": 0, "none": 1, "truncate": 2, "retrieve": 3, "cartridge": 4, "cartridge_v1_layout": 5,
-          "cartridge_bf16": 6, "full_article": 7, "composed": 8, "composed_overlap": 9}
+_ORDER = {"full": 0, "none": 1, "truncate": 2, "retrieve": 3, "cartridge": 4, "cartridge_routed": 5,
+          "cartridge_v1_layout": 6, "cartridge_bf16": 7, "full_article": 8, "composed": 9, "composed_overlap": 10}
 # Issue 9's targets: contains vs full at a compile budget, per ratio.
 TARGETS = [(16.0, 10, 0.6), (16.0, 100, 0.8), (8.0, 100, 0.9)]
 

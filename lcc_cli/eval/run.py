@@ -5,6 +5,8 @@ Conditions, all with the same prompt layout, decoding settings and scorer:
   none       no document
   truncate   the first K document tokens in the prompt, K = the cartridge's slots (same KV budget)
   retrieve   the question's best BM25 sentences of the document, K tokens at most (eval/retrieve.py)
+  cartridge_routed  (with `route`) a multi-segment cartridge read through only the segments each
+             question's attention favours (runtime/route.py)
   cartridge  a compiled cartridge, for each method (compiler + settings) at each ratio
 
 A method may run on every `stride`-th document only (an expensive one, e.g. from scratch);
@@ -86,7 +88,8 @@ def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
     """Identifies a finished document's results: everything that changes them."""
     return _key(fp=loaded.fingerprint, ask=vars(settings.ask), ratios=settings.ratios, probes=settings.general_probes,
                 qpd=settings.questions_per_doc, methods=[_method_key(m) for m in methods],
-                check=settings.layout_check, sample=settings.sample_seed, retrieve=settings.retrieve)
+                check=settings.layout_check, sample=settings.sample_seed, retrieve=settings.retrieve,
+                route=settings.route)
 
 
 def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, methods: list[Method], compile_fn,
@@ -225,6 +228,8 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
                 if settings.retrieve:
                     add("retrieve", ratio, None, retrieved_answers(loaded, text, texts, k, ask))
             add("cartridge", ratio, method.label, answer(loaded, texts, buffer=cart.buffer, cfg=ask, batch=True))
+            if settings.route and len(cart.segments) > settings.route:
+                add("cartridge_routed", ratio, method.label, routed_answers(loaded, cart, texts, settings.route, ask))
             if settings.layout_check and i == 0:
                 v1 = cart.buffer.moved(cart.rope, cart.segments[0]["token_count"])  # the buffer after its text
                 add("cartridge_v1_layout", ratio, method.label, answer(loaded, texts, buffer=v1, cfg=ask, batch=True))
@@ -241,6 +246,14 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
     return {"id": row["id"], "title": row.get("title"), "doc_tokens": len(doc_tokens),
             "context_tokens": len(prompter.context_ids(text)), "compiles": compiles, "rows": rows,
             "general": general}
+
+
+def routed_answers(loaded, cart, questions: list[str], keep: int, ask) -> list:
+    """Each question answered from the `keep` segments of `cart` its attention favours."""
+    from ..runtime.route import routed
+
+    return [answer(loaded, [q], buffer=routed(loaded, cart.buffer, cart.segments, q, keep), cfg=ask)[0]
+            for q in questions]
 
 
 def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask) -> list:
