@@ -250,10 +250,17 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
 
 def routed_answers(loaded, cart, questions: list[str], keep: int, ask) -> list:
     """Each question answered from the `keep` segments of `cart` its attention favours."""
-    from ..runtime.route import routed
+    from ..runtime.route import choose, select
 
-    return [answer(loaded, [q], buffer=routed(loaded, cart.buffer, cart.segments, q, keep), cfg=ask)[0]
-            for q in questions]
+    groups: dict[tuple, list[int]] = {}  # questions routed to the same segments share one decode
+    for i, q in enumerate(questions):
+        groups.setdefault(tuple(choose(loaded, cart.buffer, cart.segments, q, keep)), []).append(i)
+    out = [None] * len(questions)
+    for chosen, members in groups.items():
+        buffer = select(loaded, cart.buffer, cart.segments, list(chosen))
+        for i, a in zip(members, answer(loaded, [questions[i] for i in members], buffer=buffer, cfg=ask, batch=True)):
+            out[i] = a
+    return out
 
 
 def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask) -> list:

@@ -54,12 +54,18 @@ def segment_scores(loaded, buffer: Buffer, segments: list[dict], question: str) 
     return (mass / len(captured)).tolist()
 
 
-def routed(loaded, buffer: Buffer, segments: list[dict], question: str, keep: int) -> Buffer:
-    """The buffer of the `keep` segments the question attends to most, laid out consecutively."""
+def choose(loaded, buffer: Buffer, segments: list[dict], question: str, keep: int) -> list[int]:
+    """Indices of the `keep` segments the question attends to most, in document order."""
     if len(segments) <= keep:
-        return buffer
+        return list(range(len(segments)))
     scores = segment_scores(loaded, buffer, segments, question)
-    chosen = sorted(sorted(range(len(segments)), key=lambda i: -scores[i])[:keep])
+    return sorted(sorted(range(len(segments)), key=lambda i: -scores[i])[:keep])
+
+
+def select(loaded, buffer: Buffer, segments: list[dict], chosen: list[int]) -> Buffer:
+    """Those segments' entries laid out one after another from position 0."""
+    if chosen == list(range(len(segments))):
+        return buffer
     starts = [sum(s["slots"] for s in segments[:i]) for i in range(len(segments))]
     parts, offset = [], 0
     for i in chosen:
@@ -68,3 +74,8 @@ def routed(loaded, buffer: Buffer, segments: list[dict], question: str, keep: in
         parts.append(part)
         offset = part.first_query_position
     return Buffer.concat(parts)
+
+
+def routed(loaded, buffer: Buffer, segments: list[dict], question: str, keep: int) -> Buffer:
+    """The buffer of the `keep` segments the question attends to most, laid out consecutively."""
+    return select(loaded, buffer, segments, choose(loaded, buffer, segments, question, keep))
