@@ -57,7 +57,7 @@ from .slots import chunk_embeddings, encode_slots, entries, reader_view
 # A row of more words than this share of segment_tokens is a long document (likely several
 # segments; at the default 1,024 that is 600 words): long documents are drawn on their own,
 # `long_batch` per step, so that every step has some.
-LONG_WORDS_PER_TOKEN = 0.6
+LONG_WORDS_PER_SEGMENT_TOKEN = 0.6
 # A context this long (characters) is cut at load: training reads at most max_doc_tokens.
 MAX_CONTEXT_CHARS = 200_000
 
@@ -98,7 +98,7 @@ def read_training_data(paths: list[Path], segment_tokens: int = 1024) -> tuple[l
             title = row.get("title")
             group = title if isinstance(title, str) and title else f"{path.name}:{number}"
             text = text.strip()[:MAX_CONTEXT_CHARS]
-            rows.append(Row(text, qs, group, len(text.split()) > LONG_WORDS_PER_TOKEN * segment_tokens))
+            rows.append(Row(text, qs, group, len(text.split()) > LONG_WORDS_PER_SEGMENT_TOKEN * segment_tokens))
             count += 1
         files.append({"name": path.name, "sha256": _file_sha256(path), "rows": count})
     if not rows:
