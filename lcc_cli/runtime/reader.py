@@ -9,6 +9,7 @@ with the numbers, instead of decoding nonsense for minutes.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,24 @@ def answer(loaded, questions: list[str], buffer: Buffer | None = None, document:
             buffer = buffer.to(loaded.device, loaded.dtype)
         prefix, first = buffer.cache_layers(), buffer.first_query_position
         prompts = [p.query_ids(q) for q in questions]
+        shared_s = 0.0
+    elif batch and len(questions) > 1:
+        # the context turn is the same for every row: prefill it once and decode every question
+        # after it (the same KV and positions as each row reading it in its own prompt)
+        from .cache import prefill
+
+        context = p.context_ids(document)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            prefix, _ = prefill(loaded.model, context)
+        shared_s = time.perf_counter() - started  # every row waited for it: part of its time to first token
+        first = len(context)
+        prompts = [p.query_ids(q) for q in questions]
     else:
         prefix, first = None, 0
         context = p.context_ids(document)
         prompts = [context + p.query_ids(q) for q in questions]
+        shared_s = 0.0
     for q, prompt in zip(questions, prompts):
         _check_window(loaded, first + len(prompt), cfg.max_new_tokens, q)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -60,8 +75,9 @@ def answer(loaded, questions: list[str], buffer: Buffer | None = None, document:
             for i, r in zip(group, results):
                 tokens = [t for t in r.tokens if t not in p.stop_ids]
                 out[i] = Answer(questions[i], loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                                tokens, r.seconds_to_first_token, r.seconds, buffer.slots if buffer is not None else 0,
-                                len(prompts[i]))
+                                tokens, r.seconds_to_first_token + shared_s, r.seconds + shared_s,
+                                buffer.slots if buffer is not None else 0,
+                                len(prompts[i]) + (first if buffer is None else 0))
     return out
 
 
