@@ -280,3 +280,18 @@ def test_no_space_left_is_exit_8(compiled, tmp_path, monkeypatch):
     with pytest.raises(ResourceError):
         cartridge.save_cartridge(cart, tmp_path / "o.lcc")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_of_questions_over_a_document_answers_like_one_at_a_time(tiny):
+    """The document's context turn is prefilled once for the batch: the same KV and
+    positions as each question reading it in its own prompt."""
+    from conftest import DOC
+    from lcc_cli.config import AskConfig
+    from lcc_cli.runtime.reader import answer
+
+    qs = ["Who designed the lighthouse?", "When?"]
+    cfg = AskConfig(max_new_tokens=8)
+    one = [answer(tiny, [q], document=DOC, cfg=cfg)[0] for q in qs]
+    many = answer(tiny, qs, document=DOC, cfg=cfg, batch=True)
+    assert [a.text for a in many] == [a.text for a in one]
+    assert [a.prompt_tokens for a in many] == [a.prompt_tokens for a in one]
