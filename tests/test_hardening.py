@@ -34,23 +34,24 @@ def assert_error(result, code, fragment=""):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def resign(path: Path, out: Path, edit=None, tensors=None) -> Path:
-    """Rewrite a cartridge with an edited manifest and/or tensors and *valid* checksums: what
-    an attacker can do, since the checksums are unkeyed."""
+def resign(path: Path, out: Path, edit=None, tensors=None, key: str = "lcc_manifest") -> Path:
+    """Rewrite a cartridge (or, with key="lcc_compiler", a compiler file) with an edited
+    manifest and/or tensors and *valid* checksums: what an attacker can do, since the
+    checksums are unkeyed."""
     from safetensors import safe_open
     from safetensors.torch import save
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         data = {k: f.get_tensor(k) for k in f.keys()}
-    manifest = json.loads(meta["lcc_manifest"])
+    manifest = json.loads(meta[key])
     if edit:
         edit(manifest)
     if tensors:
         data = tensors(data)
     manifest["tensor_sha256"] = fmt.tensor_sha256(data)
     text = json.dumps(manifest, sort_keys=True)
-    out.write_bytes(save(data, metadata={"lcc_manifest": text, "lcc_checksum": fmt.checksum(text, manifest["tensor_sha256"])}))
+    out.write_bytes(save(data, metadata={key: text, "lcc_checksum": fmt.checksum(text, manifest["tensor_sha256"])}))
     return out
 
 

@@ -119,23 +119,9 @@ def test_adapter_shapes_that_cannot_be_served_are_refused(compiled, tmp_path, ti
 # 4, 9 and 10. compiler files: counts, fields and values checked before use ---------------------
 
 def _resign_compiler(src: Path, out: Path, edit=None, tensors=None) -> Path:
-    from safetensors import safe_open
-    from safetensors.torch import save
+    from test_hardening import resign
 
-    from lcc_cli.format import cartridge as fmt
-
-    with safe_open(str(src), "pt") as f:
-        meta = f.metadata()
-        data = {k: f.get_tensor(k) for k in f.keys()}
-    manifest = json.loads(meta["lcc_compiler"])
-    if edit:
-        edit(manifest)
-    if tensors:
-        data = tensors(data)
-    manifest["tensor_sha256"] = fmt.tensor_sha256(data)
-    text = json.dumps(manifest, sort_keys=True)
-    out.write_bytes(save(data, metadata={"lcc_compiler": text, "lcc_checksum": fmt.checksum(text, manifest["tensor_sha256"])}))
-    return out
+    return resign(src, out, edit, tensors, key="lcc_compiler")
 
 
 def _set(path, value):
