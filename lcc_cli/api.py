@@ -692,8 +692,6 @@ def _lcc_manifest(m) -> bool:
 def import_adapter(directory: Path, output: Path, run: RunOptions | None = None, force: bool = False) -> CompileResult:
     """`lcc import DIR -o CART`: a PEFT Cartridge adapter (from lcc or trained elsewhere)
     becomes a cartridge pinned to the loaded model's fingerprint."""
-    import torch
-
     from ._version import __version__
     from .format import manifest as mf
     from .format.cartridge import Cartridge, check_values

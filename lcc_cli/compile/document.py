@@ -26,7 +26,7 @@ from ..buffer import Buffer
 from ..config import CompileConfig
 from ..errors import CartridgeError, LccError, UsageError
 from ..format import manifest as mf
-from ..format.cartridge import Cartridge, load_cartridge, partial_path, save_cartridge, to_bytes
+from ..format.cartridge import Cartridge, load_cartridge, partial_path, to_bytes
 from ..format.fsio import atomic_write
 from ..ingest import Document, TextSegment, split_text, token_spans_of
 from ..progress import NO_PROGRESS, Progress

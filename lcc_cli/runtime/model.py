@@ -204,7 +204,6 @@ def compute_dtype(device: str, dtype: str | None = None):
 def load_model(model: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load the base model frozen, in eval mode, with its fingerprint, on `device` (see
     resolve_device) in `dtype` (see compute_dtype)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
