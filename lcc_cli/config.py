@@ -31,7 +31,10 @@ def cpu_count() -> int:
 
 def lcc_home() -> Path:
     """The user directory (model cache, fingerprints); LCC_HOME redirects it."""
-    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "lcc")
+    home = Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "lcc")
+    if home.exists() and not home.is_dir():
+        raise UsageError(f"{HOME_ENV} {home} is not a directory", hint=f"point {HOME_ENV} at a folder lcc may write")
+    return home
 
 
 def _check(ok: bool, name: str, rule: str, value) -> None:
@@ -218,6 +221,9 @@ class EvalSettings(_FromDict):
             if not isinstance(m, dict) or not isinstance(m.get("label"), str) or m["label"] in labels:
                 raise UsageError("each [[eval.methods]] table needs a unique text label")
             labels.add(m["label"])
+            if not isinstance(m.get("compiler", "auto"), str):
+                raise UsageError(f"[[eval.methods]] {m['label']!r}: compiler must be text (auto, none, am, "
+                                 f"pretrained or a compiler file)")
             stride = m.get("stride", 1)
             _check(isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1, "stride", "at least 1",
                    stride)

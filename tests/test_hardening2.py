@@ -5,6 +5,8 @@ stderr line, no traceback, and that inputs and earlier outputs are intact."""
 from __future__ import annotations
 
 import hashlib
+
+import torch
 import json
 import shutil
 from pathlib import Path
@@ -338,3 +340,48 @@ def test_a_folder_that_cannot_be_listed_is_reported_in_the_batch_summary(tmp_pat
     docs = json.loads(result.stdout)["documents"]
     assert [d["status"] for d in docs] == ["failed", "done"]
     assert docs[0]["source"].endswith("locked") and "Permission denied" in docs[0]["reason"]
+
+
+def test_tampered_checkpoints_are_damaged_not_unexpected(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    from test_pretrained import ROWS
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    args = ["train-compiler", data, "-o", tmp_path / "c.safetensors", "--steps", "2", "--batch", "2",
+            "--lora-rank", "4", "--checkpoint-every", "1", "--stop-after", "1", "--model", tiny_model_dir]
+    env_home = tmp_path / "home"
+    import os
+
+    os.environ["LCC_HOME"] = str(env_home)
+    try:
+        assert run(*args).exit_code == 0
+        ckpt = tmp_path / "c.safetensors.ckpt"
+        state = json.loads((ckpt / "state.json").read_text())
+        tensors = load_file(str(ckpt / "state.safetensors"))
+        for name, change in (("schedule a string", lambda s, t: s.__setitem__("scheduler", "x")),
+                             ("optimiser tensor of the wrong shape",
+                              lambda s, t: t.__setitem__(next(k for k in t if k.startswith("adam.")), torch.zeros(3))),
+                             ("no slot bias", lambda s, t: t.pop("slot_bias"))):
+            s, t = json.loads(json.dumps(state)), dict(tensors)
+            change(s, t)
+            (ckpt / "state.json").write_text(json.dumps(s))
+            save_file(t, str(ckpt / "state.safetensors"), metadata={"step": str(s["step"])})
+            assert_error(run(*args[:-4], "--stop-after", "2", "--resume", "--force", "--model", tiny_model_dir), 2,
+                         "damaged")
+    finally:
+        os.environ.pop("LCC_HOME")
+
+
+def test_lcc_home_that_is_a_file_and_a_method_compiler_that_is_a_number(tmp_path, tiny_model_dir, monkeypatch):
+    (tmp_path / "home").write_text("a file")
+    monkeypatch.setenv("LCC_HOME", str(tmp_path / "home"))
+    doc = tmp_path / "d.txt"
+    doc.write_text(DOC)
+    assert_error(run("compile", doc, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 2, "not a directory")
+    monkeypatch.delenv("LCC_HOME")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"context": "x", "questions": [{"q": "a", "answers": ["b"]}]}) + "\n")
+    (tmp_path / "m.toml").write_text('[[eval.methods]]\nlabel = "x"\ncompiler = 5\n')
+    assert_error(run("eval", tmp_path / "d.jsonl", "--config", tmp_path / "m.toml", "--out", tmp_path / "o",
+                     "--model", tiny_model_dir), 2, "compiler must be text")

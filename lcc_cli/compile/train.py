@@ -645,21 +645,31 @@ def _load_checkpoint(ckpt: Path, peft_model, bias, opt, sched, cfg, data_digest)
     if meta.get("config") != cfg.to_dict() or meta.get("data") != data_digest:
         raise UsageError(f"{ckpt} was made with other settings or data", hint=hint)
     device = bias.device
-    set_peft_model_state_dict(peft_model, {k.removeprefix("lora."): v.to(device) for k, v in tensors.items()
-                                           if k.startswith("lora.")})
-    for param in peft_model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    with torch.no_grad():
-        bias.copy_(tensors["slot_bias"].to(device))
-    state = {"state": {}, "param_groups": meta["param_groups"]}
-    for key, value in tensors.items():
-        if key.startswith("adam."):
-            _, idx, name = key.split(".", 2)
-            state["state"].setdefault(int(idx), {})[name] = value.to(device) if name != "step" else value
-    opt.load_state_dict(state)  # param groups carry the current and initial rates
-    sched.last_epoch = meta["scheduler"]
-    return {k: meta[k] for k in ("step", "tokens", "seconds", "best", "history")}
+    try:
+        set_peft_model_state_dict(peft_model, {k.removeprefix("lora."): v.to(device) for k, v in tensors.items()
+                                               if k.startswith("lora.")})
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        with torch.no_grad():
+            bias.copy_(tensors["slot_bias"].to(device))
+        state = {"state": {}, "param_groups": meta["param_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, idx, name = key.split(".", 2)
+                state["state"].setdefault(int(idx), {})[name] = value.to(device) if name != "step" else value
+        for idx, entry in state["state"].items():  # torch would accept a wrong shape and fail mid-step
+            param = opt.param_groups[0]["params"][idx]
+            if any(name != "step" and value.shape != param.shape for name, value in entry.items()):
+                raise ValueError(f"optimiser state {idx} has the wrong shape")
+        opt.load_state_dict(state)  # param groups carry the current and initial rates
+        if not isinstance(meta["scheduler"], int) or not isinstance(meta["step"], int):
+            raise ValueError("schedule position is not a step number")
+        sched.last_epoch = meta["scheduler"]
+        return {k: meta[k] for k in ("step", "tokens", "seconds", "best", "history")}
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise UsageError(f"the checkpoint in {ckpt} is damaged ({str(exc).splitlines()[0][:120]})", hint=hint) \
+            from None
 
 
 def _load_best(ckpt: Path) -> dict[str, torch.Tensor] | None:
