@@ -14,7 +14,6 @@ At most `max_queue` jobs wait or run at a time; `submit` refuses more (the app a
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 from dataclasses import dataclass, field
 
@@ -53,8 +52,7 @@ class Engine:
         self._active: set[int] = set()  # ids of jobs waiting or running whose clients are still there
         self._cv = threading.Condition()
         self._stopping = False
-        self.batches = itertools.count()  # how many decodes ran (for tests and /health)
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: list[int] = []  # rows of every decode run (tests and /health)
         self._thread = threading.Thread(target=self._loop, name="lcc-engine", daemon=True)
         self._thread.start()
 
@@ -135,7 +133,6 @@ class Engine:
         group = [j for j in group if not j.cancelled.is_set()]
         if not group:
             return
-        next(self.batches)
         self.batch_sizes.append(len(group))
         p, tok = self.loaded.prompter, self.loaded.tokenizer
         head = group[0]

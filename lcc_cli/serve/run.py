@@ -35,16 +35,15 @@ def build(loaded, paths: list[Path], limits: Limits, api_key: str | None = None)
     return create_app(loaded, catalog, engine, limits, api_key), catalog, engine
 
 
-def _server_class():
+def _exit_zero_server(config):
+    """A uvicorn server that treats SIGINT/SIGTERM as a shutdown asked for: uvicorn re-raises
+    the signal after its graceful shutdown (the process then dies of it); here it exits 0."""
     import contextlib
     import signal
 
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown (the process then dies
-        of the signal); a shutdown asked for is a success here: exit 0."""
-
         @contextlib.contextmanager
         def capture_signals(self):
             wanted = (signal.SIGINT, signal.SIGTERM)
@@ -55,11 +54,7 @@ def _server_class():
                 for s, handler in old.items():
                     signal.signal(s, handler)
 
-    return Server
-
-
-def _Server(config):
-    return _server_class()(config)
+    return Server(config)
 
 
 def serve(loaded, paths: list[Path], host: str, port: int, limits: Limits, api_key: str | None, progress) -> None:
@@ -75,7 +70,7 @@ def serve(loaded, paths: list[Path], host: str, port: int, limits: Limits, api_k
                     f"on http://{host}:{port}/v1")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
                             limit_concurrency=limits.max_queue * 2 + 16)
-    server = _Server(config)
+    server = _exit_zero_server(config)
     try:
         server.run()
     except SystemExit:  # uvicorn's own exit when it cannot bind
