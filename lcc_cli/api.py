@@ -103,8 +103,8 @@ def resolve_compiler(loaded, choice: str | None) -> CompilerSpec:
     choice = choice or "auto"
     if choice == "none":
         return CompilerSpec("optimise")
-    if choice == "am":
-        return CompilerSpec("am")
+    if choice in ("am", "truncate"):
+        return CompilerSpec(choice)
     if choice in ("auto", "pretrained"):
         path = shipped_compiler()
         if path is not None and read_compiler_manifest(path)["model"]["fingerprint"] == loaded.fingerprint:
@@ -671,14 +671,14 @@ def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSp
 
 # --- interchange --------------------------------------------------------------------------------
 
-def export_cartridge(path: Path, to: str, out_dir: Path, force: bool = False) -> Path:
+def export_cartridge(path: Path, to: str, out_dir: Path, force: bool = False, drop_bias: bool = False) -> Path:
     """`lcc export CART --to peft DIR`."""
     from .export.peft import export_peft
     from .format.cartridge import load_cartridge
 
     if to != "peft":
         raise UsageError(f"to must be peft (got {to!r})", field="to")
-    return export_peft(load_cartridge(path), Path(out_dir), force=force, source=Path(path))
+    return export_peft(load_cartridge(path), Path(out_dir), force=force, source=Path(path), drop_bias=drop_bias)
 
 
 def _lcc_manifest(m) -> bool:

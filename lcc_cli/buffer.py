@@ -83,11 +83,13 @@ def _llama3_frequencies(inv: torch.Tensor, params: dict) -> torch.Tensor:
 @dataclass
 class Buffer:
     """Compiled KV: per layer keys and values [kv_heads, T, head_dim], RoPE baked into the
-    keys at `positions` (one int per entry, not necessarily 0..T-1)."""
+    keys at `positions` (one int per entry, not necessarily 0..T-1), and optionally per layer
+    an attention bias [kv_heads, T] added to the logits of each entry (runtime/bias.py)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     positions: torch.Tensor  # int64 [T]
+    bias: list[torch.Tensor] | None = None  # float32, per layer [kv_heads, T]; None: no bias
 
     @property
     def slots(self) -> int:
@@ -107,9 +109,10 @@ class Buffer:
         return self.keys[0].device
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Buffer:
-        """The same buffer on another device and/or in another float dtype."""
+        """The same buffer on another device and/or in another float dtype (biases stay float32)."""
         return Buffer([k.to(device=device, dtype=dtype) for k in self.keys],
-                      [v.to(device=device, dtype=dtype) for v in self.values], self.positions)
+                      [v.to(device=device, dtype=dtype) for v in self.values], self.positions,
+                      [b.to(device=device) for b in self.bias] if self.bias is not None else None)
 
     def cache_layers(self, batch: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) per layer with a batch axis, as a model cache holds them."""
@@ -119,21 +122,32 @@ class Buffer:
     def select(self, start: int, stop: int) -> Buffer:
         """Entries start..stop-1 (a segment of a cartridge), copied."""
         return Buffer([k[:, start:stop].clone() for k in self.keys], [v[:, start:stop].clone() for v in self.values],
-                      self.positions[start:stop].clone())
+                      self.positions[start:stop].clone(),
+                      [b[:, start:stop].clone() for b in self.bias] if self.bias is not None else None)
 
     def moved(self, rope: Rope, delta: int) -> Buffer:
-        """The buffer with every entry moved `delta` positions (keys re-rotated, values kept)."""
+        """The buffer with every entry moved `delta` positions (keys re-rotated; values and
+        biases belong to the entry, not its position, and are kept)."""
         if delta == 0:
             return self
-        return Buffer([rope.shift(k, delta) for k in self.keys], list(self.values), self.positions + delta)
+        return Buffer([rope.shift(k, delta) for k in self.keys], list(self.values), self.positions + delta, self.bias)
+
+    def without_bias(self) -> Buffer:
+        return Buffer(self.keys, self.values, self.positions)
 
     @classmethod
     def concat(cls, parts: list[Buffer]) -> Buffer:
-        """Entries of several buffers one after another in the cache, positions unchanged."""
+        """Entries of several buffers one after another in the cache, positions unchanged. If
+        any part has biases, the others get zeros (a bias of 0 is no bias)."""
         layers = len(parts[0].keys)
+        bias = None
+        if any(p.bias is not None for p in parts):
+            bias = [torch.cat([p.bias[i] if p.bias is not None else
+                               torch.zeros(p.keys[i].shape[:2], device=p.keys[i].device) for p in parts], dim=-1)
+                    for i in range(layers)]
         return cls([torch.cat([p.keys[i] for p in parts], dim=-2) for i in range(layers)],
                    [torch.cat([p.values[i] for p in parts], dim=-2) for i in range(layers)],
-                   torch.cat([p.positions for p in parts]))
+                   torch.cat([p.positions for p in parts]), bias)
 
     @classmethod
     def from_cache_layers(cls, layers, positions) -> Buffer:

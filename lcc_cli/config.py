@@ -104,6 +104,12 @@ class CompileConfig(_FromDict):
     # The paper used 2e-5 for 45 epochs on an 8B model; with a few dozen steps on a 135M model
     # a much larger rate is needed for the LoRA and buffer embeddings to move at all.
     lr: float = 5e-3
+    # Rate for direct KV refinement (`am`/`truncate` with steps): Adam moves each key and value
+    # element by about this much per step, on entries whose elements are of order 1.
+    kv_lr: float = 1e-2
+    # Per-entry attention biases (runtime/bias.py): `am` fits them by NNLS so that each kept
+    # key stands for the attention mass of those dropped; direct refinement learns them.
+    bias: bool = False
     lora_rank: int = 8  # paper: rank 8, alpha 16, attention projections
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -136,6 +142,7 @@ class CompileConfig(_FromDict):
         _check(_finite(self.ratio) and self.ratio >= 1, "ratio", "a number of at least 1", self.ratio)
         _check(isinstance(self.steps, int) and self.steps >= 0, "steps", "0 or more", self.steps)
         _check(_finite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
+        _check(_finite(self.kv_lr) and self.kv_lr > 0, "kv_lr", "a positive number", self.kv_lr)
         _check(isinstance(self.lora_rank, int) and self.lora_rank >= 1, "lora_rank", "at least 1", self.lora_rank)
         _check(self.lora_alpha > 0, "lora_alpha", "positive", self.lora_alpha)
         _check(bool(self.lora_targets), "lora_targets", "a non-empty list", self.lora_targets)
@@ -358,6 +365,8 @@ QUALITY_PRESETS: dict[str, dict[str, dict]] = {
     # Attention-Matching compaction: closed form, no steps; the whole document at once where
     # its reference pass (the text twice) fits the window (api.settle shrinks this to fit).
     "am": {q: {"steps": 0, "segment_tokens": 3500} for q in ("fast", "balanced", "best")},
+    # The first K tokens of each segment: no steps by default (it is the baseline as a cartridge).
+    "truncate": {q: {"steps": 0} for q in ("fast", "balanced", "best")},
 }
 
 

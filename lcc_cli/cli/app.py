@@ -423,13 +423,15 @@ def export_cmd(
     to: str = typer.Option("peft", "--to", help="Target format: peft (a PEFT Cartridge adapter directory)."),
     out_dir: Path = typer.Argument(..., metavar="DIR", help="Directory to write."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite files in a non-empty DIR."),
+    drop_bias: bool = typer.Option(False, "--drop-bias", help="Export a cartridge that carries attention biases "
+                                                              "without them (PEFT cannot hold them; answers change)."),
     as_json: bool = JsonOpt,
 ):
     """Write CARTRIDGE as a PEFT Cartridge adapter: `PeftModel.from_pretrained(base, DIR)`
     reads it with no lcc installed. lcc's manifest rides along in DIR/lcc_manifest.json."""
     from .. import api
 
-    path = api.export_cartridge(cartridge, to, out_dir, force=force)
+    path = api.export_cartridge(cartridge, to, out_dir, force=force, drop_bias=drop_bias)
     if as_json:
         print_json({"path": str(path), "format": to})
     else:

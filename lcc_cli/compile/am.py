@@ -16,6 +16,10 @@ no gradient, one forward pass.
    0..K-1 and composes, exports and reads like any cartridge. Values are not refitted: on the
    prototype a least-squares refit halved the error on the reference queries and *lowered* the
    answers' quality (queries that do not look like questions overfit).
+4. With `bias`, each kept key also gets an attention bias log(w), w from non-negative least
+   squares so that the kept keys' mass matches all keys' mass on the reference queries.
+
+With `--steps N` the compacted buffer is then refined directly (refine.py).
 
 Deterministic, and a few prefills of compute. The whole document is compacted at once when it
 fits the model's window (the reference pass reads it twice), in segments beyond that.
@@ -30,15 +34,33 @@ import torch
 from ..buffer import Buffer
 from ..config import CompileConfig
 from ..errors import UsageError
+from ..format.cartridge import BIAS_LIMIT
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
 from ..runtime.cache import cache_layers, forward, make_cache
 from ..runtime.prompts import RECONSTRUCT_INSTRUCTION
 from .base import CompilerSpec, SegmentResult, register
+from .refine import refine_buffer
 from .slots import entries
 
 
 MAX_QUERIES = 512
+# A kept key whose NNLS weight is 0 would be silenced: it keeps 1e-3 of its own mass instead.
+MIN_WEIGHT = 1e-3
+
+
+def _nnls(a: torch.Tensor, b: torch.Tensor, iterations: int = 300) -> torch.Tensor:
+    """argmin ||a w - b|| subject to w >= 0, by accelerated projected gradient (FISTA) from
+    w = 1 (no bias); a few hundred iterations of a [R, k] problem, per layer and head."""
+    step = 1.0 / max(float(torch.linalg.matrix_norm(a, ord=2)) ** 2, 1e-12)
+    w = y = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
+    t = 1.0
+    for _ in range(iterations):
+        w_next = (y - step * (a.T @ (a @ y - b))).clamp(min=0)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = w_next + (t - 1) / t_next * (w_next - w)
+        w, t = w_next, t_next
+    return w
 
 
 class AttentionMatchingCompiler:
@@ -54,6 +76,20 @@ class AttentionMatchingCompiler:
     def describe(self) -> dict:
         return {"name": self.name, "queries": "repeat-prefill", "values": "copied"}
 
+    def _biases(self, q: torch.Tensor, key: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """[kv_heads, k] log-weights w >= 0 such that, for every reference query, the kept
+        keys' attention mass times w matches the mass of all n keys (non-negative least
+        squares): a kept key then also speaks for the dropped keys its queries favoured."""
+        group = self.heads // self.kv_heads
+        out = []
+        for g in range(self.kv_heads):
+            logits = (q[g * group: (g + 1) * group] @ key[g].T / self.head_dim ** 0.5).flatten(0, 1)  # [Rg, n]
+            scaled = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
+            target, kept = scaled.sum(-1), scaled[:, chosen[g]]  # [Rg], [Rg, k]
+            w = _nnls(kept.double(), target.double())
+            out.append(torch.log(w.clamp(min=MIN_WEIGHT)).float().clamp(-BIAS_LIMIT, BIAS_LIMIT))
+        return torch.stack(out)
+
     def _attention_layers(self):
         layers = getattr(getattr(self.loaded.model, "model", None), "layers", None)
         if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "q_proj")
@@ -63,9 +99,6 @@ class AttentionMatchingCompiler:
         return layers
 
     def compile(self, segment: TextSegment, cfg: CompileConfig, progress: Progress = NO_PROGRESS) -> SegmentResult:
-        if cfg.steps:
-            raise UsageError("--compiler am compacts in closed form; refinement steps are not available for it",
-                             hint="use --steps 0", field="steps")
         started = time.perf_counter()
         loaded, p = self.loaded, self.loaded.prompter
         model, rope = loaded.model, loaded.rope
@@ -87,11 +120,13 @@ class AttentionMatchingCompiler:
                 # 3k queries (minutes of softmax) where a few hundred rank the keys the same way.
                 pick = torch.linspace(0, len(repeat) - 1, min(len(repeat), MAX_QUERIES)).round().long()
                 positions = (n + pick).to(loaded.device)
-                keys, values = [], []
+                keys, values, biases = [], [], []
                 for q_flat, (key, value) in zip(captured, kv):
                     q = q_flat[pick.to(q_flat.device)].float().reshape(len(pick), self.heads, self.head_dim)
                     q = rope.shift(q.transpose(0, 1), positions)  # the rotation the model applies to them
                     chosen = self._choose(q, key, k)
+                    if cfg.bias:
+                        biases.append(self._biases(q, key, chosen))
                     gathered_k = key.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))
                     gathered_v = value.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))
                     # each kept key moves from its text position to its entry index
@@ -102,10 +137,11 @@ class AttentionMatchingCompiler:
         finally:
             for hook in hooks:
                 hook.remove()
-        buffer = Buffer(keys, values, torch.arange(k))
+        buffer = Buffer(keys, values, torch.arange(k), biases or None)
         seconds = time.perf_counter() - started
-        return SegmentResult(buffer, n, {"seconds": round(seconds, 3),
-                                         "reference_queries": min(len(repeat), MAX_QUERIES)}, sink=True)
+        start = SegmentResult(buffer, n, {"seconds": round(seconds, 3),
+                                          "reference_queries": min(len(repeat), MAX_QUERIES)}, sink=True)
+        return refine_buffer(loaded, segment.text, start, cfg, progress)
 
     def _choose(self, q: torch.Tensor, key: torch.Tensor, k: int) -> torch.Tensor:
         """[kv_heads, k] context positions to keep: 0 (the sink), then the k - 1 positions

@@ -65,7 +65,7 @@ def register(name: str):
 def build_compiler(spec: CompilerSpec, loaded) -> SegmentCompiler:
     import importlib
 
-    from . import am, optimise, pretrained  # noqa: F401  (they register themselves)
+    from . import am, optimise, pretrained, truncate  # noqa: F401  (they register themselves)
 
     if spec.plugin:
         importlib.import_module(spec.plugin)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..config import CompileConfig
 from ..runtime.cache import Layers, forward, make_cache, prefill
 from ..runtime.decode import decode
-from ..runtime.prompts import Prompter, generic_instructions
+from ..runtime.prompts import RECONSTRUCT_INSTRUCTION, Prompter, generic_instructions
 
 
 @dataclass
@@ -110,3 +110,39 @@ def cloze_items(prompter: Prompter, text: str, seed: int, limit: int = 96) -> li
             items.append((prompt, prompter.encode(" ".join(words[cut:cut + 12])) + prompter.end_ids))
     rng.shuffle(items)
     return items[:limit]
+
+
+@dataclass
+class DocumentObjective:
+    """The per-document objective of one segment, prepared once: its reconstruction item,
+    teacher targets and cloze items. `loss` draws a step's sample of them and reads it through
+    the reader (whatever produced `buf_kv`: a LoRA compiler or the buffer itself)."""
+
+    recon: tuple[list[int], list[int]]
+    teacher: TeacherTargets
+    clozes: list[tuple[list[int], list[int]]]
+    cfg: CompileConfig
+    rng: random.Random
+
+    @classmethod
+    def prepare(cls, loaded, text: str, ctx_kv: Layers, cfg: CompileConfig) -> DocumentObjective:
+        p = loaded.prompter
+        teacher = make_teacher_targets(loaded, ctx_kv, cfg) if cfg.steps else TeacherTargets([], [], [])
+        clozes = cloze_items(p, text, cfg.seed) if cfg.cloze_weight > 0 and cfg.steps else []
+        return cls((p.query_ids(RECONSTRUCT_INSTRUCTION), p.document_ids(text)), teacher, clozes, cfg,
+                   random.Random(cfg.seed))
+
+    def loss(self, model, buf_kv: Layers, first_position: int) -> tuple[torch.Tensor, dict]:
+        cfg, rng, teacher = self.cfg, self.rng, self.teacher
+        zero = torch.zeros((), device=next(model.parameters()).device)
+        recon = ce_loss(model, buf_kv, first_position, [self.recon]) if cfg.recon_weight else zero
+        batch = rng.sample(range(len(teacher.prompts)), min(cfg.kl_per_step, len(teacher.prompts)))
+        kl = kl_loss(model, buf_kv, first_position, teacher, batch) if batch else zero
+        cloze = (ce_loss(model, buf_kv, first_position, rng.sample(self.clozes, min(cfg.cloze_per_step,
+                                                                                    len(self.clozes))))
+                 if self.clozes else zero)
+        loss = cfg.recon_weight * recon + cfg.kl_weight * kl + cfg.cloze_weight * cloze
+        metrics = {"loss": loss.item(), "recon": recon.item(), "cloze": cloze.item()}
+        if batch:  # no KL term (kl_weight 0 leaves the teacher pool empty): no KL to report
+            metrics["kl"] = kl.item()
+        return loss, metrics

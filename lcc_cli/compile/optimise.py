@@ -19,7 +19,6 @@ After the last step one more pass gives the buffer KV to keep, moved to position
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass
 
@@ -30,9 +29,8 @@ from ..errors import CompilerFileError, UsageError
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
 from ..runtime.cache import prefill
-from ..runtime.prompts import RECONSTRUCT_INSTRUCTION
 from .base import CompilerSpec, SegmentResult, register
-from .objective import TeacherTargets, ce_loss, cloze_items, kl_loss, make_teacher_targets
+from .objective import DocumentObjective
 from .slots import chunk_embeddings, encode_slots, entries, evenly_spaced_embeddings, reader_view, to_buffer
 
 
@@ -83,10 +81,7 @@ def optimise_segment(loaded, text: str, cfg: CompileConfig, progress: Progress =
     _, slots = entries(n, cfg.ratio, sink)
     with torch.no_grad():
         ctx_kv, _ = prefill(model, ctx_ids)
-        teacher = make_teacher_targets(loaded, ctx_kv, cfg) if cfg.steps else TeacherTargets([], [], [])
-    recon_prompt = prompter.query_ids(RECONSTRUCT_INSTRUCTION)
-    recon_target = prompter.document_ids(text)
-    clozes = cloze_items(prompter, text, cfg.seed) if cfg.cloze_weight > 0 and cfg.steps else []
+        objective = DocumentObjective.prepare(loaded, text, ctx_kv, cfg)
 
     if start is None:
         peft_model = attach_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
@@ -102,24 +97,15 @@ def optimise_segment(loaded, text: str, cfg: CompileConfig, progress: Progress =
         params = [p for p in peft_model.parameters() if p.requires_grad] + [embeds]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
-        rng = random.Random(cfg.seed)
         progress.start("steps", cfg.steps)
         for step in range(cfg.steps):
             buf_kv, at = reader_view(ctx_kv, encode_slots(model, ctx_kv, embeds, n), n, sink, rope)
             with peft_model.disable_adapter():
-                recon = ce_loss(model, buf_kv, at, [(recon_prompt, recon_target)])
-                batch = rng.sample(range(len(teacher.prompts)), min(cfg.kl_per_step, len(teacher.prompts)))
-                kl = kl_loss(model, buf_kv, at, teacher, batch) if batch else torch.zeros(())
-                cloze = (ce_loss(model, buf_kv, at, rng.sample(clozes, min(cfg.cloze_per_step, len(clozes))))
-                         if clozes else torch.zeros(()))
-            loss = cfg.recon_weight * recon + cfg.kl_weight * kl + cfg.cloze_weight * cloze
+                loss, metrics = objective.loss(model, buf_kv, at)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            metrics = {"loss": loss.item(), "recon": recon.item(), "cloze": cloze.item()}
-            if batch:  # no KL term (kl_weight 0 leaves the teacher pool empty): no KL to report
-                metrics["kl"] = kl.item()
             if step == 0:
                 first = {f"first_{key}": v for key, v in metrics.items()}
             progress.advance("steps", **metrics)

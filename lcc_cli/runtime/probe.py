@@ -14,6 +14,7 @@ def probe_fidelity(cart, loaded, source_text: str) -> dict:
 
     from ..config import CompileConfig
     from ..ingest import split_text, token_spans_of
+    from .bias import slot_biases
     from .cache import forward, make_cache
     from .prompts import RECONSTRUCT_INSTRUCTION
 
@@ -30,8 +31,9 @@ def probe_fidelity(cart, loaded, source_text: str) -> dict:
             target = p.document_ids(text)
             buffer = buffer.to(loaded.device, loaded.dtype)
             cache = make_cache(buffer.cache_layers())
-            logits = forward(loaded.model, cache, buffer.first_query_position,
-                             input_ids=torch.tensor([prompt + target], device=loaded.device))[0]
+            with slot_biases(loaded.model, buffer.bias):
+                logits = forward(loaded.model, cache, buffer.first_query_position,
+                                 input_ids=torch.tensor([prompt + target], device=loaded.device))[0]
             pred = logits[len(prompt) - 1: len(prompt) + len(target) - 1].argmax(-1)
             hits += int((pred == torch.tensor(target, device=loaded.device)).sum())
             total += len(target)

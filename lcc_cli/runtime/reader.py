@@ -17,6 +17,7 @@ import torch
 from ..buffer import Buffer
 from ..config import AskConfig
 from ..errors import UsageError
+from .bias import slot_biases
 from .decode import decode
 
 
@@ -67,7 +68,7 @@ def answer(loaded, questions: list[str], buffer: Buffer | None = None, document:
     generator = torch.Generator().manual_seed(cfg.seed)
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
     out: list[Answer | None] = [None] * len(prompts)
-    with torch.inference_mode():
+    with torch.inference_mode(), slot_biases(loaded.model, buffer.bias if buffer is not None else None):
         for group in groups:
             stream = _streamer(loaded.tokenizer, on_text) if on_text and len(group) == 1 else None
             results = decode(loaded.model, prefix, first, [prompts[i] for i in group], cfg.max_new_tokens,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..buffer import Buffer
+from .bias import slot_biases
 from .cache import forward, make_cache
 
 
@@ -30,7 +31,7 @@ def segment_scores(loaded, buffer: Buffer, segments: list[dict], question: str) 
     hooks = [layer.self_attn.q_proj.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
              for layer in layers]
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), slot_biases(model, buffer.bias):
             forward(model, make_cache(buffer.cache_layers()), first,
                     input_ids=torch.tensor([prompt], device=loaded.device), logits_to_keep=1)
     finally:
@@ -46,10 +47,13 @@ def segment_scores(loaded, buffer: Buffer, segments: list[dict], question: str) 
     positions = torch.arange(first, first + len(prompt), device=loaded.device)
     mass = torch.zeros(len(segments))
     with torch.inference_mode():
-        for q_flat, key in zip(captured, buffer.keys):
+        for layer, (q_flat, key) in enumerate(zip(captured, buffer.keys)):
             q = rope.shift(q_flat.float().reshape(len(prompt), heads, head_dim).transpose(0, 1), positions)
             k = key.float().repeat_interleave(heads // kv_heads, dim=0)  # [heads, T, D]
-            weights = torch.softmax(q @ k.transpose(1, 2) / head_dim ** 0.5, dim=-1).mean(dim=(0, 1)).cpu()
+            logits = q @ k.transpose(1, 2) / head_dim ** 0.5
+            if buffer.bias is not None:
+                logits = logits + buffer.bias[layer].to(logits.device).repeat_interleave(heads // kv_heads, 0)[:, None]
+            weights = torch.softmax(logits, dim=-1).mean(dim=(0, 1)).cpu()
             mass.index_add_(0, owner[counted], weights[counted])
     return (mass / len(captured)).tolist()
 

@@ -128,6 +128,7 @@ class Engine:
                         self._active.discard(id(job))
 
     def _run(self, group: list[Job]) -> None:
+        from ..runtime.bias import slot_biases
         from ..runtime.decode import decode
 
         group = [j for j in group if not j.cancelled.is_set()]
@@ -168,7 +169,8 @@ class Engine:
                         self._active.discard(id(job))
             return not all(j.finished for j in group)
 
-        with torch.inference_mode():
+        with torch.inference_mode(), slot_biases(self.loaded.model, head.buffer.bias if head.buffer is not None
+                                                 else None):
             decode(self.loaded.model, prefix, first, [j.prompt for j in group], max(j.max_tokens for j in group),
                    p.stop_ids, head.temperature, generator, on_step=on_step)
         for job in group:  # rows that ran out of new tokens in a decode sized for a longer one
