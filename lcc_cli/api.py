@@ -93,24 +93,26 @@ def _executor(run: RunOptions, loaded, compiler=None):
                          workers=run.workers, threads=run.threads, ray_address=run.ray_address, compiler=compiler)
 
 
-def resolve_compiler(loaded, choice: str | None) -> CompilerSpec:
-    """--compiler auto | none | pretrained | PATH. `auto` takes the shipped pretrained compiler
-    when it was trained for this very model (same fingerprint), and compiles from scratch
-    otherwise; `pretrained` insists on the shipped one."""
+def resolve_compiler(loaded, choice: str | None, quality: str = "balanced") -> CompilerSpec:
+    """--compiler auto | none | am | truncate | pretrained | PATH. `auto` follows the bench's
+    table (compile/auto.py; `settle` also takes its settings); `pretrained` insists on the
+    shipped compiler."""
     from .compile.pretrained import shipped_compiler
     from .format.compiler_file import read_compiler_manifest
 
     choice = choice or "auto"
+    if choice == "auto":
+        from .compile.auto import choose
+
+        return choose(loaded, quality)[0]
     if choice == "none":
         return CompilerSpec("optimise")
     if choice in ("am", "truncate"):
         return CompilerSpec(choice)
-    if choice in ("auto", "pretrained"):
+    if choice == "pretrained":
         path = shipped_compiler()
         if path is not None and read_compiler_manifest(path)["model"]["fingerprint"] == loaded.fingerprint:
             return CompilerSpec("pretrained", str(path))
-        if choice == "auto":
-            return CompilerSpec("optimise")
         raise UsageError("no pretrained compiler is shipped for this model", field="compiler",
                          hint="train one with `lcc train-compiler` and pass its file")
     if not Path(choice).is_file():
@@ -207,7 +209,14 @@ def settle(loaded, compiler, cfg, quality: str = "balanced") -> tuple[CompilerSp
     is; a dict (or None) of settings goes on top of the resolved method's quality preset."""
     from .config import compile_config
 
-    spec = compiler if isinstance(compiler, CompilerSpec) else resolve_compiler(loaded, compiler)
+    if compiler in (None, "auto"):
+        from .compile.auto import choose
+
+        spec, quality, chosen = choose(loaded, quality)
+        if not isinstance(cfg, CompileConfig):
+            cfg = {**chosen, **{k: v for k, v in (cfg or {}).items() if v is not None}}
+    else:
+        spec = compiler if isinstance(compiler, CompilerSpec) else resolve_compiler(loaded, compiler)
     if not isinstance(cfg, CompileConfig):
         cfg = compile_config(spec.name, quality, **(cfg or {}))
     window = loaded.facts.max_positions
@@ -593,7 +602,7 @@ def serve(paths: list[Path], host: str, port: int, limits, api_key: str | None =
 
 def eval_methods(loaded, settings: EvalSettings, compiler=None) -> list:
     """The methods an eval compares (eval/run.py's Method), compilers resolved for this model."""
-    from .config import compile_config, method_overrides
+    from .config import method_overrides
     from .eval.run import Method
 
     if not settings.methods:
@@ -603,10 +612,8 @@ def eval_methods(loaded, settings: EvalSettings, compiler=None) -> list:
         return [Method("cartridge", spec, {k: v for k, v in cfg.to_dict().items() if k != "ratio"})]
     out = []
     for m in settings.methods:
-        spec = resolve_compiler(loaded, m.get("compiler", "auto"))
-        cfg = compile_config(spec.name, m.get("quality", "balanced"), **{**settings.compile_table,
-                                                                          **method_overrides(m)})
-        settle(loaded, spec, cfg)  # its checks against the model, before any work
+        spec, cfg = settle(loaded, m.get("compiler", "auto"), {**settings.compile_table, **method_overrides(m)},
+                           m.get("quality", "balanced"))
         out.append(Method(m["label"], spec, {k: v for k, v in cfg.to_dict().items() if k != "ratio"},
                           m.get("stride", 1)))
     return out

@@ -204,3 +204,13 @@ def test_routed_condition_on_a_multi_segment_document(tmp_path, tiny_model_dir):
     routed = [r for r in rows if r["condition"] == "cartridge_routed"]
     full = [r for r in rows if r["condition"] == "cartridge"]
     assert len(routed) == 1 and routed[0]["kv_positions"] < full[0]["kv_positions"]
+
+
+def test_settings_added_later_stay_out_of_the_cache_key_at_their_defaults():
+    from lcc_cli.compile.base import CompilerSpec
+    from lcc_cli.eval.run import Method, _method_key
+
+    a = Method("m", CompilerSpec("am"), {"steps": 0})
+    b = Method("m", CompilerSpec("am"), {"steps": 0, "kv_lr": 1e-2, "bias": False})
+    c = Method("m", CompilerSpec("am"), {"steps": 0, "bias": True})
+    assert _method_key(a) == _method_key(b) != _method_key(c)

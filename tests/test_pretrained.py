@@ -149,12 +149,22 @@ def test_refinement_starts_from_the_compiler_and_discards_its_copy(trained, tiny
     assert trained[0].read_bytes() == before  # the pretrained weights never change
 
 
-def test_auto_falls_back_to_from_scratch_for_a_model_without_a_compiler(tiny, doc_file, tmp_path, tiny_model_dir):
-    assert api.resolve_compiler(tiny, "auto").name == "optimise"
+def test_auto_takes_the_tables_any_model_method_for_a_model_without_a_compiler(tiny, doc_file, tmp_path,
+                                                                              tiny_model_dir):
+    """The tiny model has no pretrained compiler: `auto` follows the bench's any-model row,
+    whose measured cost is within the preset's budget, instead of optimising from scratch."""
+    from lcc_cli.compile.auto import table
+
+    t = table()
+    row = t["rows"]["any_model"]
+    for quality, entry in row.items():
+        assert entry["prefill_equivalents"] <= t["budgets"][quality] or quality == "fast"
+        assert api.resolve_compiler(tiny, "auto", quality).name == entry["compiler"] != "optimise"
     assert api.resolve_compiler(tiny, "none").name == "optimise"
-    result = api.compile_file(doc_file, tmp_path / "o.lcc", {"steps": 1, "ratio": 8, "kl_pool": 2},
-                              run=run_opts(tiny_model_dir))
-    assert result.compiler == {"name": "optimise"}
+    result = api.compile_file(doc_file, tmp_path / "o.lcc", {"ratio": 8}, run=run_opts(tiny_model_dir))
+    assert result.compiler["name"] == row["balanced"]["compiler"]
+    m = load_cartridge(tmp_path / "o.lcc").manifest
+    assert all(m["compile"][k] == v for k, v in row["balanced"]["settings"].items() if k != "segment_tokens")
 
 
 def test_training_is_deterministic_for_a_seed(data, tmp_path, tiny_model_dir):

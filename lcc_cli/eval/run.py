@@ -80,8 +80,15 @@ def _method_key(m: Method) -> list:
     # a bench resized later reuses the cartridges and documents already done. The compiler's
     # weights (the digest its header records), not its path: retraining the shipped compiler
     # rewrites the same path.
+    # Settings added after results were cached are left out at their defaults, where they
+    # change nothing, so that adding one does not throw away hours of cached compiles.
     weights = read_compiler_manifest(Path(m.spec.path))["tensor_sha256"] if m.spec.path else None
-    return [m.label, m.spec.name, weights, m.settings]
+    defaults = CompileConfig()
+    settings = {k: v for k, v in m.settings.items() if not (k in _LATER_FIELDS and v == getattr(defaults, k))}
+    return [m.label, m.spec.name, weights, settings]
+
+
+_LATER_FIELDS = ("kv_lr", "bias")  # only direct KV refinement and biases read them
 
 
 def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
