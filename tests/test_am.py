@@ -115,3 +115,18 @@ def test_direct_refinement_lowers_the_objective_and_moves_only_the_buffer(method
     assert all(torch.equal(x, y) for x, y in zip(a.buffer.keys + a.buffer.values, b.buffer.keys + b.buffer.values))
     assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in tiny.model.parameters())
+
+
+def test_am_from_the_command_line_keeps_its_whole_document_preset(tmp_path, tiny_model_dir):
+    """The flag's default must not override am's preset (one segment where the window allows)."""
+    from typer.testing import CliRunner
+
+    from lcc_cli.cli import app
+
+    src = tmp_path / "long.txt"
+    src.write_text((DOC + " ") * 20)  # about 1,200 tokens: two segments at the flag's old default
+    r = CliRunner().invoke(app, ["compile", str(src), "-o", str(tmp_path / "a.lcc"), "--compiler", "am",
+                                 "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0, r.stderr
+    cart = load_cartridge(tmp_path / "a.lcc")
+    assert cart.manifest["compile"]["segment_tokens"] > 1024 and len(cart.segments) == 1

@@ -129,9 +129,12 @@ def compile_cmd(
                                               "sources, a folder, or a path ending in '/', the output directory."),
     ratio: float = typer.Option(CompileConfig.ratio, help="Compression: document tokens per buffer slot."),
     compiler: str = typer.Option("auto", "--compiler",
-                                 help="auto (the shipped pretrained compiler when it fits the model, else none) | "
-                                      "none (per-document optimisation from scratch) | am (Attention-Matching "
-                                      "compaction: any model, one pass, no training) | a compiler file."),
+                                 help="auto (the shipped pretrained compiler when it fits the model, else the "
+                                      "bench's pick for any model: lcc_cli/data/auto.json) | none (per-document "
+                                      "optimisation from scratch) | am (Attention-Matching compaction: any model, "
+                                      "one pass, no training) | truncate (the first tokens of each segment) | "
+                                      "a compiler file. With am or truncate, --steps N refines the buffer's KV "
+                                      "directly."),
     quality: str = typer.Option("balanced", "--quality",
                                 help="fast | balanced | best: sets --steps, --lr and the KL pool from the measured "
                                      "frontier (README), per compiler; explicit flags win."),
@@ -141,7 +144,12 @@ def compile_cmd(
     lora_rank: Optional[int] = typer.Option(None, help="Rank of the throwaway LoRA (with --compiler none only; a "
                                                        "pretrained compiler brings its own)."),
     teacher: Optional[str] = typer.Option(None, help="KL teacher for generic queries: context | plain."),
-    segment_tokens: int = typer.Option(CompileConfig.segment_tokens, help="Longest segment compiled at once."),
+    bias: Optional[bool] = typer.Option(None, "--bias/--no-bias",
+                                        help="Per-entry attention biases: am fits them (NNLS), refinement learns "
+                                             "them. PEFT export then needs --drop-bias."),
+    segment_tokens: Optional[int] = typer.Option(None, help=f"Longest segment compiled at once (default "
+                                                          f"{CompileConfig.segment_tokens}; am: the whole document "
+                                                          f"where it fits the window)."),
     seed: int = typer.Option(CompileConfig.seed, help="Random seed; a compile is deterministic for a seed."),
     max_bytes: int = typer.Option(20 * 1024 * 1024, help="Refuse source files larger than this."),
     model: Optional[str] = ModelOpt,
@@ -170,7 +178,7 @@ def compile_cmd(
 
     settings = dict(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank,
                     lora_alpha=2 * lora_rank if lora_rank else None, teacher=teacher, segment_tokens=segment_tokens,
-                    seed=seed)
+                    seed=seed, bias=bias)
     run = _run(model, device, threads, dtype, workers=workers, backend=backend, ray_address=ray_address)
     batch = len(sources) > 1 or any(s.is_dir() for s in sources) or (
         output is not None and (output.endswith("/") or Path(output).is_dir()))
