@@ -28,8 +28,11 @@ OUT = Path(__file__).resolve().parents[1] / "lcc_cli" / "data" / "auto.json"
 
 
 def measured(paths: list[Path]) -> dict[str, dict]:
-    """label -> {compiler, settings, contains (weighted), n, pe (worst mean over sets)}."""
+    """label -> {compiler, settings, hits and n (questions), pe (worst mean over sets)}, for
+    the methods measured in every results file: a method seen on one set only cannot be
+    ranked against one seen on both. Methods are matched by compiler and settings, not label."""
     out: dict[str, dict] = {}
+    labels: dict[str, str] = {}
     for path in paths:
         r = json.loads(path.read_text())
         methods = {m["label"]: m for m in r["meta"]["methods"]}
@@ -38,13 +41,16 @@ def measured(paths: list[Path]) -> dict[str, dict]:
             if c["condition"] != "cartridge" or c["method"] not in methods:
                 continue
             m = methods[c["method"]]
-            row = out.setdefault(c["method"], {"compiler": m["compiler"][0], "settings": m["settings"],
-                                               "hits": 0.0, "n": 0, "pe": 0.0, "sources": set()})
+            full = {**CompileConfig().to_dict(), **m["settings"]}  # results older than a setting lack it
+            same = json.dumps([m["compiler"][0], {k: v for k, v in full.items() if k != "ratio"}], sort_keys=True)
+            label = labels.setdefault(same, c["method"])
+            row = out.setdefault(label, {"compiler": m["compiler"][0], "settings": m["settings"],
+                                         "hits": 0.0, "n": 0, "pe": 0.0, "sources": set()})
             row["hits"] += c["contains"] * c["n"]
             row["n"] += c["n"]
             row["pe"] = max(row["pe"], costs.get((c["method"], c["ratio"]), float("inf")))
             row["sources"].add(str(path))
-    return out
+    return {label: row for label, row in out.items() if len(row["sources"]) == len(set(map(str, paths)))}
 
 
 def pick(rows: dict[str, dict], budget: float, compilers=None) -> tuple[str, dict] | None:
