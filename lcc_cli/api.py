@@ -652,7 +652,7 @@ def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSp
         """The one compile path, in memory, with each method's compiler built once."""
         from .compile.document import DocumentTask, compile_all, text_segments
 
-        cfg = method.config(ratio)
+        _, cfg = settle(loaded, method.spec, method.config(ratio))  # am sizes its segments per ratio
         if method.spec not in built:
             built[method.spec] = _build(method.spec, loaded)
         compiler = built[method.spec]

@@ -126,7 +126,7 @@ class Notes(Progress):
 def test_a_worker_killed_mid_unit_is_retried_and_nothing_is_lost(ray_session, long_doc, tmp_path, tiny_model_dir):
     notes = Notes()
     spec = CompilerSpec("dies-once", plugin="ray_plugin")
-    api.compile_file(long_doc, tmp_path / "ref.lcc", cfg(), run=run_opts(tiny_model_dir, threads=1))
+    api.compile_file(long_doc, tmp_path / "ref.lcc", cfg(), compiler="none", run=run_opts(tiny_model_dir, threads=1))
     api.compile_file(long_doc, tmp_path / "ray.lcc", cfg(), compiler=spec, progress=notes,
                      run=run_opts(tiny_model_dir, threads=1, backend="ray", workers=1))
     assert ray_session.exists()  # a worker really died

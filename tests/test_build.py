@@ -62,23 +62,23 @@ def test_long_document_becomes_one_multi_segment_cartridge(long_doc, tmp_path, t
 
 def test_interrupt_keeps_finished_segments_and_resume_finishes(long_doc, tmp_path, tiny_model_dir, monkeypatch):
     reference = tmp_path / "ref.lcc"
-    api.compile_file(long_doc, reference, cfg(), run=run_opts(tiny_model_dir))
+    api.compile_file(long_doc, reference, cfg(), compiler="none", run=run_opts(tiny_model_dir))
 
     out = tmp_path / "out.lcc"
     with pytest.raises(Interrupted, match="kept in"):
-        api.compile_file(long_doc, out, cfg(), run=run_opts(tiny_model_dir), progress=StopAt(2))
+        api.compile_file(long_doc, out, cfg(), compiler="none", run=run_opts(tiny_model_dir), progress=StopAt(2))
     partial = partial_path(out)
     assert not out.exists() and partial.exists()
     with pytest.raises(CartridgeError, match="unfinished"):
         load_cartridge(partial)
     assert len(load_cartridge(partial, allow_partial=True).manifest["buffer"]["segments"]) == 2
     with pytest.raises(OutputExistsError, match="unfinished compile"):
-        api.compile_file(long_doc, out, cfg(), run=run_opts(tiny_model_dir))
+        api.compile_file(long_doc, out, cfg(), compiler="none", run=run_opts(tiny_model_dir))
 
     compiled = []
     real = optimise.optimise_segment
     monkeypatch.setattr(optimise, "optimise_segment", lambda *a, **k: compiled.append(1) or real(*a, **k))
-    api.compile_file(long_doc, out, cfg(), run=run_opts(tiny_model_dir), resume=True)
+    api.compile_file(long_doc, out, cfg(), compiler="none", run=run_opts(tiny_model_dir), resume=True)
     assert len(compiled) == 1  # only the missing segment
     assert not partial.exists()
     assert same(load_cartridge(out), load_cartridge(reference))
