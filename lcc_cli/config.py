@@ -110,6 +110,10 @@ class CompileConfig(_FromDict):
     # Per-entry attention biases (runtime/bias.py): `am` fits them by NNLS so that each kept
     # key stands for the attention mass of those dropped; direct refinement learns them.
     bias: bool = False
+    # Questions the model asks itself about the document at compile time, answered with the
+    # document and with the cartridge; their agreement goes into the manifest (0: skip; each
+    # costs about one answer, plus one pass over the document for all of them).
+    self_check: int = 0
     lora_rank: int = 8  # paper: rank 8, alpha 16, attention projections
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -143,6 +147,8 @@ class CompileConfig(_FromDict):
         _check(isinstance(self.steps, int) and self.steps >= 0, "steps", "0 or more", self.steps)
         _check(_finite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
         _check(_finite(self.kv_lr) and self.kv_lr > 0, "kv_lr", "a positive number", self.kv_lr)
+        _check(isinstance(self.self_check, int) and 0 <= self.self_check <= 8, "self_check", "between 0 and 8",
+               self.self_check)
         _check(isinstance(self.lora_rank, int) and self.lora_rank >= 1, "lora_rank", "at least 1", self.lora_rank)
         _check(self.lora_alpha > 0, "lora_alpha", "positive", self.lora_alpha)
         _check(bool(self.lora_targets), "lora_targets", "a non-empty list", self.lora_targets)

@@ -130,3 +130,22 @@ def test_am_from_the_command_line_keeps_its_whole_document_preset(tmp_path, tiny
     assert r.exit_code == 0, r.stderr
     cart = load_cartridge(tmp_path / "a.lcc")
     assert cart.manifest["compile"]["segment_tokens"] > 1024 and len(cart.segments) == 1
+
+
+def test_self_check_agrees_fully_when_the_buffer_is_the_context(tmp_path, doc_file, tiny_model_dir):
+    """At ratio 1, am keeps the document's own KV: every self-asked question gets the same
+    answer from the cartridge as from the document, so agreement is exactly 1; inspect shows it."""
+    from typer.testing import CliRunner
+
+    from lcc_cli.cli import app
+
+    r = CliRunner().invoke(app, ["compile", str(doc_file), "-o", str(tmp_path / "a.lcc"), "--compiler", "am",
+                                 "--ratio", "1", "--self-check", "3", "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0, r.stderr
+    check = load_cartridge(tmp_path / "a.lcc").manifest["metrics"]["self_check"]
+    assert check["questions"] == 3 and check["agreement"] == 1.0
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "a.lcc")])
+    assert "self-check" in r.stdout and "agree 1.0" in r.stdout
+    r = CliRunner().invoke(app, ["compile", str(doc_file), "-o", str(tmp_path / "b.lcc"), "--self-check", "9",
+                                 "--model", str(tiny_model_dir)])
+    assert r.exit_code == 2 and "--self-check" in r.stderr

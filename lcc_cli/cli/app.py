@@ -144,6 +144,10 @@ def compile_cmd(
     lora_rank: Optional[int] = typer.Option(None, help="Rank of the throwaway LoRA (with --compiler none only; a "
                                                        "pretrained compiler brings its own)."),
     teacher: Optional[str] = typer.Option(None, help="KL teacher for generic queries: context | plain."),
+    self_check: Optional[int] = typer.Option(None, "--self-check", metavar="N",
+                                             help="Ask the model N (up to 8) questions about the document and "
+                                                  "record how well the cartridge's answers agree with the "
+                                                  "document's (shown by inspect)."),
     bias: Optional[bool] = typer.Option(None, "--bias/--no-bias",
                                         help="Per-entry attention biases: am fits them (NNLS), refinement learns "
                                              "them. PEFT export then needs --drop-bias."),
@@ -178,7 +182,7 @@ def compile_cmd(
 
     settings = dict(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank,
                     lora_alpha=2 * lora_rank if lora_rank else None, teacher=teacher, segment_tokens=segment_tokens,
-                    seed=seed, bias=bias)
+                    seed=seed, bias=bias, self_check=self_check)
     run = _run(model, device, threads, dtype, workers=workers, backend=backend, ray_address=ray_address)
     batch = len(sources) > 1 or any(s.is_dir() for s in sources) or (
         output is not None and (output.endswith("/") or Path(output).is_dir()))

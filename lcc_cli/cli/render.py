@@ -60,6 +60,10 @@ def inspect_rows(info: dict):
     yield "compiler", ", ".join(f"{k}={v}" for k, v in compiler.items())
     yield "compile", ", ".join(f"{k}={v}" for k, v in c.items() if k != "lora_targets")
     yield "compile time", f"{m['metrics'].get('seconds')} s"
+    check = m["metrics"].get("self_check")
+    if isinstance(check, dict):
+        yield "self-check", (f"answers agree {check.get('agreement')} (token F1 between document and cartridge "
+                             f"answers to {check.get('questions')} questions the model asked itself)")
     yield "file size", f"{info['bytes']:,} bytes"
 
 

@@ -144,12 +144,16 @@ def _finish(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict)
     cart = assemble(loaded, task.doc, [task.done[s.index] for s in task.segments], cfg, compiler_info)
     b = cart.buffer
     try:
-        check_values({f"{kind}.{i}": t for kind, ts in (("k", b.keys), ("v", b.values)) for i, t in enumerate(ts)},
-                     task.doc.name)
+        check_values({f"{kind}.{i}": t for kind, ts in (("k", b.keys), ("v", b.values), ("b", b.bias or []))
+                      for i, t in enumerate(ts)}, task.doc.name)
     except CartridgeError as exc:
         who = compiler_info.get("file") or compiler_info.get("name", "the compiler")
         raise CompilerFileError(f"compiler {who} produced an unusable buffer for {task.doc.name} "
                                 f"({exc.message.split(': ', 1)[-1]}); nothing was written") from None
+    if cfg.self_check:
+        from ..runtime.selfcheck import self_check
+
+        cart.manifest["metrics"]["self_check"] = self_check(loaded, task.doc.text, cart.buffer, cfg.self_check)
     if task.output is not None:
         _write_final(task, cart)
     task.cartridge = cart

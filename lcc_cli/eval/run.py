@@ -88,7 +88,7 @@ def _method_key(m: Method) -> list:
     return [m.label, m.spec.name, weights, settings]
 
 
-_LATER_FIELDS = ("kv_lr", "bias")  # only direct KV refinement and biases read them
+_LATER_FIELDS = ("kv_lr", "bias", "self_check")  # only direct KV refinement and biases read them
 
 
 def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:

@@ -1,0 +1,57 @@
+"""A cartridge's self-check: at compile time the model asks itself a few questions about the
+document, answers each with the document in the prompt and with the cartridge, and the
+manifest records how much the two answers agree (`lcc inspect` shows it).
+
+It needs no gold answers and no held-out data, so it can be computed for any document a user
+compiles: a cheap, honest signal that a cartridge lost what its document said. How well it
+predicts measured retention is in bench/results/selfcheck/ (bench/selfcheck.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..buffer import Buffer
+from ..config import AskConfig
+from .cache import prefill
+from .decode import decode
+from .reader import answer
+
+# Each asks for a different kind of fact, so that a few questions do not all land on the
+# document's first sentence.
+QUESTION_INSTRUCTIONS = (
+    "Write one short question about a person or group named in the document. Reply with the question only.",
+    "Write one short question about a number or date in the document. Reply with the question only.",
+    "Write one short question about a place in the document. Reply with the question only.",
+    "Write one short question about what happened, according to the document. Reply with the question only.",
+    "Write one short question about why something happened in the document. Reply with the question only.",
+    "Write one short question about how something works in the document. Reply with the question only.",
+    "Write one short question about the document's last paragraph. Reply with the question only.",
+    "Write one short question about the document's first paragraph. Reply with the question only.",
+)
+MAX_QUESTIONS = len(QUESTION_INSTRUCTIONS)
+
+
+def self_check(loaded, text: str, buffer: Buffer, questions: int, max_new_tokens: int = 24) -> dict:
+    """{"questions", "agreement" (mean token F1 between the two answers, 0..1), "examples"}."""
+    from ..eval.scoring import token_f1
+
+    p = loaded.prompter
+    context = p.context_ids(text)
+    prompts = [p.query_ids(q) for q in QUESTION_INSTRUCTIONS[:questions]]
+    with torch.inference_mode():
+        kv, _ = prefill(loaded.model, context)
+        asked = decode(loaded.model, kv, len(context), prompts, 40, p.stop_ids)
+    texts = []
+    for a in asked:
+        line = loaded.tokenizer.decode([t for t in a.tokens if t not in p.stop_ids],
+                                       skip_special_tokens=True).strip().splitlines()
+        texts.append((line[0] if line else "").strip()[:300] or "What is the document about?")
+    cfg = AskConfig(max_new_tokens=max_new_tokens)
+    with_doc = answer(loaded, texts, document=text, cfg=cfg, batch=True)
+    with_cart = answer(loaded, texts, buffer=buffer, cfg=cfg, batch=True)
+    scores = [token_f1(c.text, [d.text]) if d.text.strip() else float(not c.text.strip())
+              for d, c in zip(with_doc, with_cart)]
+    return {"questions": len(texts), "agreement": round(sum(scores) / len(scores), 4),
+            "examples": [{"q": q, "document": d.text[:200], "cartridge": c.text[:200]}
+                         for q, d, c in zip(texts[:3], with_doc, with_cart)]}
