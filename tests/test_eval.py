@@ -214,3 +214,20 @@ def test_settings_added_later_stay_out_of_the_cache_key_at_their_defaults():
     b = Method("m", CompilerSpec("am"), {"steps": 0, "kv_lr": 1e-2, "bias": False})
     c = Method("m", CompilerSpec("am"), {"steps": 0, "bias": True})
     assert _method_key(a) == _method_key(b) != _method_key(c)
+
+
+def test_a_method_is_paired_with_the_baseline_run_at_its_own_budget():
+    """Two methods keep different numbers of entries at one ratio, so truncate ran twice;
+    each method must be compared with the run at its own budget, not whichever came last."""
+    from lcc_cli.eval.paired import compare
+
+    def row(condition, method, budget, contains):
+        return {"doc": "d", "qid": "q", "condition": condition, "ratio": 8.0, "method": method, "budget": budget,
+                "contains": contains, "f1": contains}
+
+    rows = [row("full", None, None, 1.0), row("truncate", None, 10, 1.0), row("cartridge", "a", 10, 0.0),
+            row("truncate", None, 12, 0.0), row("cartridge", "b", 12, 0.0)]
+    results = {"documents": [{"rows": rows}]}
+    assert compare(results, "truncate", "a")["8x"]["contains"]["diff"] == -1.0
+    assert compare(results, "truncate", "b")["8x"]["contains"]["diff"] == 0.0
+    assert compare(results, "b", "truncate")["8x"]["contains"]["diff"] == 0.0

@@ -17,11 +17,19 @@ METRICS = ("contains", "f1")
 BASELINES = ("truncate", "retrieve")
 
 
-def _side(rows: list[dict], label: str, ratio: float) -> dict:
+def _side(rows: list[dict], label: str, ratio: float, budgets: dict | None = None) -> dict:
+    """(doc, qid) -> row. A baseline ran once per KV budget met at a ratio (methods can keep
+    a different number of entries); `budgets` (doc -> the other side's budget) picks the run
+    at the same budget. Rows written before budgets were recorded have none and all match."""
     if label in BASELINES:
-        return {(r["doc"], r["qid"]): r for r in rows if r["condition"] == label and r["ratio"] == ratio}
+        return {(r["doc"], r["qid"]): r for r in rows if r["condition"] == label and r["ratio"] == ratio
+                and (budgets is None or r.get("budget") is None or r["budget"] == budgets.get(r["doc"]))}
     return {(r["doc"], r["qid"]): r for r in rows
             if r["condition"] == "cartridge" and r["ratio"] == ratio and r["method"] == label}
+
+
+def _budgets(side: dict) -> dict:
+    return {doc: r.get("budget") for (doc, _), r in side.items()}
 
 
 def compare(results: dict, a_label: str, b_label: str, resamples: int = 5000) -> dict:
@@ -32,6 +40,10 @@ def compare(results: dict, a_label: str, b_label: str, resamples: int = 5000) ->
     out = {}
     for ratio in sorted({r["ratio"] for r in rows if r["condition"] == "cartridge"}):
         a, b = _side(rows, a_label, ratio), _side(rows, b_label, ratio)
+        if a_label in BASELINES and b_label not in BASELINES:
+            a = _side(rows, a_label, ratio, _budgets(b))
+        elif b_label in BASELINES and a_label not in BASELINES:
+            b = _side(rows, b_label, ratio, _budgets(a))
         keys = sorted(set(a) & set(b))
         if not keys:
             continue

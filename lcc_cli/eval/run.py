@@ -174,12 +174,14 @@ def _read_done(path: Path) -> dict | None:
     return result if isinstance(result, dict) and isinstance(result.get("rows"), list) else None
 
 
-def _row(doc: dict, q: dict, condition: str, ratio: float | None, method: str | None, a) -> dict:
-    """One scored answer. kv_positions: every cache position the answer's prompt attended to."""
+def _row(doc: dict, q: dict, condition: str, ratio: float | None, method: str | None, a,
+         budget: int | None = None) -> dict:
+    """One scored answer. kv_positions: every cache position the answer's prompt attended to;
+    budget: the KV entries a cartridge holds, and the tokens a baseline got to match one."""
     return {"doc": doc["id"], "qid": q.get("qid"), "question": q["q"], "answers": q["answers"],
             "condition": condition, "ratio": ratio, "method": method, "prediction": a.text,
             **score(a.text, q["answers"]), "ttft": a.seconds_to_first_token, "seconds": a.seconds_total,
-            "kv_positions": a.kv_positions + a.prompt_tokens}
+            "kv_positions": a.kv_positions + a.prompt_tokens, "budget": budget}
 
 
 def _slug(text: str) -> str:
@@ -209,8 +211,8 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
     rows, compiles, general = [], [], []
     ask = settings.ask
 
-    def add(condition, ratio, method, answers):
-        rows.extend(_row(row, q, condition, ratio, method, a) for q, a in zip(qs, answers))
+    def add(condition, ratio, method, answers, budget=None):
+        rows.extend(_row(row, q, condition, ratio, method, a, budget) for q, a in zip(qs, answers))
 
     add("full", None, None, answer(loaded, texts, document=text, cfg=ask, batch=True))
     add("none", None, None, answer(loaded, texts, document=None, cfg=ask, batch=True))
@@ -231,10 +233,10 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
             if (ratio, k) not in truncated_at:  # the same KV budget as this cartridge, from the start of the text
                 truncated_at.add((ratio, k))
                 truncated = loaded.tokenizer.decode(doc_tokens[:k], skip_special_tokens=True)
-                add("truncate", ratio, None, answer(loaded, texts, document=truncated, cfg=ask, batch=True))
+                add("truncate", ratio, None, answer(loaded, texts, document=truncated, cfg=ask, batch=True), k)
                 if settings.retrieve:
-                    add("retrieve", ratio, None, retrieved_answers(loaded, text, texts, k, ask))
-            add("cartridge", ratio, method.label, answer(loaded, texts, buffer=cart.buffer, cfg=ask, batch=True))
+                    add("retrieve", ratio, None, retrieved_answers(loaded, text, texts, k, ask), k)
+            add("cartridge", ratio, method.label, answer(loaded, texts, buffer=cart.buffer, cfg=ask, batch=True), k)
             if settings.route and len(cart.segments) > settings.route:
                 add("cartridge_routed", ratio, method.label, routed_answers(loaded, cart, texts, settings.route, ask))
             if settings.layout_check and i == 0:
