@@ -12,6 +12,7 @@ Per-document optimisation (optimise.py) and compiler pre-training (train.py) sha
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -146,3 +147,32 @@ class DocumentObjective:
         if batch:  # no KL term (kl_weight 0 leaves the teacher pool empty): no KL to report
             metrics["kl"] = kl.item()
         return loss, metrics
+
+    def optimise(self, params: list[torch.Tensor], lr: float, loss_fn, progress) -> tuple[dict, dict]:
+        """cfg.steps AdamW steps on `params` (warm-up, then cosine), `loss_fn()` giving each
+        step's (loss, metrics). Returns the first and the last step's metrics."""
+        steps = self.cfg.steps
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
+        first: dict = {}
+        metrics: dict = {}
+        progress.start("steps", steps)
+        for step in range(steps):
+            loss, metrics = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward(inputs=params)
+            opt.step()
+            sched.step()
+            if step == 0:
+                first = dict(metrics)
+            progress.advance("steps", **metrics)
+        return first, metrics
+
+
+def lr_factor(step: int, total: int) -> float:
+    """Short linear warm-up, then cosine decay to 10%: large early moves, a calm finish."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))

@@ -18,7 +18,6 @@ After the last step one more pass gives the buffer KV to keep, moved to position
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -87,45 +86,27 @@ def optimise_segment(loaded, text: str, cfg: CompileConfig, progress: Progress =
         peft_model = attach_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     else:
         peft_model = attach_lora(model, start.rank, start.alpha, start.targets, start.lora)
-    first: dict = {}
-    metrics: dict = {}
     try:
         if start is None:
             embeds = torch.nn.Parameter(evenly_spaced_embeddings(model, ctx_ids, slots).float())
         else:
             embeds = torch.nn.Parameter(chunk_embeddings(model, ctx_ids, slots) + start.slot_bias.to(model.device))
         params = [p for p in peft_model.parameters() if p.requires_grad] + [embeds]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
-        progress.start("steps", cfg.steps)
-        for step in range(cfg.steps):
+
+        def step_loss():
             buf_kv, at = reader_view(ctx_kv, encode_slots(model, ctx_kv, embeds, n), n, sink, rope)
             with peft_model.disable_adapter():
-                loss, metrics = objective.loss(model, buf_kv, at)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step == 0:
-                first = {f"first_{key}": v for key, v in metrics.items()}
-            progress.advance("steps", **metrics)
+                return objective.loss(model, buf_kv, at)
+
+        first, metrics = objective.optimise(params, cfg.lr, step_loss, progress)
         with torch.no_grad():
             view, at = reader_view(ctx_kv, encode_slots(model, ctx_kv, embeds, n), n, sink, rope)
             buffer = to_buffer(view, at, sink, rope)
     finally:
         peft_model.unload()  # removes every LoRA layer, restoring the original modules
-    summary = {**first, **{f"final_{key}": v for key, v in metrics.items()},
+    summary = {**{f"first_{key}": v for key, v in first.items()}, **{f"final_{key}": v for key, v in metrics.items()},
                "steps": cfg.steps, "seconds": round(time.perf_counter() - started, 3)}
     return SegmentResult(buffer, n, summary, sink)
-
-
-def lr_factor(step: int, total: int) -> float:
-    """Short linear warm-up, then cosine decay to 10%: large early moves, a calm finish."""
-    warm = max(1, total // 20)
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def check_lora_targets(model, targets, from_file: bool = False) -> None:

@@ -27,7 +27,6 @@ from ..runtime.bias import slot_biases
 from ..runtime.cache import prefill
 from .base import SegmentResult
 from .objective import DocumentObjective
-from .optimise import lr_factor
 
 
 def refine_buffer(loaded, text: str, start: SegmentResult, cfg: CompileConfig,
@@ -52,8 +51,6 @@ def refine_buffer(loaded, text: str, start: SegmentResult, cfg: CompileConfig,
         start_bias = buffer.bias or [torch.zeros(k.shape[:2], device=k.device) for k in buffer.keys]
         bias = [torch.nn.Parameter(b.float().clone()) for b in start_bias]
     params = keys + values + (bias or [])
-    opt = torch.optim.AdamW(params, lr=cfg.kv_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
     first_position = buffer.first_query_position
 
     def view():
@@ -61,24 +58,17 @@ def refine_buffer(loaded, text: str, start: SegmentResult, cfg: CompileConfig,
                  torch.cat([fv, v.to(loaded_dtype)], dim=1).unsqueeze(0))
                 for (fk, fv), k, v in zip(fixed, keys, values)]
 
-    first: dict = {}
-    metrics: dict = {}
-    progress.start("steps", cfg.steps)
-    for step in range(cfg.steps):
+    def step_loss():
         with slot_biases(model, bias):
-            loss, metrics = objective.loss(model, view(), first_position)
-        opt.zero_grad(set_to_none=True)
-        loss.backward(inputs=params)
-        opt.step()
-        sched.step()
-        if step == 0:
-            first = {f"first_{key}": v for key, v in metrics.items()}
-        progress.advance("steps", **metrics)
+            return objective.loss(model, view(), first_position)
+
+    first, metrics = objective.optimise(params, cfg.kv_lr, step_loss, progress)
     with torch.no_grad():
-        refined = Buffer([k[0].detach().clone() for k, _ in view()], [v[0].detach().clone() for _, v in view()],
+        final = view()
+        refined = Buffer([k[0].detach().clone() for k, _ in final], [v[0].detach().clone() for _, v in final],
                          buffer.positions.clone(),
                          [b.detach().clamp(-BIAS_LIMIT, BIAS_LIMIT).clone() for b in bias] if bias else None)
-    summary = {**start.metrics, **first, **{f"final_{key}": v for key, v in metrics.items()},
+    summary = {**start.metrics, **{f"first_{key}": v for key, v in first.items()}, **{f"final_{key}": v for key, v in metrics.items()},
                "steps": cfg.steps, "seconds": round(start.metrics.get("seconds", 0.0)
                                                     + time.perf_counter() - started, 3)}
     return SegmentResult(refined, start.token_count, summary, start.sink)
