@@ -231,3 +231,29 @@ def test_a_method_is_paired_with_the_baseline_run_at_its_own_budget():
     assert compare(results, "truncate", "a")["8x"]["contains"]["diff"] == -1.0
     assert compare(results, "truncate", "b")["8x"]["contains"]["diff"] == 0.0
     assert compare(results, "b", "truncate")["8x"]["contains"]["diff"] == 0.0
+
+
+def test_the_report_shows_a_baseline_at_each_methods_budget_not_their_average():
+    from lcc_cli.eval.report import summarize
+
+    def row(condition, method, budget, contains, q="q"):
+        return {"doc": "d", "qid": q, "question": q, "condition": condition, "ratio": 8.0 if budget else None,
+                "method": method, "budget": budget, "em": 0.0, "f1": contains, "contains": contains,
+                "ttft": 1.0, "seconds": 1.0, "kv_positions": 10}
+
+    rows = [row("full", None, None, 1.0), row("truncate", None, 10, 1.0), row("cartridge", "a", 10, 0.0),
+            row("truncate", None, 12, 0.0), row("cartridge", "b", 12, 0.0), row("cartridge", "c", 10, 0.0)]
+    compiles = [{"method": m, "ratio": 8.0, "slots": k, "seconds": 1.0, "prefill_seconds": 1.0,
+                 "prefill_equivalents": 1.0} for m, k in (("a", 10), ("b", 12), ("c", 10))]
+    conditions = summarize([{"id": "d", "rows": rows, "compiles": compiles}], 1)["conditions"]
+    truncate = {c["method"]: c for c in conditions if c["condition"] == "truncate"}
+    assert set(truncate) == {"@a/c", "@b"}
+    assert (truncate["@a/c"]["n"], truncate["@a/c"]["contains"]) == (1, 1.0)
+    assert (truncate["@b"]["n"], truncate["@b"]["contains"]) == (1, 0.0)
+
+    # one budget per document and ratio: a single unlabelled baseline row
+    same = [r for r in rows if r.get("budget") != 12 or r["condition"] == "cartridge"]
+    same[-1] = {**same[-1], "budget": 10}
+    compiles[1]["slots"] = 10
+    conditions = summarize([{"id": "d", "rows": same, "compiles": compiles}], 1)["conditions"]
+    assert [c["method"] for c in conditions if c["condition"] == "truncate"] == [None]

@@ -44,8 +44,32 @@ def _ratio_ci(pairs: list[tuple[float, float]], resamples: int = 1000) -> tuple[
     return stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]
 
 
+def _at_budgets(results: list[dict]) -> list[dict]:
+    """Every row, with each baseline row (truncate, retrieve) that recorded its budget labelled
+    with the methods it was run to match ("@a/b": the methods whose cartridges held that many
+    entries for that document and ratio). Methods can keep different numbers of entries at one
+    ratio, and averaging a baseline over both budgets would compare it with neither. When every
+    method met the same budgets, the rows keep no label."""
+    slots: dict[tuple, list[str]] = {}
+    for doc in results:
+        for c in doc.get("compiles", []):
+            slots.setdefault((doc["id"], c["ratio"], c["slots"]), []).append(c["method"])
+    labels = {m for (_, _, _), ms in slots.items() for m in ms}
+    out = []
+    for doc in results:
+        for r in doc["rows"]:
+            owners = slots.get((r["doc"], r["ratio"], r.get("budget")))
+            if r["condition"] not in ("truncate", "retrieve") or r.get("budget") is None or not owners:
+                out.append(r)
+            elif all(set(ms) == labels for ms in slots.values()):
+                out.append(r)  # one budget per document and ratio: no need to say whose
+            else:
+                out.append({**r, "method": "@" + "/".join(owners)})
+    return out
+
+
 def summarize(results: list[dict], kv_bytes_per_position: int) -> dict:
-    rows = [r for doc in results for r in doc["rows"]]
+    rows = _at_budgets(results)
     baseline = {(r["condition"], r["doc"], r["question"]): r for r in rows if r["condition"] in ("full", "full_article")}
     conditions = []
     keys = sorted({(r["condition"], r.get("method"), r["ratio"]) for r in rows},
@@ -106,7 +130,8 @@ def _targets(conditions, costs) -> list[dict]:
         within = [c for c in costs if c["ratio"] == ratio and c["prefill_equivalents"] is not None
                   and c["prefill_equivalents"] <= budget and c["contains_vs_full"] is not None]
         best = max(within, key=lambda c: c["contains_vs_full"], default=None)
-        trunc = next((c for c in conditions if c["condition"] == "truncate" and c["ratio"] == ratio), None)
+        trunc = next((c for c in conditions if c["condition"] == "truncate" and c["ratio"] == ratio
+                      and (c["method"] is None or best and best["method"] in c["method"][1:].split("/"))), None)
         out.append({"ratio": ratio, "budget_pe": budget, "goal": goal,
                     "method": best and best["method"], "pe": best and best["prefill_equivalents"],
                     "contains_vs_full": best and best["contains_vs_full"],
@@ -167,6 +192,8 @@ def render_markdown(summary: dict, meta: dict, plot: str | None) -> str:
               "`*_vs_full` divides by the full-context score on the same questions (`full_article` for the "
               "composed conditions). `truncate` gives the model the first K document tokens, K = the cartridge's "
               "slots (the same KV budget); `retrieve` the question's best BM25 sentences, K tokens at most. "
+              "A baseline's method `@M/N` is its run at the budget of methods M and N, where methods kept different "
+              "numbers of entries. "
               "`composed` answers each article's questions from all its paragraphs' "
               "cartridges side by side; `composed_overlap` with every cartridge at its own positions. "
               "`cartridge_v1_layout` reads the same cartridges with the buffer placed after its text (the v1 "
