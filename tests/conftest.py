@@ -26,8 +26,9 @@ def lcc_home(tmp_path, monkeypatch):
     return home
 
 
-def build_tiny_model(directory: Path, seed: int = 0, layers: int = 2) -> Path:
-    """Write a random 2-layer Llama (hidden 64) and a byte-level BPE tokenizer to `directory`."""
+def build_tiny_model(directory: Path, seed: int = 0, layers: int = 2, arch: str = "llama") -> Path:
+    """Write a random 2-layer Llama (hidden 64) and a byte-level BPE tokenizer to `directory`
+    (`arch="qwen3"`: the same shapes as a Qwen3, whose attention normalises queries and keys)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,7 +45,16 @@ def build_tiny_model(directory: Path, seed: int = 0, layers: int = 2) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                       rope_theta=10000.0, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
                       bos_token_id=None, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
+    if arch == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = Qwen3Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                          rope_theta=10000.0, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                          bos_token_id=None, tie_word_embeddings=True)
+        model = Qwen3ForCausalLM(cfg)
+    else:
+        model = LlamaForCausalLM(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     fast.save_pretrained(directory)

@@ -149,3 +149,46 @@ def test_self_check_agrees_fully_when_the_buffer_is_the_context(tmp_path, doc_fi
     r = CliRunner().invoke(app, ["compile", str(doc_file), "-o", str(tmp_path / "b.lcc"), "--self-check", "9",
                                  "--model", str(tiny_model_dir)])
     assert r.exit_code == 2 and "--self-check" in r.stderr
+
+
+def test_self_check_skips_a_document_past_the_window_instead_of_failing(tiny_loaded):
+    """A cartridge can hold a document longer than the model's window (one buffer per
+    segment); the self-check's reference reads the document whole, so it records why it
+    did not run rather than failing the compile after the work is done."""
+    from lcc_cli.runtime.selfcheck import self_check
+
+    text = (DOC + " ") * 80
+    assert len(tiny_loaded.prompter.context_ids(text)) > tiny_loaded.facts.max_positions
+    check = self_check(tiny_loaded, text, None, 3)
+    assert check["questions"] == 0 and check["agreement"] is None and "window" in check["skipped"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_reference_queries_are_the_ones_the_attention_uses(tmp_path, arch):
+    """Keys are ranked by the attention the reference queries give them: that attention must
+    be the model's own (eager attention weights, renormalised over the context), also for a
+    model that normalises its queries after q_proj (Qwen3's q_norm)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tiny_model
+    from lcc_cli.compile.am import MAX_QUERIES, AttentionMatchingCompiler
+    from lcc_cli.runtime.model import load_model
+    from lcc_cli.runtime.prompts import RECONSTRUCT_INSTRUCTION
+
+    directory = build_tiny_model(tmp_path / arch, arch=arch)
+    loaded = load_model(str(directory))
+    am = AttentionMatchingCompiler(loaded)
+    n, queries, kv = am.reference(DOC)
+
+    p = loaded.prompter
+    repeat = p.query_ids(RECONSTRUCT_INSTRUCTION) + p.document_ids(DOC)[:n]
+    eager = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    with torch.no_grad():
+        weights = eager(torch.tensor([p.context_ids(DOC) + repeat]), output_attentions=True).attentions
+    pick = torch.linspace(0, len(repeat) - 1, min(len(repeat), MAX_QUERIES)).round().long()
+    group = am.heads // am.kv_heads
+    for layer, (q, (key, _)) in enumerate(zip(queries, kv)):
+        expected = weights[layer][0][:, n + pick, :n]
+        expected = expected / expected.sum(-1, keepdim=True)
+        got = torch.softmax(q @ key.repeat_interleave(group, 0).transpose(1, 2) * am.scale, dim=-1)
+        assert torch.allclose(got, expected, atol=1e-5), (arch, layer, (got - expected).abs().max())

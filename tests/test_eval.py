@@ -257,3 +257,54 @@ def test_the_report_shows_a_baseline_at_each_methods_budget_not_their_average():
     compiles[1]["slots"] = 10
     conditions = summarize([{"id": "d", "rows": same, "compiles": compiles}], 1)["conditions"]
     assert [c["method"] for c in conditions if c["condition"] == "truncate"] == [None]
+
+
+def test_a_method_run_on_some_documents_gets_its_own_baseline_row():
+    from lcc_cli.eval.report import summarize
+
+    def row(doc, condition, method, budget, contains):
+        return {"doc": doc, "qid": "q", "question": "q", "condition": condition, "ratio": 8.0 if budget else None,
+                "method": method, "budget": budget, "em": 0.0, "f1": contains, "contains": contains,
+                "ttft": 1.0, "seconds": 1.0, "kv_positions": 10}
+
+    def compile_(m, k):
+        return {"method": m, "ratio": 8.0, "slots": k, "seconds": 1.0, "prefill_seconds": 1.0,
+                "prefill_equivalents": 1.0}
+
+    # "a" on both documents; "b" (every other document) only on d1, where it kept more entries
+    d1 = {"id": "d1", "compiles": [compile_("a", 10), compile_("b", 12)],
+          "rows": [row("d1", "full", None, None, 1.0), row("d1", "truncate", None, 10, 1.0),
+                   row("d1", "truncate", None, 12, 0.0), row("d1", "cartridge", "a", 10, 0.0),
+                   row("d1", "cartridge", "b", 12, 0.0)]}
+    d2 = {"id": "d2", "compiles": [compile_("a", 10)],
+          "rows": [row("d2", "full", None, None, 1.0), row("d2", "truncate", None, 10, 0.0),
+                   row("d2", "cartridge", "a", 10, 0.0)]}
+    truncate = {c["method"]: c for c in summarize([d1, d2], 1)["conditions"] if c["condition"] == "truncate"}
+    assert set(truncate) == {"@a", "@b"}
+    assert (truncate["@a"]["n"], truncate["@a"]["contains"]) == (2, 0.5)  # both of a's documents
+    assert (truncate["@b"]["n"], truncate["@b"]["contains"]) == (1, 0.0)  # b's one document, at b's budget
+
+
+def test_questions_without_qids_are_paired_one_by_one(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"id": "x", "context": "Some text.", "questions": [
+        {"q": "one?", "answers": ["a"]}, {"q": "two?", "answers": ["b"]}]}) + "\n")
+    qids = [q["qid"] for q in eval_data.load_dataset(path)[0]["questions"]]
+    assert len(set(qids)) == 2
+    path.write_text(json.dumps({"id": "x", "context": "Some text.", "questions": [
+        {"q": "one?", "answers": ["a"], "qid": "same"}, {"q": "two?", "answers": ["b"], "qid": "same"}]}) + "\n")
+    with pytest.raises(InputError, match="share a qid"):
+        eval_data.load_dataset(path)
+
+
+def test_two_baselines_are_compared_at_one_budget():
+    from lcc_cli.eval.paired import compare
+
+    def row(condition, method, budget, contains):
+        return {"doc": "d", "qid": "q", "condition": condition, "ratio": 8.0, "method": method, "budget": budget,
+                "contains": contains, "f1": contains}
+
+    rows = [row("full", None, None, 1.0), row("cartridge", "a", 10, 0.0), row("cartridge", "b", 12, 0.0),
+            row("truncate", None, 10, 0.0), row("retrieve", None, 10, 1.0),
+            row("truncate", None, 12, 1.0), row("retrieve", None, 12, 0.0)]
+    assert compare({"documents": [{"rows": rows}]}, "truncate", "retrieve")["8x"]["contains"]["diff"] == 1.0

@@ -61,7 +61,9 @@ def inspect_rows(info: dict):
     yield "compile", ", ".join(f"{k}={v}" for k, v in c.items() if k != "lora_targets")
     yield "compile time", f"{m['metrics'].get('seconds')} s"
     check = m["metrics"].get("self_check")
-    if isinstance(check, dict):
+    if isinstance(check, dict) and check.get("skipped"):
+        yield "self-check", f"skipped: {check['skipped']}"
+    elif isinstance(check, dict):
         yield "self-check", (f"answers agree {check.get('agreement')} (token F1 between document and cartridge "
                              f"answers to {check.get('questions')} questions the model asked itself)")
     yield "file size", f"{info['bytes']:,} bytes"

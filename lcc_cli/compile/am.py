@@ -5,8 +5,9 @@ simplest form, which the prototype measured best on the embedded model (issue 18
 no gradient, one forward pass.
 
 1. Reference queries: the model reads the segment's context turn, then is asked to repeat it
-   and is fed the segment again ("repeat-prefill"); the queries of that second copy, at every
-   layer and head, are what later questions about the text look like to the keys.
+   and is fed the segment again ("repeat-prefill"); the queries of that request and second
+   copy, at every layer and head, are what later questions about the text look like to the
+   keys (taken after the model's query norm where it has one, and rotated as it rotates them).
 2. Per layer and KV head, each context position is scored by the attention mass those queries
    give it (softmax over the context, averaged over the queries and the query heads that share
    the KV head), and the K - 1 best positions are kept, in document order, after the first
@@ -72,6 +73,9 @@ class AttentionMatchingCompiler:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = loaded.facts.head_dim
+        # the attention's own softmax scale (Llama: head_dim ** -0.5; some models set another)
+        first = self._attention_layers()[0].self_attn
+        self.scale = float(getattr(first, "scaling", self.head_dim ** -0.5))
 
     def describe(self) -> dict:
         return {"name": self.name, "queries": "repeat-prefill", "values": "copied"}
@@ -83,7 +87,7 @@ class AttentionMatchingCompiler:
         group = self.heads // self.kv_heads
         out = []
         for g in range(self.kv_heads):
-            logits = (q[g * group: (g + 1) * group] @ key[g].T / self.head_dim ** 0.5).flatten(0, 1)  # [Rg, n]
+            logits = (q[g * group: (g + 1) * group] @ key[g].T * self.scale).flatten(0, 1)  # [Rg, n]
             scaled = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
             target, kept = scaled.sum(-1), scaled[:, chosen[g]]  # [Rg], [Rg, k]
             w = _nnls(kept.double(), target.double())
@@ -98,50 +102,70 @@ class AttentionMatchingCompiler:
                              field="compiler")
         return layers
 
-    def compile(self, segment: TextSegment, cfg: CompileConfig, progress: Progress = NO_PROGRESS) -> SegmentResult:
-        started = time.perf_counter()
+    def reference(self, text: str) -> tuple[int, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(n, queries, kv) for a segment: its context turn's length, and per layer the reference
+        queries [heads, R, head_dim] as the attention sees them (after the model's query norm,
+        where it has one, e.g. Qwen3's q_norm, and after RoPE at their positions) with the
+        context's keys (float32) and values [kv_heads, n, head_dim]."""
         loaded, p = self.loaded, self.loaded.prompter
-        model, rope = loaded.model, loaded.rope
-        ctx = p.context_ids(segment.text)
+        ctx = p.context_ids(text)
         n = len(ctx)
-        k, _ = entries(n, cfg.ratio, sink=True)
-        repeat = p.query_ids(RECONSTRUCT_INSTRUCTION) + p.document_ids(segment.text)[: n]
+        repeat = p.query_ids(RECONSTRUCT_INSTRUCTION) + p.document_ids(text)[: n]
         captured: list[torch.Tensor] = []
-        hooks = [layer.self_attn.q_proj.register_forward_hook(lambda mod, args, out: captured.append(out[0, n:]))
-                 for layer in self._attention_layers()]
+
+        def keep(module, args, out):
+            captured.append(out[0, n:].flatten(1))  # [positions, heads * head_dim]
+
+        layers = self._attention_layers()
+        hooks = [(getattr(layer.self_attn, "q_norm", None) or layer.self_attn.q_proj).register_forward_hook(keep)
+                 for layer in layers]
         try:
             with torch.inference_mode():
                 cache = make_cache(None)
-                forward(model, cache, 0, input_ids=torch.tensor([ctx + repeat], device=loaded.device),
+                forward(loaded.model, cache, 0, input_ids=torch.tensor([ctx + repeat], device=loaded.device),
                         logits_to_keep=1)
                 kv = [(key[0, :, :n].float(), value[0, :, :n]) for key, value in cache_layers(cache)]
+                del cache
                 # At most MAX_QUERIES reference queries, evenly spaced over the repeat: scoring is
                 # queries x positions per head and layer, and a 3k-token document repeated gives
                 # 3k queries (minutes of softmax) where a few hundred rank the keys the same way.
                 pick = torch.linspace(0, len(repeat) - 1, min(len(repeat), MAX_QUERIES)).round().long()
                 positions = (n + pick).to(loaded.device)
-                keys, values, biases = [], [], []
-                for q_flat, (key, value) in zip(captured, kv):
+                queries = []
+                for q_flat in captured:
                     q = q_flat[pick.to(q_flat.device)].float().reshape(len(pick), self.heads, self.head_dim)
-                    q = rope.shift(q.transpose(0, 1), positions)  # the rotation the model applies to them
-                    chosen = self._choose(q, key, k)
-                    if cfg.bias:
-                        biases.append(self._biases(q, key, chosen))
-                    gathered_k = key.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))
-                    gathered_v = value.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))
-                    # each kept key moves from its text position to its entry index
-                    deltas = torch.arange(k, device=key.device)[None, :] - chosen
-                    moved = torch.stack([rope.shift(gathered_k[h], deltas[h]) for h in range(self.kv_heads)])
-                    keys.append(moved.to(value.dtype))
-                    values.append(gathered_v.clone())
+                    queries.append(loaded.rope.shift(q.transpose(0, 1), positions))  # as the model rotates them
         finally:
             for hook in hooks:
                 hook.remove()
+        return n, queries, kv
+
+    def compile(self, segment: TextSegment, cfg: CompileConfig, progress: Progress = NO_PROGRESS) -> SegmentResult:
+        # the start is built (and the reference pass's memory freed) before any refinement
+        return refine_buffer(self.loaded, segment.text, self._compact(segment, cfg), cfg, progress)
+
+    def _compact(self, segment: TextSegment, cfg: CompileConfig) -> SegmentResult:
+        started = time.perf_counter()
+        n, queries, kv = self.reference(segment.text)
+        k, _ = entries(n, cfg.ratio, sink=True)
+        rope = self.loaded.rope
+        keys, values, biases = [], [], []
+        with torch.inference_mode():
+            for q, (key, value) in zip(queries, kv):
+                chosen = self._choose(q, key, k)
+                if cfg.bias:
+                    biases.append(self._biases(q, key, chosen))
+                gathered_k = key.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))
+                gathered_v = value.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))
+                # each kept key moves from its text position to its entry index
+                deltas = torch.arange(k, device=key.device)[None, :] - chosen
+                moved = torch.stack([rope.shift(gathered_k[h], deltas[h]) for h in range(self.kv_heads)])
+                keys.append(moved.to(value.dtype))
+                values.append(gathered_v.clone())
         buffer = Buffer(keys, values, torch.arange(k), biases or None)
         seconds = time.perf_counter() - started
-        start = SegmentResult(buffer, n, {"seconds": round(seconds, 3),
-                                          "reference_queries": min(len(repeat), MAX_QUERIES)}, sink=True)
-        return refine_buffer(loaded, segment.text, start, cfg, progress)
+        return SegmentResult(buffer, n, {"seconds": round(seconds, 3), "reference_queries": queries[0].shape[1]},
+                             sink=True)
 
     def _choose(self, q: torch.Tensor, key: torch.Tensor, k: int) -> torch.Tensor:
         """[kv_heads, k] context positions to keep: 0 (the sink), then the k - 1 positions
@@ -151,7 +175,7 @@ class AttentionMatchingCompiler:
         chosen = []
         for g in range(self.kv_heads):
             qs = q[g * group: (g + 1) * group]  # [group, R, D]
-            weights = torch.softmax(qs @ key[g].T / self.head_dim ** 0.5, dim=-1)  # [group, R, n]
+            weights = torch.softmax(qs @ key[g].T * self.scale, dim=-1)  # [group, R, n]
             mass = weights.mean(dim=(0, 1))
             mass[0] = float("inf")  # the sink always stays
             top = torch.topk(mass, min(k, n)).indices.sort().values

@@ -22,6 +22,11 @@ def load_dataset(path: Path) -> list[dict]:
         if problem:
             raise InputError(f"{path.name} line {number}: not a dataset row ({problem})")
         row["id"] = str(row.get("id") or f"doc{number}")
+        # Paired comparisons match answers by (document, qid): every question needs its own.
+        for i, q in enumerate(row["questions"]):
+            q["qid"] = str(q.get("qid") or f"{row['id']}#q{i}")
+        if len({q["qid"] for q in row["questions"]}) < len(row["questions"]):
+            raise InputError(f"{path.name} line {number}: not a dataset row (two questions share a qid)")
         rows.append(row)
     if not rows:
         raise InputError(f"{path.name} holds no documents")
@@ -51,6 +56,8 @@ def _problem(row) -> str | None:
     for q in questions:
         if not isinstance(q, dict) or not isinstance(q.get("q"), str) or not q["q"].strip():
             return "each question needs a text field q"
+        if "qid" in q and not isinstance(q["qid"], (str, int)):
+            return "qid must be text or a number"
         if len(q["q"]) > MAX_QUESTION_CHARS:
             return f"a question is {len(q['q']):,} characters; at most {MAX_QUESTION_CHARS:,}"
         answers = q.get("answers")

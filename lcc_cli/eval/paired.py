@@ -28,6 +28,17 @@ def _side(rows: list[dict], label: str, ratio: float, budgets: dict | None = Non
             if r["condition"] == "cartridge" and r["ratio"] == ratio and r["method"] == label}
 
 
+def _baselines_at_one_budget(rows: list[dict], a_label: str, b_label: str, ratio: float) -> tuple[dict, dict]:
+    """Two baselines, each run once per budget: compared at the smallest budget each document
+    has (the same for both, since both ran at every cartridge's budget)."""
+    smallest: dict = {}
+    for r in rows:
+        if r["condition"] == a_label and r["ratio"] == ratio and r.get("budget") is not None:
+            smallest[r["doc"]] = min(smallest.get(r["doc"], r["budget"]), r["budget"])
+    budgets = smallest or None
+    return _side(rows, a_label, ratio, budgets), _side(rows, b_label, ratio, budgets)
+
+
 def _budgets(side: dict) -> dict:
     return {doc: r.get("budget") for (doc, _), r in side.items()}
 
@@ -44,6 +55,8 @@ def compare(results: dict, a_label: str, b_label: str, resamples: int = 5000) ->
             a = _side(rows, a_label, ratio, _budgets(b))
         elif b_label in BASELINES and a_label not in BASELINES:
             b = _side(rows, b_label, ratio, _budgets(a))
+        elif a_label in BASELINES and b_label in BASELINES:
+            a, b = _baselines_at_one_budget(rows, a_label, b_label, ratio)
         keys = sorted(set(a) & set(b))
         if not keys:
             continue

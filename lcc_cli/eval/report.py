@@ -45,27 +45,44 @@ def _ratio_ci(pairs: list[tuple[float, float]], resamples: int = 1000) -> tuple[
 
 
 def _at_budgets(results: list[dict]) -> list[dict]:
-    """Every row, with each baseline row (truncate, retrieve) that recorded its budget labelled
-    with the methods it was run to match ("@a/b": the methods whose cartridges held that many
-    entries for that document and ratio). Methods can keep different numbers of entries at one
-    ratio, and averaging a baseline over both budgets would compare it with neither. When every
-    method met the same budgets, the rows keep no label."""
-    slots: dict[tuple, list[str]] = {}
+    """Every row, with the baseline rows (truncate, retrieve) of a ratio where methods kept
+    different numbers of entries labelled by the methods they were run to match: "@a/b" holds,
+    for every document a and b ran on, the run at their budget (a and b met the same budgets
+    on the same documents). Averaging a baseline over several budgets would compare it with
+    none of them. Where every document had one budget at a ratio, its rows keep no label."""
+    budgets: dict[float, dict[str, dict]] = {}  # ratio -> method -> doc -> slots
     for doc in results:
         for c in doc.get("compiles", []):
-            slots.setdefault((doc["id"], c["ratio"], c["slots"]), []).append(c["method"])
-    labels = {m for (_, _, _), ms in slots.items() for m in ms}
+            budgets.setdefault(c["ratio"], {}).setdefault(c["method"], {})[doc["id"]] = c["slots"]
+    groups: dict[float, list[tuple[str, dict]]] = {}  # ratio -> [(label, doc -> slots)], where labels are needed
+    for ratio, by_method in budgets.items():
+        per_doc: dict[str, set] = {}
+        for mapping in by_method.values():
+            for d, k in mapping.items():
+                per_doc.setdefault(d, set()).add(k)
+        if all(len(ks) == 1 for ks in per_doc.values()):
+            continue
+        alike: dict[tuple, list[str]] = {}
+        for method, mapping in sorted(by_method.items()):
+            alike.setdefault(tuple(sorted(mapping.items())), []).append(method)
+        groups[ratio] = [("@" + "/".join(ms), dict(key)) for key, ms in alike.items()]
     out = []
     for doc in results:
         for r in doc["rows"]:
-            owners = slots.get((r["doc"], r["ratio"], r.get("budget")))
-            if r["condition"] not in ("truncate", "retrieve") or r.get("budget") is None or not owners:
-                out.append(r)
-            elif all(set(ms) == labels for ms in slots.values()):
-                out.append(r)  # one budget per document and ratio: no need to say whose
+            if r["condition"] in ("truncate", "retrieve") and r.get("budget") is not None and r["ratio"] in groups:
+                out += [{**r, "method": label} for label, mapping in groups[r["ratio"]]
+                        if mapping.get(r["doc"]) == r["budget"]]
             else:
-                out.append({**r, "method": "@" + "/".join(owners)})
+                out.append(r)
     return out
+
+
+def _baseline_for(conditions: list[dict], condition: str, ratio: float, method: str | None) -> dict | None:
+    """The baseline row that matches `method`'s budget at `ratio` (the unlabelled one when
+    every method met the same budgets; the first labelled one when no method is given)."""
+    here = [c for c in conditions if c["condition"] == condition and c["ratio"] == ratio]
+    return next((c for c in here if c["method"] is None or method is None
+                 or method in c["method"][1:].split("/")), None)
 
 
 def summarize(results: list[dict], kv_bytes_per_position: int) -> dict:
@@ -130,8 +147,7 @@ def _targets(conditions, costs) -> list[dict]:
         within = [c for c in costs if c["ratio"] == ratio and c["prefill_equivalents"] is not None
                   and c["prefill_equivalents"] <= budget and c["contains_vs_full"] is not None]
         best = max(within, key=lambda c: c["contains_vs_full"], default=None)
-        trunc = next((c for c in conditions if c["condition"] == "truncate" and c["ratio"] == ratio
-                      and (c["method"] is None or best and best["method"] in c["method"][1:].split("/"))), None)
+        trunc = _baseline_for(conditions, "truncate", ratio, best and best["method"])
         out.append({"ratio": ratio, "budget_pe": budget, "goal": goal,
                     "method": best and best["method"], "pe": best and best["prefill_equivalents"],
                     "contains_vs_full": best and best["contains_vs_full"],
@@ -192,8 +208,8 @@ def render_markdown(summary: dict, meta: dict, plot: str | None) -> str:
               "`*_vs_full` divides by the full-context score on the same questions (`full_article` for the "
               "composed conditions). `truncate` gives the model the first K document tokens, K = the cartridge's "
               "slots (the same KV budget); `retrieve` the question's best BM25 sentences, K tokens at most. "
-              "A baseline's method `@M/N` is its run at the budget of methods M and N, where methods kept different "
-              "numbers of entries. "
+              "Where methods kept different numbers of entries at a ratio, a baseline's method `@M/N` is its run "
+              "at the budget of methods M and N, on the documents they ran on. "
               "`composed` answers each article's questions from all its paragraphs' "
               "cartridges side by side; `composed_overlap` with every cartridge at its own positions. "
               "`cartridge_v1_layout` reads the same cartridges with the buffer placed after its text (the v1 "
@@ -290,8 +306,9 @@ def _plot(summary: dict, path: Path) -> str | None:
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
         for condition, style, colour in (("truncate", "--", "tab:orange"), ("retrieve", "-.", "tab:purple"),
                                          ("none", ":", "tab:red")):
-            ref = next((x for x in summary["conditions"] if x["condition"] == condition
-                        and x["ratio"] in (ratio, None)), None)
+            # with several budgets at this ratio, the line is the first method's baseline
+            ref = (_baseline_for(summary["conditions"], condition, ratio, None) if condition != "none" else
+                   next((x for x in summary["conditions"] if x["condition"] == "none"), None))
             if ref and ref["contains_vs_full"] is not None:
                 ax.axhline(ref["contains_vs_full"], linestyle=style, color=colour, label=condition)
         ax.axhline(1.0, color="tab:green", label="full context")

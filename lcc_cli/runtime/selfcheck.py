@@ -30,14 +30,25 @@ QUESTION_INSTRUCTIONS = (
     "Write one short question about the document's first paragraph. Reply with the question only.",
 )
 MAX_QUESTIONS = len(QUESTION_INSTRUCTIONS)
+# Positions a self-check needs after the document: an instruction or a question (cut to 300
+# characters) and the longest reply (40 tokens).
+WINDOW_MARGIN = 256
 
 
 def self_check(loaded, text: str, buffer: Buffer, questions: int, max_new_tokens: int = 24) -> dict:
-    """{"questions", "agreement" (mean token F1 between the two answers, 0..1), "examples"}."""
+    """{"questions", "agreement" (mean token F1 between the two answers, 0..1), "examples"}, or
+    {"questions": 0, "agreement": None, "skipped": why} for a document past the model's window."""
     from ..eval.scoring import token_f1
 
     p = loaded.prompter
     context = p.context_ids(text)
+    limit = loaded.facts.max_positions
+    if limit and len(context) + WINDOW_MARGIN > limit:
+        # the reference answers read the whole document in the prompt: past the window there
+        # is nothing to compare with (and the compile must not fail for a check it asked for)
+        return {"questions": 0, "agreement": None,
+                "skipped": f"the document ({len(context):,} tokens) does not fit the model's "
+                           f"{limit:,}-position window beside a question"}
     prompts = [p.query_ids(q) for q in QUESTION_INSTRUCTIONS[:questions]]
     with torch.inference_mode():
         kv, _ = prefill(loaded.model, context)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
     app = FastAPI(title="lcc serve", docs_url=None, redoc_url=None, openapi_url=None)
     plain = loaded.model_id
     buffers: dict[tuple, object] = {}  # composed, converted buffers by (names, file signatures)
+    buffers_lock = threading.Lock()
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -159,9 +161,11 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
         return bytes(body)
 
     def resolve(name: str):
-        """(key, buffer or None) for a request's model name; 404 for anything not served."""
+        """(key, buffer or None) for a request's model name; 404 for anything not served. The
+        key names the files' contents, so a cartridge replaced while requests wait never
+        shares a batch with its old version. Runs in worker threads: the cache is locked."""
         if name == plain:
-            return "", None
+            return (), None
         parts = name.split("+")
         catalog.refresh()
         entries = [catalog.get(part) for part in parts]
@@ -171,12 +175,15 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
             if not entry.available:
                 raise ApiError(404, f"cartridge {part!r} is unavailable: {entry.reason}", code="model_unavailable")
         key = tuple((e.name, e.signature) for e in entries)
-        if key not in buffers:
-            from ..compose import combine
+        with buffers_lock:
+            buffer = buffers.get(key)
+            if buffer is None:
+                from ..compose import combine
 
-            buffers.clear()  # one composition kept: requests for one set come in runs
-            buffers[key] = combine([e.cartridge for e in entries]).to(loaded.device, loaded.dtype)
-        return name, buffers[key]
+                buffer = combine([e.cartridge for e in entries]).to(loaded.device, loaded.dtype)
+                buffers.clear()  # one composition kept: requests for one set come in runs
+                buffers[key] = buffer
+        return key, buffer
 
     def prompt_of(req: ChatRequest) -> list[int]:
         if len(req.messages) > limits.max_messages:
