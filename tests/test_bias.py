@@ -146,4 +146,30 @@ def test_refinement_learns_biases(tiny):
                          response_tokens=8)
     out = compiler.compile(TextSegment(0, DOC), cfg)
     assert out.buffer.bias is not None and any(b.abs().max() > 0 for b in out.buffer.bias)
+    assert all(float(b[:, 0].abs().max()) == 0.0 for b in out.buffer.bias)  # the sink's stays as it was
     assert out.metrics["final_recon"] < out.metrics["first_recon"]  # the one item every step reads
+
+
+def test_nested_bias_contexts_restore_the_outer_biases(tiny_loaded):
+    from lcc_cli.runtime.bias import _ATTR, _attention_modules, slot_biases
+
+    buf = _buffer(tiny_loaded)
+    outer = [torch.ones(buf.keys[0].shape[:2]) for _ in buf.keys]
+    inner = [torch.zeros(buf.keys[0].shape[:2]) for _ in buf.keys]
+    modules = _attention_modules(tiny_loaded.model)
+    with slot_biases(tiny_loaded.model, outer):
+        with slot_biases(tiny_loaded.model, inner):
+            assert getattr(modules[0], _ATTR) is inner[0]
+        assert getattr(modules[0], _ATTR) is outer[0]
+    assert not any(hasattr(m, _ATTR) for m in modules)
+
+
+def test_a_model_that_cannot_read_biases_is_refused_before_any_work(tmp_path, doc_file, tiny_model_dir, monkeypatch):
+    """am --bias on a model whose attention is not lcc's SDPA: refused before compiling, not
+    written as a cartridge the model cannot read."""
+    from lcc_cli.runtime import model as model_mod
+
+    monkeypatch.setattr(model_mod, "install_bias_attention", lambda net: net.set_attn_implementation("eager"))
+    r = CliRunner().invoke(app, ["compile", str(doc_file), "-o", str(tmp_path / "a.lcc"), "--compiler", "am",
+                                 "--bias", "--model", str(tiny_model_dir)])
+    assert r.exit_code == 6 and "SDPA" in r.stderr and not (tmp_path / "a.lcc").exists(), r.stderr

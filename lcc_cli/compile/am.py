@@ -38,6 +38,7 @@ from ..errors import UsageError
 from ..format.cartridge import BIAS_LIMIT
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
+from ..runtime.bias import check_supported
 from ..runtime.cache import cache_layers, forward, make_cache
 from ..runtime.prompts import RECONSTRUCT_INSTRUCTION
 from .base import CompilerSpec, SegmentResult, register
@@ -145,6 +146,8 @@ class AttentionMatchingCompiler:
         return refine_buffer(self.loaded, segment.text, self._compact(segment, cfg), cfg, progress)
 
     def _compact(self, segment: TextSegment, cfg: CompileConfig) -> SegmentResult:
+        if cfg.bias:
+            check_supported(self.loaded.model)  # a biased buffer this model could not read
         started = time.perf_counter()
         n, queries, kv = self.reference(segment.text)
         k, _ = entries(n, cfg.ratio, sink=True)

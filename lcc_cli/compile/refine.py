@@ -8,9 +8,9 @@ compared step for step and prefill for prefill.
 
 A step is one reader forward and backward over the step's items with the buffer in the cache:
 no compiler pass, so it costs less than a LoRA step on the same segment. The attention sink
-(entry 0, when the start has one) stays frozen: its KV does not depend on the text, and
-moving it would make every other entry compete for the mass it absorbs. With `bias` (or a
-start that has biases) each entry's attention bias is learned too.
+(entry 0, when the start has one) stays frozen, its bias too: its KV does not depend on the
+text, and moving it would make every other entry compete for the mass it absorbs. With
+`bias` (or a start that has biases) every other entry's attention bias is learned too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..buffer import Buffer
 from ..config import CompileConfig
 from ..progress import NO_PROGRESS, Progress
 from ..format.cartridge import BIAS_LIMIT
-from ..runtime.bias import slot_biases
+from ..runtime.bias import check_supported, slot_biases
 from ..runtime.cache import prefill
 from .base import SegmentResult
 from .objective import DocumentObjective
@@ -36,8 +36,9 @@ def refine_buffer(loaded, text: str, start: SegmentResult, cfg: CompileConfig,
     if not cfg.steps:
         return start
     model, loaded_dtype = loaded.model, loaded.dtype
+    if cfg.bias or start.buffer.bias is not None:
+        check_supported(model)  # before the teacher's answers are paid for
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     with torch.no_grad():
         ctx_kv, _ = prefill(model, loaded.prompter.context_ids(text))
         objective = DocumentObjective.prepare(loaded, text, ctx_kv, cfg)
@@ -46,12 +47,16 @@ def refine_buffer(loaded, text: str, start: SegmentResult, cfg: CompileConfig,
     fixed = [(k[:, :frozen], v[:, :frozen]) for k, v in zip(buffer.keys, buffer.values)]
     keys = [torch.nn.Parameter(k[:, frozen:].float().clone()) for k in buffer.keys]
     values = [torch.nn.Parameter(v[:, frozen:].float().clone()) for v in buffer.values]
-    bias = None
+    bias, fixed_bias = None, None
     if cfg.bias or buffer.bias is not None:
         start_bias = buffer.bias or [torch.zeros(k.shape[:2], device=k.device) for k in buffer.keys]
-        bias = [torch.nn.Parameter(b.float().clone()) for b in start_bias]
+        fixed_bias = [b[:, :frozen].float() for b in start_bias]  # the sink's bias stays, like its KV
+        bias = [torch.nn.Parameter(b[:, frozen:].float().clone()) for b in start_bias]
     params = keys + values + (bias or [])
     first_position = buffer.first_query_position
+
+    def full_bias():
+        return [torch.cat([f, b], dim=1) for f, b in zip(fixed_bias, bias)] if bias else None
 
     def view():
         return [(torch.cat([fk, k.to(loaded_dtype)], dim=1).unsqueeze(0),
@@ -59,7 +64,7 @@ def refine_buffer(loaded, text: str, start: SegmentResult, cfg: CompileConfig,
                 for (fk, fv), k, v in zip(fixed, keys, values)]
 
     def step_loss():
-        with slot_biases(model, bias):
+        with slot_biases(model, full_bias()):
             return objective.loss(model, view(), first_position)
 
     first, metrics = objective.optimise(params, cfg.kv_lr, step_loss, progress)
@@ -67,7 +72,7 @@ def refine_buffer(loaded, text: str, start: SegmentResult, cfg: CompileConfig,
         final = view()
         refined = Buffer([k[0].detach().clone() for k, _ in final], [v[0].detach().clone() for _, v in final],
                          buffer.positions.clone(),
-                         [b.detach().clamp(-BIAS_LIMIT, BIAS_LIMIT).clone() for b in bias] if bias else None)
+                         [b.detach().clamp(-BIAS_LIMIT, BIAS_LIMIT).clone() for b in full_bias()] if bias else None)
     summary = {**start.metrics, **{f"first_{key}": v for key, v in first.items()}, **{f"final_{key}": v for key, v in metrics.items()},
                "steps": cfg.steps, "seconds": round(start.metrics.get("seconds", 0.0)
                                                     + time.perf_counter() - started, 3)}

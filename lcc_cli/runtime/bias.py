@@ -58,23 +58,36 @@ def _attention_modules(model) -> list:
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
 
 
+def check_supported(model) -> None:
+    """ModelMismatchError unless this model reads attention biases (its attention is `lcc_sdpa`):
+    called before work that would produce or need biases, not after it."""
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        raise ModelMismatchError("attention biases are added through SDPA attention; this model uses "
+                                 f"{getattr(model.config, '_attn_implementation', None)!r}")
+
+
 @contextmanager
 def slot_biases(model, bias: list[torch.Tensor] | None):
-    """Read with `bias` (per layer [kv_heads, T]) on the first T cache entries; None: plain."""
+    """Read with `bias` (per layer [kv_heads, T]) on the first T cache entries; None: plain.
+    The biases live on the model's attention modules for the duration, so one model reads one
+    biased buffer at a time (the server decodes on a single engine thread); a nested call
+    restores the outer call's biases when it ends."""
     if bias is None:
         yield
         return
-    if getattr(model.config, "_attn_implementation", None) != NAME:
-        raise ModelMismatchError("this cartridge carries attention biases, which lcc adds through SDPA attention; "
-                                 f"the model uses {model.config._attn_implementation!r}")
+    check_supported(model)
     modules = _attention_modules(model)
     if len(modules) != len(bias):
         raise ModelMismatchError(f"the buffer has biases for {len(bias)} layers, the model has {len(modules)}")
+    outer = [getattr(module, _ATTR, None) for module in modules]
     for module in modules:
         setattr(module, _ATTR, bias[module.layer_idx])
     try:
         yield
     finally:
-        for module in modules:
-            if hasattr(module, _ATTR):
-                delattr(module, _ATTR)
+        for module, previous in zip(modules, outer):
+            if previous is None:
+                if hasattr(module, _ATTR):
+                    delattr(module, _ATTR)
+            else:
+                setattr(module, _ATTR, previous)
