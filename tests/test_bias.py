@@ -84,6 +84,8 @@ def test_am_fits_biases_that_the_file_keeps_and_the_reader_uses(biased, tiny_mod
     assert len(bias) == len(cart.buffer.keys) and bias[0].shape == cart.buffer.keys[0].shape[:2]
     assert all(torch.isfinite(b).all() and b.abs().max() <= 30 for b in bias)
     assert any(b.abs().max() > 1e-3 for b in bias)  # the fit moved them
+    fit = cart.manifest["metrics"]["segments"][0]
+    assert fit["bias_max"] == pytest.approx(max(float(b.max()) for b in bias), abs=1e-3)
     # the same buffer without its biases answers differently: the reader does read them
     save_cartridge(Cartridge({**cart.manifest, "buffer": {**cart.manifest["buffer"]}}, cart.buffer.without_bias()),
                    tmp_path / "plain.lcc")

@@ -28,6 +28,7 @@ fits the model's window (the reference pass reads it twice), in segments beyond 
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -167,8 +168,12 @@ class AttentionMatchingCompiler:
                 values.append(gathered_v.clone())
         buffer = Buffer(keys, values, torch.arange(k), biases or None)
         seconds = time.perf_counter() - started
-        return SegmentResult(buffer, n, {"seconds": round(seconds, 3), "reference_queries": queries[0].shape[1]},
-                             sink=True)
+        metrics = {"seconds": round(seconds, 3), "reference_queries": queries[0].shape[1]}
+        if biases:  # how far the fit pushed: a bias at the limit stands for e^30 copies of its entry
+            flat = torch.cat([b.flatten() for b in biases])
+            metrics.update(bias_max=round(float(flat.max()), 3), bias_mean=round(float(flat.mean()), 3),
+                           bias_at_floor=round(float((flat <= math.log(MIN_WEIGHT) + 1e-6).float().mean()), 4))
+        return SegmentResult(buffer, n, metrics, sink=True)
 
     def _choose(self, q: torch.Tensor, key: torch.Tensor, k: int) -> torch.Tensor:
         """[kv_heads, k] context positions to keep: 0 (the sink), then the k - 1 positions
