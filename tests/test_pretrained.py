@@ -293,3 +293,43 @@ def test_the_batched_step_computes_the_per_document_losses(data, tiny_model_dir,
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
     finally:
         peft_model.unload()
+
+
+def test_heldout_questions_are_spread_over_the_segments():
+    """A long document's held-out questions must ask about every segment's buffer, not only
+    the first segment's (whose questions the data lists first)."""
+    from lcc_cli.compile.train import Question, spread
+
+    qs = [Question([i], None, segment) for i, segment in enumerate([0, 0, 0, 0, 1, 1, 2])]
+    assert [q.segment for q in spread(qs, 5)] == [0, 1, 2, 0, 1]
+    assert [q.prompt for q in spread(qs, 3)] == [[0], [4], [6]]
+    assert len(spread(qs, 20)) == 7 and len(spread(qs[:4], 2)) == 2
+
+
+def test_history_losses_average_each_term_over_the_documents_that_have_it(trained):
+    """Between checkpoints, over every step; reconstruction only over one-segment documents
+    (a long document has none, and counting it as 0 would understate the loss)."""
+    _, result = trained
+    t = load_compiler(trained[0]).manifest["training"]
+    first, second = t["history"]
+    assert (first["means_since"], second["means_since"]) == (0, 3)
+    assert all(h["recon"] > 0.5 and h["qa"] > 0 and h["heldout_metric"] == 2 for h in t["history"])
+
+
+def test_a_best_checkpoint_chosen_by_an_older_heldout_metric_is_chosen_again(tmp_path, tiny_model_dir):
+    # every question with a gold answer, so that the held-out score exists (each row is a
+    # long document at these 32-token segments)
+    data = tmp_path / "answered.jsonl"
+    data.write_text("\n".join(json.dumps({"context": f"{DOC} The keeper number {i} was Ada.", "title": f"t{i}",
+                                          "questions": [{"q": "Who designed it?", "answers": ["Ada Pellinger"], "para": 0}]})
+                               for i in range(10)) + "\n")
+    api.train_compiler([data], tmp_path / "c.safetensors", small(heldout_long=1), run=run_opts(tiny_model_dir), stop_after=3)
+    state_path = tmp_path / "c.safetensors.ckpt" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["best"]["heldout_qa_kl"] > 0
+    state["best"] = {"step": 3, "heldout_qa_kl": -1.0}  # metric 1 (no version): unbeatable on its own scale
+    state_path.write_text(json.dumps(state))
+    api.train_compiler([data], tmp_path / "c.safetensors", small(heldout_long=1), run=run_opts(tiny_model_dir), resume=True,
+                       force=True)
+    t = load_compiler(tmp_path / "c.safetensors").manifest["training"]
+    assert t["selected_step"] == 6 and t["heldout_qa_kl"] > 0

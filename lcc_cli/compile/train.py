@@ -475,6 +475,12 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
         if resume and (ckpt / "state.json").is_file():
             state = _load_checkpoint(ckpt, peft_model, bias, opt, sched, cfg, data_digest)
             progress.status(f"resuming at step {state['step']}")
+        if isinstance(state.get("best"), dict) and state["best"].get("heldout_metric", 1) != HELDOUT_METRIC:
+            # chosen by an earlier held-out metric: not comparable with this one's scores; the
+            # next checkpoint is the best until a later one beats it (the history keeps both)
+            progress.status(f"held-out metric changed since step {state['best']['step']}: "
+                            "choosing the best checkpoint again from here")
+            state["best"] = None
         best_tensors = _load_best(ckpt) if state.get("best") else None
         # After a resume: every rank has read the same checkpoint, so DDP's first broadcast
         # changes nothing.
@@ -483,6 +489,7 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
         progress.advance("train", state["step"])
         step_started, spent_before = time.perf_counter(), state["seconds"]
         last = min(cfg.steps, stop_after or cfg.steps)
+        window, last_checkpoint = {key: [0.0, 0] for key in ("recon", "qa", "kl")}, state["step"]
         while state["step"] < last:
             over = time_limit is not None and time.perf_counter() - started > time_limit
             if dist.world > 1:  # every rank stops at the same step, or the others wait forever
@@ -504,6 +511,8 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
                 drawn.append((doc, ratio, *sample_step(doc, targets, rng, cfg)))
             mine = drawn[dist.rank:: dist.world]
             local = [0.0, 0.0, 0.0, 0.0]  # recon, qa, kl (means over the step's documents), tokens
+            # the history's training losses: since the last checkpoint, each term over the
+            # documents that have it (a long document has no reconstruction)
             # batched: one forward and backward for this rank's documents; else one per document
             # (less memory at once)
             chunks = [mine] if batched else [[item] for item in mine]
@@ -513,10 +522,15 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
                     # DDP averages over ranks; each rank's share is scaled so that the result is
                     # the mean over all the step's documents, as in one process.
                     (sum(loss for loss, _, _ in results) * dist.world / len(drawn)).backward()
-                for _, terms, tokens in results:
+                for item, (_, terms, tokens) in zip(chunk, results):
                     for k, key in enumerate(("recon", "qa", "kl")):
                         local[k] += float(terms[key].detach()) / len(drawn)
                     local[3] += tokens
+                    for key, has in (("recon", item[0].recon is not None), ("qa", bool(item[2])),
+                                     ("kl", bool(item[3]))):
+                        if has:
+                            window[key][0] += float(terms[key].detach())
+                            window[key][1] += 1
             recon, qa, kl, tokens = dist.sum(local)
             sums = {"recon": recon, "qa": qa, "kl": kl}
             state["tokens"] += int(tokens)
@@ -526,20 +540,27 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
             state["step"] += 1
             state["seconds"] = spent_before + time.perf_counter() - step_started
             progress.advance("train", **sums, tok_s=round(state["tokens"] / max(state["seconds"], 1e-9)))
-            if dist.main and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == last):
+            checkpoint = state["step"] % cfg.checkpoint_every == 0 or state["step"] == last
+            if checkpoint:
+                totals = dist.sum([x for key in ("recon", "qa", "kl") for x in window[key]])
+                means = {key: round(totals[2 * k] / totals[2 * k + 1], 4) if totals[2 * k + 1] else None
+                         for k, key in enumerate(("recon", "qa", "kl"))}
+                window = {key: [0.0, 0] for key in ("recon", "qa", "kl")}
+            if dist.main and checkpoint:
                 scores = heldout_scores(loaded, peft_model, bias, heldout, cfg)
                 state["history"].append({"step": state["step"], "tokens": state["tokens"],
-                                         "seconds": round(state["seconds"], 1),
-                                         **{k: round(v, 4) for k, v in sums.items()}, **scores})
+                                         "seconds": round(state["seconds"], 1), "means_since": last_checkpoint,
+                                         **means, **scores, "heldout_metric": HELDOUT_METRIC})
+                last_checkpoint = state["step"]
                 score = scores["heldout_qa_kl"]
                 if score is None or state["best"] is None or score <= state["best"]["heldout_qa_kl"]:
-                    state["best"] = {"step": state["step"], "heldout_qa_kl": score}
+                    state["best"] = {"step": state["step"], "heldout_qa_kl": score, "heldout_metric": HELDOUT_METRIC}
                     best_tensors = _compiler_tensors(peft_model, bias)
                 _save_checkpoint(ckpt, peft_model, bias, opt, sched, state, cfg, data_digest, best_tensors)
                 progress.status(f"step {state['step']}: held-out " + ", ".join(f"{k} {v}" for k, v in scores.items()))
         if best_tensors is None or state["best"] is None:  # stopped before the first checkpoint
             best_tensors = _compiler_tensors(peft_model, bias)
-            state["best"] = {"step": state["step"], "heldout_qa_kl": None}
+            state["best"] = {"step": state["step"], "heldout_qa_kl": None, "heldout_metric": HELDOUT_METRIC}
     finally:
         peft_model.unload()
     if not dist.main:
@@ -571,6 +592,27 @@ def _schedule(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+# 2: a long document's held-out questions are spread over its segments (spread()). Metric 1
+# took its first questions, which all fell in segment 0, where they were the held-out
+# paragraphs' own questions: it never asked about a later segment's buffer.
+HELDOUT_METRIC = 2
+
+
+def spread(questions: list[Question], count: int) -> list[Question]:
+    """`count` questions taken in turn from each segment (in data order within a segment), so
+    that every segment's buffer is asked about. Deterministic."""
+    by_segment: dict[int, list[Question]] = {}
+    for q in questions:
+        by_segment.setdefault(q.segment, []).append(q)
+    queues = [by_segment[s] for s in sorted(by_segment)]
+    out: list[Question] = []
+    while len(out) < count and any(queues):
+        for queue in queues:
+            if queue and len(out) < count:
+                out.append(queue.pop(0))
+    return out
+
+
 def heldout_scores(loaded, peft_model, bias, docs: list[Doc], cfg: TrainConfig) -> dict:
     """Mean per-token QA KL on the held-out documents at `heldout_ratio` (deterministic): over
     all of them (what selects the checkpoint), and over paragraphs and long documents apart."""
@@ -579,7 +621,7 @@ def heldout_scores(loaded, peft_model, bias, docs: list[Doc], cfg: TrainConfig) 
         for doc in docs:
             if not doc.questions:
                 continue
-            questions = doc.questions[: (cfg.questions_per_long if len(doc.segments) > 1 else 8)]
+            questions = spread(doc.questions, cfg.questions_per_long if len(doc.segments) > 1 else 8)
             terms, _ = document_losses(loaded, peft_model, bias, doc, cfg.heldout_ratio, questions, [], cfg,
                                        recon=False)
             weight = terms["qa_tokens"]
