@@ -2,9 +2,12 @@
 checkpoints), so that compilers trained with different recipes can be compared on it.
 
     python bench/heldout.py COMPILER.safetensors DATA.jsonl... [--ratio 16]
+    python bench/heldout.py OUTPUT.safetensors.ckpt DATA.jsonl...   # a run's latest checkpoint
 
 Same held-out split, questions and teacher as `lcc train-compiler` with the TrainConfig
-defaults: mean per-token KL to the teacher on gold answers, paragraphs and long documents.
+defaults: mean per-token KL to the teacher on gold answers, paragraphs and long documents
+(the current held-out metric, train.HELDOUT_METRIC). A checkpoint folder is scored from its
+float32 weights, as the training loop scores it; a compiler file from its stored weights.
 """
 
 from __future__ import annotations
@@ -36,15 +39,27 @@ def main() -> None:
     loaded = load(RunOptions(threads=args.threads))
     rows, _ = train.read_training_data([Path(d) for d in args.data], cfg.segment_tokens)
     docs = [train.prepare(loaded, rows[i], cfg) for i in train.split_rows(rows, cfg).heldout]
-    comp = load_compiler(args.compiler)
-    c = comp.manifest["compiler"]
+    source = Path(args.compiler)
+    if source.is_dir():  # OUTPUT.ckpt/: the run's settings and its latest weights
+        from safetensors.torch import load_file
+
+        state = json.loads((source / "state.json").read_text())
+        c, step = state["config"], state["step"]
+        tensors = load_file(str(source / "state.safetensors"))
+        lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
+        slot_bias = tensors["slot_bias"]
+    else:
+        comp = load_compiler(source)
+        c, step = comp.manifest["compiler"], comp.manifest["training"].get("selected_step")
+        lora, slot_bias = comp.lora, comp.slot_bias
     peft_model = attach_lora(loaded.model, c["lora_rank"], c["lora_alpha"], c["lora_targets"],
-                             {k: v.float() for k, v in comp.lora.items()})
+                             {k: v.float() for k, v in lora.items()})
     try:
-        scores = train.heldout_scores(loaded, peft_model, comp.slot_bias.float(), docs, cfg)
+        scores = train.heldout_scores(loaded, peft_model, slot_bias.float(), docs, cfg)
     finally:
         peft_model.unload()
-    print(json.dumps({"compiler": Path(args.compiler).name, "ratio": cfg.heldout_ratio, **scores}))
+    print(json.dumps({"compiler": source.name, "step": step, "ratio": cfg.heldout_ratio,
+                      "heldout_metric": train.HELDOUT_METRIC, **scores}))
 
 
 if __name__ == "__main__":
