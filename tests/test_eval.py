@@ -308,3 +308,13 @@ def test_two_baselines_are_compared_at_one_budget():
             row("truncate", None, 10, 0.0), row("retrieve", None, 10, 1.0),
             row("truncate", None, 12, 1.0), row("retrieve", None, 12, 0.0)]
     assert compare({"documents": [{"rows": rows}]}, "truncate", "retrieve")["8x"]["contains"]["diff"] == 1.0
+
+
+def test_a_method_row_without_a_budget_is_still_paired():
+    """Rows from before budgets were recorded: the document stays in the comparison."""
+    from lcc_cli.eval.paired import compare
+
+    rows = [{"doc": "d", "qid": "q", "condition": c, "ratio": 8.0, "method": m, "budget": b, "contains": x, "f1": x}
+            for c, m, b, x in (("full", None, None, 1.0), ("cartridge", "a", None, 0.0), ("truncate", None, 10, 1.0))]
+    row = compare({"documents": [{"rows": rows}]}, "truncate", "a")["8x"]
+    assert row["documents"] == 1 and row["contains"]["diff"] == -1.0

@@ -20,10 +20,12 @@ BASELINES = ("truncate", "retrieve")
 def _side(rows: list[dict], label: str, ratio: float, budgets: dict | None = None) -> dict:
     """(doc, qid) -> row. A baseline ran once per KV budget met at a ratio (methods can keep
     a different number of entries); `budgets` (doc -> the other side's budget) picks the run
-    at the same budget. Rows written before budgets were recorded have none and all match."""
+    at the same budget. Rows written before budgets were recorded have none and match any, on
+    either side (a document is never dropped from the comparison for lack of one)."""
     if label in BASELINES:
         return {(r["doc"], r["qid"]): r for r in rows if r["condition"] == label and r["ratio"] == ratio
-                and (budgets is None or r.get("budget") is None or r["budget"] == budgets.get(r["doc"]))}
+                and (budgets is None or r.get("budget") is None or budgets.get(r["doc"]) is None
+                     or r["budget"] == budgets[r["doc"]])}
     return {(r["doc"], r["qid"]): r for r in rows
             if r["condition"] == "cartridge" and r["ratio"] == ratio and r["method"] == label}
 
