@@ -1,7 +1,10 @@
-"""Two methods (or a method and a baseline: truncate, retrieve) of one `lcc eval` run
-compared question by question (lcc_cli/eval/paired.py).
+"""Two methods (or a method and a baseline: truncate, retrieve) compared question by question
+(lcc_cli/eval/paired.py), from one `lcc eval` run or from two runs on the same questions
+(same data, questions_per_doc and sample_seed; e.g. an A/B whose second run has
+`baselines = false`).
 
     python bench/paired.py RESULTS.json A B
+    python bench/paired.py RESULTS_A.json A RESULTS_B.json B
 """
 
 from __future__ import annotations
@@ -11,8 +14,18 @@ import sys
 
 from lcc_cli.eval.paired import compare
 
+
+def _documents(path: str) -> list[dict]:
+    with open(path) as f:
+        return json.load(f)["documents"]
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) == 4:
+        results, a, b = {"documents": _documents(sys.argv[1])}, sys.argv[2], sys.argv[3]
+    elif len(sys.argv) == 5:
+        # answers are keyed by (document, qid): rows of both runs side by side pair up
+        results, a, b = {"documents": _documents(sys.argv[1]) + _documents(sys.argv[3])}, sys.argv[2], sys.argv[4]
+    else:
         raise SystemExit(__doc__)
-    with open(sys.argv[1]) as f:
-        print(json.dumps(compare(json.load(f), sys.argv[2], sys.argv[3]), indent=1))
+    print(json.dumps(compare(results, a, b), indent=1))

@@ -200,6 +200,10 @@ class EvalSettings(_FromDict):
     sample_seed: int | None = None
     # The `retrieve` baseline beside `truncate`: BM25 sentences of the same token budget.
     retrieve: bool = True
+    # The baselines (full, none, truncate, retrieve). false: the methods' cartridges alone, for
+    # an A/B whose other side and baselines another run with the same questions already has
+    # (bench/paired.py pairs two results files).
+    baselines: bool = True
     # Also answer multi-segment cartridges reading only the `route` segments each question's
     # attention favours (runtime/route.py): condition `cartridge_routed`.
     route: int | None = None

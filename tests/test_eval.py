@@ -318,3 +318,30 @@ def test_a_method_row_without_a_budget_is_still_paired():
             for c, m, b, x in (("full", None, None, 1.0), ("cartridge", "a", None, 0.0), ("truncate", None, 10, 1.0))]
     row = compare({"documents": [{"rows": rows}]}, "truncate", "a")["8x"]
     assert row["documents"] == 1 and row["contains"]["diff"] == -1.0
+
+
+def test_an_ab_half_without_baselines_pairs_with_a_full_run(toy, tmp_path, tiny_model_dir):
+    """`baselines = false` answers from the methods' cartridges only; bench/paired.py pairs
+    its rows with another run's on the same questions."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(out, baselines, label):
+        cfg = tmp_path / f"{label}.toml"
+        cfg.write_text(f"[eval]\nratios = [8.0]\nmax_new_tokens = 4\ngeneral_probes = false\n"
+                       f"baselines = {str(baselines).lower()}\n"
+                       f"[[eval.methods]]\nlabel = \"{label}\"\ncompiler = \"truncate\"\nquality = \"fast\"\n")
+        r = CliRunner().invoke(app, ["eval", str(toy), "--config", str(cfg), "--out", str(tmp_path / out),
+                                     "--model", str(tiny_model_dir), "--json"])
+        assert r.exit_code == 0, r.stderr
+        return tmp_path / out / "results.json"
+
+    full, half = run("a", True, "one"), run("b", False, "two")
+    conditions = {r["condition"] for d in json.loads(half.read_text())["documents"] for r in d["rows"]}
+    assert conditions == {"cartridge"}
+    script = Path(__file__).resolve().parents[1] / "bench" / "paired.py"
+    out = subprocess.run([sys.executable, str(script), str(full), "one", str(half), "two"], capture_output=True,
+                         text=True, check=True, cwd=script.parents[1])
+    paired = json.loads(out.stdout)["8x"]
+    assert paired["questions"] == 3 and paired["contains"]["diff"] == 0.0  # the same compiler, the same answers

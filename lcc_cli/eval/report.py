@@ -115,26 +115,29 @@ def summarize(results: list[dict], kv_bytes_per_position: int) -> dict:
 
 
 def _costs(results, conditions, kv_bytes_per_position) -> list[dict]:
-    full = next(c for c in conditions if c["condition"] == "full")
+    # a run without baselines (an A/B's second half) has no full-context row: its fields are None
+    full = next((c for c in conditions if c["condition"] == "full"), None) or {"seconds": None, "ttft": None,
+                                                                               "kv_positions": None}
     out = []
     entries = [c for d in results for c in d.get("compiles", [])]
     for method, ratio in sorted({(c["method"], c["ratio"]) for c in entries}, key=lambda k: (k[1], k[0])):
         sel = [c for c in entries if (c["method"], c["ratio"]) == (method, ratio)]
         cart = next(c for c in conditions if (c["condition"], c["method"], c["ratio"]) == ("cartridge", method, ratio))
         compile_s = _mean(c["seconds"] for c in sel)
-        saving = full["seconds"] - cart["seconds"]
+        saving = full["seconds"] - cart["seconds"] if full["seconds"] is not None else None
+        has_full = full["kv_positions"] is not None
         out.append({
             "method": method, "ratio": ratio, "documents": len(sel), "slots": _mean(c["slots"] for c in sel),
             "compile_seconds": compile_s, "prefill_seconds": _mean(c["prefill_seconds"] for c in sel),
             "prefill_equivalents": _mean(c["prefill_equivalents"] for c in sel),
             "file_bytes": _mean(c.get("bytes") for c in sel),
             "ttft_full": full["ttft"], "ttft_cartridge": cart["ttft"],
-            "ttft_ratio": full["ttft"] / cart["ttft"] if cart["ttft"] else None,
-            "kv_bytes_full": full["kv_positions"] * kv_bytes_per_position,
+            "ttft_ratio": full["ttft"] / cart["ttft"] if cart["ttft"] and has_full else None,
+            "kv_bytes_full": full["kv_positions"] * kv_bytes_per_position if has_full else None,
             "kv_bytes_cartridge": cart["kv_positions"] * kv_bytes_per_position,
-            "kv_ratio": full["kv_positions"] / cart["kv_positions"],
+            "kv_ratio": full["kv_positions"] / cart["kv_positions"] if has_full else None,
             # Compiling pays off once the prefill it saves per question adds up to its cost.
-            "break_even_questions": compile_s / saving if saving > 0 else None,
+            "break_even_questions": compile_s / saving if saving is not None and saving > 0 else None,
             "contains_vs_full": cart["contains_vs_full"], "contains_vs_full_ci": cart.get("contains_vs_full_ci"),
         })
     return out

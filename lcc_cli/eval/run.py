@@ -93,10 +93,12 @@ _LATER_FIELDS = ("kv_lr", "bias", "self_check")  # only direct KV refinement and
 
 def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
     """Identifies a finished document's results: everything that changes them."""
+    # `baselines` enters the key only when off, so that documents cached before it existed stay valid
+    later = {} if settings.baselines else {"baselines": False}
     return _key(fp=loaded.fingerprint, ask=vars(settings.ask), ratios=settings.ratios, probes=settings.general_probes,
                 qpd=settings.questions_per_doc, methods=[_method_key(m) for m in methods],
                 check=settings.layout_check, sample=settings.sample_seed, retrieve=settings.retrieve,
-                route=settings.route)
+                route=settings.route, **later)
 
 
 def evaluate(loaded, rows: list[dict], settings: EvalSettings, out: Path, methods: list[Method], compile_fn,
@@ -214,8 +216,9 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
     def add(condition, ratio, method, answers, budget=None):
         rows.extend(_row(row, q, condition, ratio, method, a, budget) for q, a in zip(qs, answers))
 
-    add("full", None, None, answer(loaded, texts, document=text, cfg=ask, batch=True))
-    add("none", None, None, answer(loaded, texts, document=None, cfg=ask, batch=True))
+    if settings.baselines:
+        add("full", None, None, answer(loaded, texts, document=text, cfg=ask, batch=True))
+        add("none", None, None, answer(loaded, texts, document=None, cfg=ask, batch=True))
     none_general = ([a.text for a in answer(loaded, GENERAL_PROBES, cfg=ask, batch=True)]
                     if settings.general_probes else [])
     truncated_at: set[tuple[float, int]] = set()
@@ -230,7 +233,7 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
                 prefill_s = time_prefill(loaded, prompter.context_ids(text))
             cart, seconds = compiled_cartridge(loaded, row, doc_sha, ratio, method, cart_dir, compile_fn, progress)
             k = cart.slots
-            if (ratio, k) not in truncated_at:  # the same KV budget as this cartridge, from the start of the text
+            if settings.baselines and (ratio, k) not in truncated_at:  # the same KV budget, from the text's start
                 truncated_at.add((ratio, k))
                 truncated = loaded.tokenizer.decode(doc_tokens[:k], skip_special_tokens=True)
                 add("truncate", ratio, None, answer(loaded, texts, document=truncated, cfg=ask, batch=True), k)
