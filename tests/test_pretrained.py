@@ -333,3 +333,5 @@ def test_a_best_checkpoint_chosen_by_an_older_heldout_metric_is_chosen_again(tmp
                        force=True)
     t = load_compiler(tmp_path / "c.safetensors").manifest["training"]
     assert t["selected_step"] == 6 and t["heldout_qa_kl"] > 0
+    # every document here is long: no reconstruction to average (not a mean of zeros)
+    assert all(h["recon"] is None and h["qa"] > 0 for h in t["history"])

@@ -148,9 +148,10 @@ class DocumentObjective:
             metrics["kl"] = kl.item()
         return loss, metrics
 
-    def optimise(self, params: list[torch.Tensor], lr: float, loss_fn, progress) -> tuple[dict, dict]:
+    def optimise(self, params: list[torch.Tensor], lr: float, loss_fn, progress) -> dict:
         """cfg.steps AdamW steps on `params` (warm-up, then cosine), `loss_fn()` giving each
-        step's (loss, metrics). Returns the first and the last step's metrics."""
+        step's (loss, metrics). Returns the first and the last step's metrics as `first_*` and
+        `final_*` entries, for the segment's summary."""
         steps = self.cfg.steps
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
@@ -166,7 +167,7 @@ class DocumentObjective:
             if step == 0:
                 first = dict(metrics)
             progress.advance("steps", **metrics)
-        return first, metrics
+        return {**{f"first_{key}": v for key, v in first.items()}, **{f"final_{key}": v for key, v in metrics.items()}}
 
 
 def lr_factor(step: int, total: int) -> float:

@@ -98,14 +98,13 @@ def optimise_segment(loaded, text: str, cfg: CompileConfig, progress: Progress =
             with peft_model.disable_adapter():
                 return objective.loss(model, buf_kv, at)
 
-        first, metrics = objective.optimise(params, cfg.lr, step_loss, progress)
+        trace = objective.optimise(params, cfg.lr, step_loss, progress)
         with torch.no_grad():
             view, at = reader_view(ctx_kv, encode_slots(model, ctx_kv, embeds, n), n, sink, rope)
             buffer = to_buffer(view, at, sink, rope)
     finally:
         peft_model.unload()  # removes every LoRA layer, restoring the original modules
-    summary = {**{f"first_{key}": v for key, v in first.items()}, **{f"final_{key}": v for key, v in metrics.items()},
-               "steps": cfg.steps, "seconds": round(time.perf_counter() - started, 3)}
+    summary = {**trace, "steps": cfg.steps, "seconds": round(time.perf_counter() - started, 3)}
     return SegmentResult(buffer, n, summary, sink)
 
 

@@ -67,13 +67,12 @@ def refine_buffer(loaded, text: str, start: SegmentResult, cfg: CompileConfig,
         with slot_biases(model, full_bias()):
             return objective.loss(model, view(), first_position)
 
-    first, metrics = objective.optimise(params, cfg.kv_lr, step_loss, progress)
+    trace = objective.optimise(params, cfg.kv_lr, step_loss, progress)
     with torch.no_grad():
         final = view()
         refined = Buffer([k[0].detach().clone() for k, _ in final], [v[0].detach().clone() for _, v in final],
                          buffer.positions.clone(),
                          [b.detach().clamp(-BIAS_LIMIT, BIAS_LIMIT).clone() for b in full_bias()] if bias else None)
-    summary = {**start.metrics, **{f"first_{key}": v for key, v in first.items()}, **{f"final_{key}": v for key, v in metrics.items()},
-               "steps": cfg.steps, "seconds": round(start.metrics.get("seconds", 0.0)
+    summary = {**start.metrics, **trace, "steps": cfg.steps, "seconds": round(start.metrics.get("seconds", 0.0)
                                                     + time.perf_counter() - started, 3)}
     return SegmentResult(refined, start.token_count, summary, start.sink)

@@ -421,13 +421,8 @@ def split_rows(rows: list[Row], cfg: TrainConfig) -> Split:
         held.append(g)
     heldout = []
     for kind in (False, True):
-        queues = [[i for i in members[g] if rows[i].long == kind and rows[i].questions] for g in held]
-        picked = []
-        while len(picked) < want[kind] and any(queues):
-            for q in queues:
-                if q and len(picked) < want[kind]:
-                    picked.append(q.pop(0))
-        heldout += picked
+        heldout += _in_turn([[i for i in members[g] if rows[i].long == kind and rows[i].questions] for g in held],
+                            want[kind])
     held_set = set(held)
     train = [i for i, r in enumerate(rows) if r.group not in held_set]
     return Split([i for i in train if not rows[i].long], [i for i in train if rows[i].long], sorted(heldout))
@@ -489,6 +484,8 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
         progress.advance("train", state["step"])
         step_started, spent_before = time.perf_counter(), state["seconds"]
         last = min(cfg.steps, stop_after or cfg.steps)
+        # the history's training losses: since the last checkpoint, each term over the documents
+        # that have it (a long document has no reconstruction)
         window, last_checkpoint = {key: [0.0, 0] for key in ("recon", "qa", "kl")}, state["step"]
         while state["step"] < last:
             over = time_limit is not None and time.perf_counter() - started > time_limit
@@ -511,8 +508,6 @@ def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, res
                 drawn.append((doc, ratio, *sample_step(doc, targets, rng, cfg)))
             mine = drawn[dist.rank:: dist.world]
             local = [0.0, 0.0, 0.0, 0.0]  # recon, qa, kl (means over the step's documents), tokens
-            # the history's training losses: since the last checkpoint, each term over the
-            # documents that have it (a long document has no reconstruction)
             # batched: one forward and backward for this rank's documents; else one per document
             # (less memory at once)
             chunks = [mine] if batched else [[item] for item in mine]
@@ -604,8 +599,13 @@ def spread(questions: list[Question], count: int) -> list[Question]:
     by_segment: dict[int, list[Question]] = {}
     for q in questions:
         by_segment.setdefault(q.segment, []).append(q)
-    queues = [by_segment[s] for s in sorted(by_segment)]
-    out: list[Question] = []
+    return _in_turn([by_segment[s] for s in sorted(by_segment)], count)
+
+
+def _in_turn(queues: list[list], count: int) -> list:
+    """Up to `count` items, one from each queue in turn (each queue in its own order)."""
+    queues = [list(q) for q in queues]
+    out: list = []
     while len(out) < count and any(queues):
         for queue in queues:
             if queue and len(out) < count:

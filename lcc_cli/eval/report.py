@@ -79,8 +79,9 @@ def _at_budgets(results: list[dict]) -> list[dict]:
 
 def _baseline_for(conditions: list[dict], condition: str, ratio: float, method: str | None) -> dict | None:
     """The baseline row that matches `method`'s budget at `ratio` (the unlabelled one when
-    every method met the same budgets; the first labelled one when no method is given)."""
-    here = [c for c in conditions if c["condition"] == condition and c["ratio"] == ratio]
+    every method met the same budgets; the first labelled one when no method is given; `none`,
+    which has no ratio, at any)."""
+    here = [c for c in conditions if c["condition"] == condition and c["ratio"] in (ratio, None)]
     return next((c for c in here if c["method"] is None or method is None
                  or method in c["method"][1:].split("/")), None)
 
@@ -116,26 +117,24 @@ def summarize(results: list[dict], kv_bytes_per_position: int) -> dict:
 
 def _costs(results, conditions, kv_bytes_per_position) -> list[dict]:
     # a run without baselines (an A/B's second half) has no full-context row: its fields are None
-    full = next((c for c in conditions if c["condition"] == "full"), None) or {"seconds": None, "ttft": None,
-                                                                               "kv_positions": None}
+    full = next((c for c in conditions if c["condition"] == "full"), None)
     out = []
     entries = [c for d in results for c in d.get("compiles", [])]
     for method, ratio in sorted({(c["method"], c["ratio"]) for c in entries}, key=lambda k: (k[1], k[0])):
         sel = [c for c in entries if (c["method"], c["ratio"]) == (method, ratio)]
         cart = next(c for c in conditions if (c["condition"], c["method"], c["ratio"]) == ("cartridge", method, ratio))
         compile_s = _mean(c["seconds"] for c in sel)
-        saving = full["seconds"] - cart["seconds"] if full["seconds"] is not None else None
-        has_full = full["kv_positions"] is not None
+        saving = full["seconds"] - cart["seconds"] if full else None
         out.append({
             "method": method, "ratio": ratio, "documents": len(sel), "slots": _mean(c["slots"] for c in sel),
             "compile_seconds": compile_s, "prefill_seconds": _mean(c["prefill_seconds"] for c in sel),
             "prefill_equivalents": _mean(c["prefill_equivalents"] for c in sel),
             "file_bytes": _mean(c.get("bytes") for c in sel),
-            "ttft_full": full["ttft"], "ttft_cartridge": cart["ttft"],
-            "ttft_ratio": full["ttft"] / cart["ttft"] if cart["ttft"] and has_full else None,
-            "kv_bytes_full": full["kv_positions"] * kv_bytes_per_position if has_full else None,
+            "ttft_full": full and full["ttft"], "ttft_cartridge": cart["ttft"],
+            "ttft_ratio": full["ttft"] / cart["ttft"] if full and cart["ttft"] else None,
+            "kv_bytes_full": full["kv_positions"] * kv_bytes_per_position if full else None,
             "kv_bytes_cartridge": cart["kv_positions"] * kv_bytes_per_position,
-            "kv_ratio": full["kv_positions"] / cart["kv_positions"] if has_full else None,
+            "kv_ratio": full["kv_positions"] / cart["kv_positions"] if full else None,
             # Compiling pays off once the prefill it saves per question adds up to its cost.
             "break_even_questions": compile_s / saving if saving is not None and saving > 0 else None,
             "contains_vs_full": cart["contains_vs_full"], "contains_vs_full_ci": cart.get("contains_vs_full_ci"),
@@ -310,8 +309,7 @@ def _plot(summary: dict, path: Path) -> str | None:
         for condition, style, colour in (("truncate", "--", "tab:orange"), ("retrieve", "-.", "tab:purple"),
                                          ("none", ":", "tab:red")):
             # with several budgets at this ratio, the line is the first method's baseline
-            ref = (_baseline_for(summary["conditions"], condition, ratio, None) if condition != "none" else
-                   next((x for x in summary["conditions"] if x["condition"] == "none"), None))
+            ref = _baseline_for(summary["conditions"], condition, ratio, None)
             if ref and ref["contains_vs_full"] is not None:
                 ax.axhline(ref["contains_vs_full"], linestyle=style, color=colour, label=condition)
         ax.axhline(1.0, color="tab:green", label="full context")

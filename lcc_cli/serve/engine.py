@@ -26,7 +26,9 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    key: tuple  # the cartridge set by name and file signature (() for the plain model): only jobs with one key share a batch
+    # the cartridge set by name and file signature (() for the plain model): only jobs with
+    # one key share a batch
+    key: tuple
     buffer: object | None  # buffer.Buffer on the model's device and dtype
     prompt: list[int]
     max_tokens: int
