@@ -541,7 +541,7 @@ def train_compiler(data: list[Path], output: Path, cfg, run: RunOptions | None =
     output = Path(output)
     check_output(output, force or resume, tuple(Path(d) for d in data))
     for d in data:
-        if not Path(d).is_file():
+        if not Path(d).exists():  # a regular file or a pipe (ingest.check_readable), read later
             from .errors import InputError
 
             raise InputError(f"no such training data: {d}")
@@ -688,14 +688,6 @@ def export_cartridge(path: Path, to: str, out_dir: Path, force: bool = False, dr
     return export_peft(load_cartridge(path), Path(out_dir), force=force, source=Path(path), drop_bias=drop_bias)
 
 
-def _lcc_manifest(m) -> bool:
-    """Does an adapter's lcc_manifest.json look like one lcc wrote (the fields import keeps)?"""
-    return (isinstance(m, dict) and isinstance(m.get("model"), dict) and isinstance(m["model"].get("fingerprint"), str)
-            and isinstance(m.get("buffer"), dict) and isinstance(m["buffer"].get("segments"), list)
-            and all(isinstance(s, dict) and isinstance(s.get("slots"), int) for s in m["buffer"]["segments"])
-            and all(isinstance(m.get(k), dict) for k in ("source", "compile", "metrics", "compiler")))
-
-
 def import_adapter(directory: Path, output: Path, run: RunOptions | None = None, force: bool = False) -> CompileResult:
     """`lcc import DIR -o CART`: a PEFT Cartridge adapter (from lcc or trained elsewhere)
     becomes a cartridge pinned to the loaded model's fingerprint."""
@@ -706,10 +698,10 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
     from .format.fsio import check_output
     from .export.peft import read_peft
 
-    from .export.peft import ADAPTER_FILES, check_adapter_dir
+    from .export.peft import ADAPTER_FILES, read_adapter_files
 
     output, directory = Path(output), Path(directory)
-    check_adapter_dir(directory)
+    read_adapter_files(directory)  # what can be checked without the model, before it loads
     inputs = tuple(directory / name for name in ADAPTER_FILES)
     check_output(output, force, inputs)  # before the model loads; never one of the adapter's own files
     loaded = load(run or RunOptions())
@@ -720,7 +712,7 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
     rows = [{"index": 0, "slots": buffer.slots, "token_count": 0, "sink": False}]
     source = {"name": Path(directory).name, "sha256": sha, "token_count": 0, "ratio": None}
     compile_, compiler, metrics = {}, {"name": "imported", "from": "peft", "sha256": sha}, {"segments": [{}]}
-    if _lcc_manifest(theirs):
+    if theirs is not None:
         # exported by lcc: keep its provenance, after checking it was made for this model
         check_fingerprint(theirs["model"], loaded.model_id, loaded.fingerprint, Path(directory).name, force)
         segs = theirs["buffer"]["segments"]

@@ -194,20 +194,27 @@ def token_spans_of(tokenizer):
     return spans
 
 
-def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, str, object]]:
-    """(line number, line, parsed value or None if it is not JSON) for each non-blank line of
-    a UTF-8 (BOM allowed) JSON-lines file; '-' reads stdin. InputError if unreadable."""
-    import json
-
+def read_input(path: str | Path, what: str = "file") -> bytes:
+    """The bytes of an input (a regular file or a pipe, read once; '-' reads stdin)."""
     try:
         if str(path) != STDIN:
             check_readable(Path(path), Path(path).stat())
-        raw = sys.stdin.buffer.read() if str(path) == STDIN else Path(path).read_bytes()
+        return sys.stdin.buffer.read() if str(path) == STDIN else Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def read_jsonl(path: str | Path, what: str = "file", raw: bytes | None = None) -> list[tuple[int, str, object]]:
+    """(line number, line, parsed value or None if it is not JSON) for each non-blank line of
+    a UTF-8 (BOM allowed) JSON-lines file; '-' reads stdin. InputError if unreadable. `raw`:
+    the input's bytes, when the caller has read them already (a pipe can be read only once)."""
+    import json
+
+    raw = read_input(path, what) if raw is None else raw
+    try:
         text = raw.decode("utf-8-sig")  # stdin as bytes too: binary input is "not UTF-8", not a bad row
     except UnicodeDecodeError as exc:
         raise InputError(f"{Path(str(path)).name} is not valid UTF-8 (byte {exc.start})") from exc
-    except OSError as exc:
-        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from exc
     out = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -93,7 +93,8 @@ def _paths(obj, prefix=()):
 
 
 def _edited(manifest: dict, data, keep=lambda path: True) -> dict:
-    """A copy of `manifest` with 1 to 3 of its fields (at any depth) set to arbitrary values."""
+    """A copy of `manifest` with 1 to 3 of its fields (at any depth) set to arbitrary values or
+    removed."""
     import copy
 
     edited = copy.deepcopy(manifest)
@@ -104,7 +105,10 @@ def _edited(manifest: dict, data, keep=lambda path: True) -> dict:
         try:
             for key in path[:-1]:
                 target = target[key]
-            target[path[-1]] = data.draw(VALUES)
+            if data.draw(st.booleans()):
+                target[path[-1]] = data.draw(VALUES)
+            else:  # a field left out is as likely as a wrong one
+                del target[path[-1]]
         except (KeyError, IndexError, TypeError):
             pass
     return edited
@@ -140,12 +144,14 @@ def test_edited_and_re_signed_manifests_load_cleanly_or_fail_typed(compiled, dat
 @given(st.data())
 def test_edited_and_re_signed_compiler_files_load_cleanly_or_fail_typed(trained_compiler_file, tmp_path_factory, data):
     """The same attacker on a compiler file: every edit, re-signed, loads cleanly or fails
-    with CompilerFileError from load, inspect and the compiler's own checks."""
+    with CompilerFileError from load, inspect and the compiler's own checks, and what inspect
+    accepts renders as `lcc inspect` prints it."""
 
     from safetensors import safe_open
     from safetensors.torch import save
 
     from lcc_cli.api import inspect
+    from lcc_cli.cli.render import compiler_rows
     from lcc_cli.errors import LccError
     from lcc_cli.format.cartridge import checksum, tensor_sha256
     from lcc_cli.format.compiler_file import load_compiler
@@ -160,11 +166,15 @@ def test_edited_and_re_signed_compiler_files_load_cleanly_or_fail_typed(trained_
     path = tmp_path_factory.mktemp("fuzz") / "c.safetensors"
     path.write_bytes(save(tensors, metadata={"lcc_compiler": text,
                                              "lcc_checksum": checksum(text, edited["tensor_sha256"])}))
-    for fn in (load_compiler, inspect):
-        try:
-            fn(path)
-        except LccError:
-            pass
+    try:
+        load_compiler(path)
+    except LccError:
+        pass
+    try:
+        info = inspect(path)
+    except LccError:
+        return
+    list(compiler_rows(info))  # what `lcc inspect` prints must render from anything inspect accepts
 
 
 @FUZZ

@@ -101,6 +101,31 @@ def test_an_oversized_adapter_config_is_refused_unread(compiled, tmp_path, tiny_
     assert not (tmp_path / "o.lcc").exists()
 
 
+def test_an_adapters_lcc_manifest_that_is_huge_or_incomplete_is_refused(compiled, tmp_path, tiny_model_dir):
+    """lcc_manifest.json is optional, but one that is there is read and trusted for provenance:
+    too large, or missing the model it was made for, is exit 5, never dropped or exit 1."""
+    adapter = _adapter(compiled, tmp_path)
+    original = (adapter / "lcc_manifest.json").read_bytes()
+    manifest = json.loads(original)
+    manifest["model"].pop("id")
+    manifest["model"]["fingerprint"] = "0" * 64  # another model: the check that once read model['id']
+    (adapter / "lcc_manifest.json").write_text(json.dumps(manifest))
+    assert_error(run("import", adapter, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 5, "model.id")
+    (adapter / "lcc_manifest.json").write_bytes(original)
+    with open(adapter / "lcc_manifest.json", "r+b") as f:
+        f.truncate(200 << 20)
+    assert_error(run("import", adapter, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 5, "bytes")
+    assert not (tmp_path / "o.lcc").exists()
+
+
+def test_import_checks_the_adapter_before_loading_a_model(compiled, tmp_path):
+    """The adapter's own files are judged first: with a model path that does not exist, the
+    error is still the adapter's (a model load would have failed on the path)."""
+    adapter = _adapter(compiled, tmp_path)
+    _edit_config(adapter, peft_type="LORA")
+    assert_error(run("import", adapter, "-o", tmp_path / "o.lcc", "--model", tmp_path / "no-model"), 5, "LORA")
+
+
 def _edit_config(adapter: Path, **changes) -> None:
     config = json.loads((adapter / "adapter_config.json").read_text())
     config.update(changes)
@@ -179,6 +204,20 @@ def test_a_lying_compiler_file_is_refused_before_anything_is_built(trained_compi
     assert_error(run("compile", doc, "-o", tmp_path / "o.lcc", "--compiler", bad, "--steps", "0",
                      "--model", tiny_model_dir), 5, fragment)
     assert not (tmp_path / "o.lcc").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    _set(["training", "tokens"], _DROP),
+    _set(["training", "objective"], ["a", "list"]),
+    _set(["training", "data"], "a string"),
+])
+def test_a_compiler_with_odd_training_notes_still_inspects(trained_compiler, tmp_path, edit):
+    """The training table only describes the run: a field missing or of another type shows as
+    '?' in `lcc inspect` (exit 0), never an unexpected error."""
+    odd = _resign_compiler(trained_compiler, tmp_path / "odd.safetensors", edit)
+    r = run("inspect", odd)
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and "objective" in r.output
 
 
 def test_a_compiler_whose_targets_name_no_module_is_refused(trained_compiler, tmp_path, tiny_model_dir):
@@ -385,3 +424,19 @@ def test_lcc_home_that_is_a_file_and_a_method_compiler_that_is_a_number(tmp_path
     (tmp_path / "m.toml").write_text('[[eval.methods]]\nlabel = "x"\ncompiler = 5\n')
     assert_error(run("eval", tmp_path / "d.jsonl", "--config", tmp_path / "m.toml", "--out", tmp_path / "o",
                      "--model", tiny_model_dir), 2, "compiler must be text")
+
+
+def test_lcc_home_that_cannot_be_written_costs_only_the_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """LCC_HOME below a file (what an unwritable folder looks like to root, who runs CI): the
+    teacher cache cannot be written, and training finishes (saying so on a terminal) instead of
+    exit 1."""
+    from test_pretrained import ROWS
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("LCC_HOME", str(tmp_path / "afile" / "home"))
+    data = tmp_path / "t.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    r = run("train-compiler", data, "-o", tmp_path / "c.safetensors", "--steps", "1", "--batch", "2",
+            "--lora-rank", "4", "--model", tiny_model_dir)
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and (tmp_path / "c.safetensors").is_file()

@@ -68,14 +68,19 @@ def test_missing_and_directory(tmp_path):
 
 
 def test_a_pipe_is_read_like_a_file(tmp_path):
-    """Documents, questions and datasets may come from a pipe (`<(...)`, a FIFO): read once, with
-    the size limit applied while reading."""
+    """Documents, questions, datasets and training data may come from a pipe (`<(...)`, a
+    FIFO): read once, with the size limit applied while reading."""
     import os
     import threading
 
+    import json
+
     from lcc_cli.api import read_questions
+    from lcc_cli.compile.train import read_training_data
+    from lcc_cli.eval.data import load_dataset
 
     fifo = tmp_path / "p"
+    row = json.dumps({"context": "A paragraph from a pipe.", "questions": [{"q": "From where?", "answers": ["pipe"]}]})
     os.mkfifo(fifo)
 
     def write(data: bytes):
@@ -84,6 +89,9 @@ def test_a_pipe_is_read_like_a_file(tmp_path):
 
     for data, read, check in ((b"A document from a pipe.", lambda: read_document(fifo), lambda r: "pipe" in r.text),
                               (b"first?\nsecond?\n", lambda: read_questions(fifo), lambda r: r == ["first?", "second?"]),
+                              (row.encode(), lambda: load_dataset(fifo), lambda r: r[0]["questions"][0]["q"] == "From where?"),
+                              # read once: the data's sha256 comes from the same bytes (a second open would wait)
+                              (row.encode(), lambda: read_training_data([fifo]), lambda r: r[1][0]["rows"] == 1),
                               (b"word " * 100, lambda: read_document(fifo, max_bytes=50), None)):
         t = threading.Thread(target=write, args=(data,))
         t.start()

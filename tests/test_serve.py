@@ -159,12 +159,17 @@ def test_a_cartridge_dropped_into_the_folder_is_served_without_a_restart(served,
     assert got.choices[0].message.content is not None
 
 
-def test_concurrent_clients_get_their_own_answers_and_are_batched(served, compiled):
+def test_concurrent_clients_get_their_own_answers_and_are_batched(served, compiled, monkeypatch):
+    """The model is held busy until all four requests wait, so those the engine did not take
+    first decode as one batch: the no-cross-talk check runs on a real batch, not on four
+    single decodes."""
     server, _, loaded = served
     questions = ["Who designed the lighthouse?", "When was it completed?", "What colour is the tower?",
                  "Where is the harbour?"]
     want = {q: api.ask([q], [compiled[0]], cfg=AskConfig(max_new_tokens=10), loaded=loaded)[0].text for q in questions}
     before = list(server.engine.batch_sizes)
+    gate, real = threading.Event(), server.engine._run
+    monkeypatch.setattr(server.engine, "_run", lambda group: (gate.wait(30), real(group)))
     got = {}
 
     def one(q):
@@ -174,10 +179,15 @@ def test_concurrent_clients_get_their_own_answers_and_are_batched(served, compil
     threads = [threading.Thread(target=one, args=(q,)) for q in questions]
     for t in threads:
         t.start()
+    deadline = time.time() + 20
+    while server.engine.load() < len(questions) and time.time() < deadline:
+        time.sleep(0.02)
+    gate.set()
     for t in threads:
         t.join()
     assert got == want
-    assert sum(server.engine.batch_sizes[len(before):]) == len(questions)
+    sizes = server.engine.batch_sizes[len(before):]
+    assert sum(sizes) == len(questions) and max(sizes) >= 2, sizes
 
 
 def test_a_full_queue_is_429_and_a_client_that_leaves_frees_its_place(served, monkeypatch):
@@ -262,3 +272,87 @@ def test_serve_command_warns_off_loopback_and_exits_0_on_sigterm(tiny_model_dir,
         proc.kill()
     assert proc.returncode == 0, err
     assert "without --api-key" in err and "Traceback" not in err
+
+
+def test_lcc_api_key_from_the_environment_and_sigterm_mid_request(tiny_model_dir, compiled, tmp_path):
+    """LCC_API_KEY alone protects the server (no warning); a SIGTERM that arrives while a
+    request decodes still ends in exit 0 and the client gets an answer or an error, never a
+    hang."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "LCC_HOME": str(tmp_path / "home"), "LCC_API_KEY": "from-env"}
+    proc = subprocess.Popen([sys.executable, "-m", "lcc_cli", "serve", str(compiled[0]), "--port", str(port),
+                             "--model", str(tiny_model_dir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "doc", "max_tokens": 48, "messages": [{"role": "user", "content": QUESTION}]}
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 401
+        got = {}
+
+        def ask():
+            try:
+                got["r"] = httpx.post(url + "/v1/chat/completions", json=body, timeout=60,
+                                      headers={"Authorization": "Bearer from-env"})
+            except httpx.HTTPError as exc:  # a connection closed at shutdown is an answer too
+                got["r"] = exc
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        thread.join(60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert not thread.is_alive() and "r" in got
+    assert "without --api-key" not in err and "Traceback" not in err
+
+
+def test_a_cartridge_made_for_another_model_is_listed_unavailable(other_model_dir, compiled):
+    """The fingerprint check `lcc verify` runs: a cartridge of the tiny model, served with a
+    model of the same shapes and other weights, is listed with the reason and never read."""
+    from lcc_cli.api import load
+
+    server = Running(load(run_opts(other_model_dir)), [compiled[0]])
+    try:
+        card = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}["doc"]
+        assert not card["lcc"]["available"] and "made for model" in card["lcc"]["reason"]
+        r = httpx.post(server.url + "/v1/chat/completions", json={
+            "model": "doc", "max_tokens": 2, "messages": [{"role": "user", "content": QUESTION}]})
+        assert r.status_code == 404 and "unavailable" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_stop_strings_cut_the_answer_and_never_leak_a_partial_match(served):
+    from lcc_cli.serve.engine import visible
+
+    assert visible("the harbour light", ["light"], final=False) == ("the harbour ", True)
+    assert visible("the harbour li", ["light"], final=False) == ("the harbour ", False)  # may still become one
+    assert visible("the harbour li", ["light"], final=True) == ("the harbour li", False)
+    assert visible("abc", [""], final=False) == ("abc", False)
+
+    server, _, _ = served
+    ask = dict(model="harbor", max_tokens=12, messages=[{"role": "user", "content": QUESTION}])
+    full = _client(server).chat.completions.create(**ask).choices[0].message.content
+    assert len(full) > 4
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    want = full[:full.index(stop)].rstrip()
+    plain = _client(server).chat.completions.create(**ask, stop=[stop]).choices[0]
+    assert plain.message.content == want and plain.finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       _client(server).chat.completions.create(**ask, stop=[stop], stream=True) if c.choices)
+    assert streamed == want

@@ -69,10 +69,17 @@ def inspect_rows(info: dict):
     yield "file size", f"{info['bytes']:,} bytes"
 
 
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
 def compiler_rows(info: dict):
-    """(label, value) rows for `lcc inspect` of a compiler file."""
+    """(label, value) rows for `lcc inspect` of a compiler file. The training table only
+    describes the run (load checks the fields that build the compiler), so a field that is
+    missing or of another type shows as '?' instead of failing the listing."""
     m = info["manifest"]
-    model, c, t = m["model"], m["compiler"], m.get("training", {})
+    model, c = m["model"], m["compiler"]
+    t = m.get("training") if isinstance(m.get("training"), dict) else {}
     yield "format", f"{m['format']} v{m['format_version']} (lcc {m.get('lcc_version')}, {m.get('created')})"
     yield "model", f"{model.get('id')}  sha256:{str(model.get('fingerprint'))[:16]}…"
     yield "compiler", (f"LoRA rank {c.get('lora_rank')} alpha {c.get('lora_alpha')} on "
@@ -80,9 +87,11 @@ def compiler_rows(info: dict):
                        f"sink {c.get('sink')}")
     yield "ratios", f"{t.get('ratios')}"
     yield "training", (f"{t.get('steps')} steps (kept step {t.get('selected_step')}, held-out QA KL "
-                       f"{t.get('heldout_qa_kl')}), {t.get('tokens'):,} tokens in {t.get('seconds')} s on "
+                       f"{t.get('heldout_qa_kl')}), {_count(t.get('tokens'))} tokens in {t.get('seconds')} s on "
                        f"{t.get('device')} ({t.get('tokens_per_second')} tokens/s)")
-    yield "objective", ", ".join(f"{k} {v}" for k, v in (t.get("objective") or {}).items())
-    for d in t.get("data", []):
-        yield "data", f"{d.get('name')}  sha256:{str(d.get('sha256'))[:16]}…  {d.get('rows')} rows"
+    objective = t.get("objective")
+    yield "objective", ", ".join(f"{k} {v}" for k, v in objective.items()) if isinstance(objective, dict) else "?"
+    for d in t.get("data") if isinstance(t.get("data"), list) else []:
+        if isinstance(d, dict):
+            yield "data", f"{d.get('name')}  sha256:{str(d.get('sha256'))[:16]}…  {d.get('rows')} rows"
     yield "file", f"{info['bytes']:,} bytes, sha256:{info['sha256'][:16]}…"

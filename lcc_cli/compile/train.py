@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .._version import __version__
 from ..config import TrainConfig
-from ..errors import InputError, UsageError
+from ..errors import InputError, LccError, UsageError
 from ..format import manifest as mf
 from ..format.compiler_file import save_compiler
 from ..format.fsio import atomic_write
@@ -77,12 +77,13 @@ def read_training_data(paths: list[Path], segment_tokens: int = 1024) -> tuple[l
     """Rows of {"context" (or "text"), "title" (optional), "questions": [{"q", "answers"
     (optional), "para" (optional)}]} from JSONL files, and a record of each file (name,
     sha256, rows) for the compiler's manifest."""
-    from ..ingest import read_jsonl
+    from ..ingest import read_input, read_jsonl
 
     rows, files = [], []
     for path in map(Path, paths):
         count = 0
-        for number, _, row in read_jsonl(path, "training data"):
+        raw = read_input(path, "training data")  # read once: the data may be a pipe
+        for number, _, row in read_jsonl(path, "training data", raw):
             text = row.get("context", row.get("text")) if isinstance(row, dict) else None
             questions = row.get("questions", []) if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip() or not isinstance(questions, list) or not all(
@@ -100,18 +101,10 @@ def read_training_data(paths: list[Path], segment_tokens: int = 1024) -> tuple[l
             text = text.strip()[:MAX_CONTEXT_CHARS]
             rows.append(Row(text, qs, group, len(text.split()) > LONG_WORDS_PER_SEGMENT_TOKEN * segment_tokens))
             count += 1
-        files.append({"name": path.name, "sha256": _file_sha256(path), "rows": count})
+        files.append({"name": path.name, "sha256": hashlib.sha256(raw).hexdigest(), "rows": count})
     if not rows:
         raise InputError("the training data holds no documents")
     return rows, files
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -203,14 +196,17 @@ def instruction_targets(loaded, cfg: TrainConfig, progress: Progress = NO_PROGRE
     # train on the same numbers.
     targets = [Target(pr, d.tokens, d.top[0].cpu(), d.top[1].to(torch.float16).float().cpu())
                for pr, d in zip(prompts, out)]
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for i, t in enumerate(targets):
         tensors[f"{i}.ids"] = t.top_ids.to(torch.int32).contiguous()
         tensors[f"{i}.lp"] = t.top_logprobs.to(torch.float16).contiguous()
-    atomic_write(path.with_suffix(".json"), json.dumps([[t.prompt, t.response] for t in targets]).encode(),
-                 overwrite=True)
-    atomic_write(path, save(tensors), overwrite=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path.with_suffix(".json"), json.dumps([[t.prompt, t.response] for t in targets]).encode(),
+                     overwrite=True)
+        atomic_write(path, save(tensors), overwrite=True)
+    except (OSError, LccError) as e:  # a cache that cannot be written only costs the next run these seconds
+        progress.status(f"teacher targets not cached in {path.parent} ({str(e)[:120]}); training goes on")
     return targets
 
 

@@ -14,7 +14,7 @@ from ..ingest import read_jsonl
 
 def load_dataset(path: Path) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a regular file or a pipe; read_jsonl refuses anything else
         raise InputError(f"no such dataset: {path}")
     rows = []
     for number, _, row in read_jsonl(path, "dataset"):

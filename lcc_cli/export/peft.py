@@ -122,14 +122,17 @@ MAX_JSON_BYTES = 8 << 20
 
 
 def check_adapter_dir(directory: Path) -> None:
-    """The adapter's files are there and regular (cheap; before a model loads)."""
-    for name in (CONFIG, WEIGHTS):
+    """The adapter's files are there and regular (cheap; before a model loads). lcc's
+    manifest is optional, but when present it is read, so it must be a regular file too."""
+    for name in (CONFIG, WEIGHTS, MANIFEST):
         path = directory / name
         try:
             st = path.stat()
         except FileNotFoundError:
             if path.is_symlink():
                 raise CartridgeError(f"{path} is a dangling symbolic link") from None
+            if name == MANIFEST:
+                continue
             if name == CONFIG:
                 raise CartridgeError(f"{directory} is not a PEFT adapter directory (no {CONFIG})") from None
             raise CartridgeError(f"{directory} has no {WEIGHTS}",
@@ -155,6 +158,47 @@ def _read_json(path: Path):
         raise CartridgeError(f"{path.name} is not valid JSON") from exc
 
 
+def _lcc_manifest_problem(m) -> str | None:
+    """What is missing from an adapter's lcc_manifest.json (the fields import keeps), or None."""
+    if not isinstance(m, dict):
+        return "not a table"
+    model, buffer = m.get("model"), m.get("buffer")
+    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str) or not isinstance(model.get("id"), str):
+        return "model.id and model.fingerprint"
+    if (not isinstance(buffer, dict) or not isinstance(buffer.get("segments"), list)
+            or not all(isinstance(s, dict) and isinstance(s.get("slots"), int) for s in buffer["segments"])):
+        return "buffer.segments"
+    missing = [k for k in ("source", "compile", "metrics", "compiler") if not isinstance(m.get(k), dict)]
+    return ", ".join(missing) or None
+
+
+def read_adapter_files(directory: Path) -> tuple[dict, dict | None]:
+    """The adapter's config and lcc's manifest (None when it has none), checked as far as
+    they can be without the model: cheap, so import runs it before the model loads."""
+    directory = Path(directory)
+    check_adapter_dir(directory)
+    config = _read_json(directory / CONFIG)
+    kind = config.get("peft_type") if isinstance(config, dict) else None
+    if not isinstance(kind, str):
+        raise CartridgeError(f"{directory}: {CONFIG} names no peft_type; not a PEFT Cartridge adapter")
+    if kind != "CARTRIDGE":
+        raise CartridgeError(f"{directory} holds a {kind[:20]!r} adapter, not a PEFT Cartridge")
+    for key in ("num_layers", "num_attention_heads", "token_dim", "num_virtual_tokens"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise CartridgeError(f"{CONFIG}: {key} must be a positive integer")
+    manifest = None
+    if (directory / MANIFEST).exists():
+        # Only lcc writes this file; one that is there but unreadable or incomplete is refused
+        # rather than dropped, because import keeps its provenance and checks its model.
+        manifest = _read_json(directory / MANIFEST)
+        problem = _lcc_manifest_problem(manifest)
+        if problem:
+            raise CartridgeError(f"{directory.name}/{MANIFEST} is not a manifest lcc wrote (bad or missing: "
+                                 f"{problem})", hint=f"remove {MANIFEST} to import the adapter without it")
+    return config, manifest
+
+
 def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
     """The buffer in a PEFT Cartridge adapter directory, lcc's manifest if it carries one,
     and the sha256 of its weights. Shapes missing from the config come from `facts`."""
@@ -162,21 +206,12 @@ def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    check_adapter_dir(directory)
-    config_path, weights = directory / CONFIG, directory / WEIGHTS
-    config = _read_json(config_path)
-    kind = config.get("peft_type") if isinstance(config, dict) else None
-    if not isinstance(kind, str):
-        raise CartridgeError(f"{directory}: {CONFIG} names no peft_type; not a PEFT Cartridge adapter")
-    if kind != "CARTRIDGE":
-        raise CartridgeError(f"{directory} holds a {kind[:20]!r} adapter, not a PEFT Cartridge")
+    config, manifest = read_adapter_files(directory)
+    weights = directory / WEIGHTS
+
     def number(key, default):
         value = config.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise CartridgeError(f"{CONFIG}: {key} must be a positive integer")
-        return value
+        return default if value is None else value
 
     layers = number("num_layers", facts.num_layers)
     heads = number("num_attention_heads", facts.num_kv_heads)
@@ -206,10 +241,4 @@ def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
     if facts.max_positions and embeddings.shape[0] >= facts.max_positions:
         raise CartridgeError(f"the adapter's {embeddings.shape[0]:,} entries do not fit the model's "
                              f"{facts.max_positions:,}-position window")
-    manifest = None
-    if (directory / MANIFEST).is_file():
-        try:
-            manifest = _read_json(directory / MANIFEST)
-        except CartridgeError:
-            manifest = None
     return unpack(embeddings, layers, heads, head_dim), manifest, hashlib.sha256(data).hexdigest()

@@ -154,9 +154,9 @@ class Engine:
                 job.tokens = len(row)
                 text = tok.decode(kept, skip_special_tokens=True).lstrip()
                 reason = "stop" if ended else "length" if len(row) >= job.max_tokens else None
-                cut = min((i for i in (text.find(s) for s in job.stop if s) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
+                text, stopped = visible(text, job.stop, final=reason is not None)
+                if stopped:
+                    reason = "stop"
                 if reason is not None:
                     text = text.rstrip()
                 if len(text) > len(job.shown) and (reason is not None or not text.endswith("\ufffd")):
@@ -179,3 +179,17 @@ class Engine:
             if not job.finished:
                 job.finished = True
                 job.send("end", "length", job.tokens)
+
+
+def visible(text: str, stops: list[str], final: bool) -> tuple[str, bool]:
+    """What a client may be shown of the text decoded so far, and whether a stop string ended
+    it. Cut before the first stop string; while decoding goes on, hold back an ending that
+    could still become one (a stop string can span tokens, and text once sent is never taken
+    back)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], True
+    if final:
+        return text, False
+    hold = max((k for s in stops if s for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - hold], False
