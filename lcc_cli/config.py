@@ -255,6 +255,9 @@ class EvalSettings(_FromDict):
         return AskConfig(max_new_tokens=self.max_new_tokens)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # the bench's configs are about 2 KB; 64 methods fit in a few
+
+
 def load_eval_config(path: Path | None) -> EvalSettings:
     """Read an eval TOML: an [eval] table of EvalSettings fields and a [compile] table of
     CompileConfig fields. Unknown keys and wrong types are usage errors naming the file."""
@@ -263,7 +266,11 @@ def load_eval_config(path: Path | None) -> EvalSettings:
     import tomli
 
     try:
-        data = tomli.loads(Path(path).read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:  # before parsing: a million tables take a minute to parse
+            raise UsageError(f"config {path} is larger than {MAX_CONFIG_BYTES:,} bytes")
+        data = tomli.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, tomli.TOMLDecodeError, RecursionError) as exc:
         raise UsageError(f"cannot read config {path}: {exc}".splitlines()[0]) from exc
     unknown = set(data) - {"eval", "compile"}

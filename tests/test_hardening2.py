@@ -94,10 +94,14 @@ def _adapter(compiled, tmp_path) -> Path:
 
 
 def test_an_oversized_adapter_config_is_refused_unread(compiled, tmp_path, tiny_model_dir):
+    from test_hardening import max_rss_mb
+
     adapter = _adapter(compiled, tmp_path)
     with open(adapter / "adapter_config.json", "r+b") as f:
         f.truncate(200 << 20)  # sparse: 200 MB on paper
     assert_error(run("import", adapter, "-o", tmp_path / "o.lcc", "--model", tiny_model_dir), 5, "bytes")
+    code, peak, err = max_rss_mb(["import", str(adapter), "-o", str(tmp_path / "o.lcc"), "--model", str(tiny_model_dir)])
+    assert code == 5 and peak < 1000, (code, peak, err)  # torch alone is a few hundred MB; 200 MB read is more
     assert not (tmp_path / "o.lcc").exists()
 
 
@@ -197,8 +201,12 @@ def trained_compiler(tmp_path_factory, tiny_model_dir):
 ])
 def test_a_lying_compiler_file_is_refused_before_anything_is_built(trained_compiler, tmp_path, tiny_model_dir,
                                                                    edit, fragment):
+    from test_hardening import max_rss_mb
+
     bad = _resign_compiler(trained_compiler, tmp_path / "bad.safetensors", edit)
     assert_error(run("inspect", bad), 5, fragment)
+    code, peak, _ = max_rss_mb(["inspect", str(bad)])
+    assert code == 5 and peak < 1000  # a rank of 10^6 once allocated 3.2 GB before failing
     doc = tmp_path / "d.txt"
     doc.write_text(DOC)
     assert_error(run("compile", doc, "-o", tmp_path / "o.lcc", "--compiler", bad, "--steps", "0",
@@ -276,11 +284,30 @@ def test_two_questions_are_both_checked_before_the_first_answer(compiled, tmp_pa
 
 
 def test_an_eval_row_with_a_huge_context_names_its_line(tmp_path, tiny_model_dir):
+    from test_hardening import max_rss_mb
+
     rows = [{"context": "x", "questions": [{"q": "a", "answers": ["b"]}]},
-            {"context": "word " * 300_000, "questions": [{"q": "a", "answers": ["b"]}]}]
+            {"context": "word " * 2_000_000, "questions": [{"q": "a", "answers": ["b"]}]}]  # 10 MB
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert_error(run("eval", tmp_path / "d.jsonl", "--out", tmp_path / "out", "--model", tiny_model_dir), 3,
                  "line 2")
+    code, peak, err = max_rss_mb(["eval", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "out"),
+                                  "--model", str(tiny_model_dir)])
+    assert code == 3 and peak < 1200, (code, peak, err)  # tokenised, 10 MB cost about 2 GB
+
+
+def test_a_huge_training_context_is_cut_at_load():
+    """train-compiler keeps at most a few segments of a document: a 10 MB context is cut in
+    characters when read, before anything tokenises it."""
+    import tempfile
+
+    from lcc_cli.compile.train import MAX_CONTEXT_CHARS, read_training_data
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "t.jsonl"
+        path.write_text(json.dumps({"context": "word " * 2_000_000, "questions": [{"q": "x" * 50_000}]}) + "\n")
+        (row,), _ = read_training_data([path])
+    assert len(row.text) <= MAX_CONTEXT_CHARS < 10_000_000 and len(row.questions[0]["q"]) <= 2000
 
 
 def test_a_million_eval_methods_are_refused_at_once(tmp_path, tiny_model_dir):
@@ -288,6 +315,9 @@ def test_a_million_eval_methods_are_refused_at_once(tmp_path, tiny_model_dir):
     (tmp_path / "m.toml").write_text("".join(f'[[eval.methods]]\nlabel = "m{i}"\n' for i in range(1000)))
     assert_error(run("eval", tmp_path / "d.jsonl", "--config", tmp_path / "m.toml", "--out", tmp_path / "out",
                      "--model", tiny_model_dir), 2, "at most 64")
+    (tmp_path / "m.toml").write_text("".join(f'[[eval.methods]]\nlabel = "m{i}"\n' for i in range(10**6)))
+    assert_error(run("eval", tmp_path / "d.jsonl", "--config", tmp_path / "m.toml", "--out", tmp_path / "out",
+                     "--model", tiny_model_dir), 2, "bytes")  # by its size, unparsed (parsing took a minute)
 
 
 # smaller things: messages that say what is wrong ------------------------------------------------
