@@ -28,13 +28,17 @@ def test_batch_output_names_never_collide(tmp_path, tiny_model_dir):
     for i, s in enumerate(sources):
         s.write_text(DOC + f" Copy {i}.")
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.lcc").write_bytes(b"an earlier output, not named by this batch")
+    before = _digests(*sources, out / "earlier.lcc")
     result = run("compile", *sources, "-o", f"{out}/", "--force", "--steps", "1", "--ratio", "8", "--compiler", "none",
                  "--model", tiny_model_dir, "--json")
     assert result.exit_code == 0, result.stderr
     docs = json.loads(result.stdout)["documents"]
     names = [Path(d["output"]).name for d in docs]
     assert names == ["doc.lcc", "doc-2.lcc", "doc-2-2.lcc"] and all(d["status"] == "done" for d in docs)
-    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["earlier.lcc"])
+    assert _digests(*sources, out / "earlier.lcc") == before
     # each cartridge holds its own source
     from lcc_cli.format.cartridge import load_cartridge
 
