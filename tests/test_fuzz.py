@@ -197,3 +197,31 @@ def test_random_adapter_configs_import_cleanly_or_fail_typed(tiny_loaded, compil
     except LccError:
         pass
     shutil.rmtree(d)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_edited_lcc_manifests_in_an_adapter_import_cleanly_or_fail_typed(tiny_loaded, compiled, tmp_path_factory,
+                                                                        data):
+    """The adapter's lcc_manifest.json (provenance import keeps, and the model it checks) with
+    fields changed or removed: import writes a cartridge that loads, or fails typed."""
+    import shutil
+    from unittest import mock
+
+    from lcc_cli import api
+    from lcc_cli.errors import LccError
+    from lcc_cli.export.peft import export_peft
+    from lcc_cli.format.cartridge import load_cartridge
+
+    d = tmp_path_factory.mktemp("adapter")
+    export_peft(load_cartridge(compiled[0]), d / "a")
+    manifest = json.loads((d / "a" / "lcc_manifest.json").read_text())
+    (d / "a" / "lcc_manifest.json").write_text(json.dumps(_edited(manifest, data)))
+    with mock.patch.object(api, "load", lambda run: tiny_loaded):  # the model loaded once, not per example
+        try:
+            api.import_adapter(d / "a", d / "o.lcc")
+        except LccError:
+            pass
+        else:
+            load_cartridge(d / "o.lcc")
+    shutil.rmtree(d)
