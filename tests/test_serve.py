@@ -124,8 +124,8 @@ def test_names_that_are_not_served_cartridges_are_404_never_a_file_read(served, 
     (json.dumps({"model": "harbor", "max_tokens": 65, "messages": [{"role": "user", "content": "x"}]}).encode(),
      400, "limit of 64"),
     (json.dumps({"model": "harbor", "messages": [{"role": "user", "content": "x" * 5000}]}).encode(), 413, "bytes"),
-    (json.dumps({"model": "harbor", "messages": [{"role": "system", "content": "x"},
-                                                 {"role": "user", "content": "y"}]}).encode(), 400, "system"),
+    (json.dumps({"model": "harbor", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
+     400, "invalid"),
     (json.dumps({"model": "harbor", "temperature": -1, "messages": [{"role": "user", "content": "x"}]}).encode(),
      400, "temperature"),
 ])
@@ -356,3 +356,19 @@ def test_stop_strings_cut_the_answer_and_never_leak_a_partial_match(served):
     streamed = "".join(c.choices[0].delta.content or "" for c in
                        _client(server).chat.completions.create(**ask, stop=[stop], stream=True) if c.choices)
     assert streamed == want
+
+
+def test_a_system_message_leads_the_user_turn_and_text_parts_read_as_text(served, compiled):
+    """What OpenAI clients send by default: a system message (the cartridge holds the system
+    turn, so its text leads the user's) and content as a list of text parts."""
+    server, _, loaded = served
+    want = api.ask(["Answer briefly.\n\n" + QUESTION], [compiled[0]], cfg=AskConfig(max_new_tokens=10),
+                   loaded=loaded)[0].text
+    client = _client(server)
+    got = client.chat.completions.create(model="harbor", max_tokens=10, messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}])
+    assert got.choices[0].message.content == want
+    parts = client.chat.completions.create(model="harbor", max_tokens=10, messages=[
+        {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Who designed "}, {"type": "text", "text": "the lighthouse?"}]}])
+    assert parts.choices[0].message.content == want

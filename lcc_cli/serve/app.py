@@ -44,10 +44,20 @@ class Limits:
     max_stop: int = 4
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Union[str, list[TextPart]]  # OpenAI's newer clients send a list of text parts
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatRequest(BaseModel):
@@ -190,17 +200,22 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
             raise ApiError(400, f"{len(req.messages)} messages; at most {limits.max_messages}", code="too_many_messages")
         if not req.messages or req.messages[-1].role != "user":
             raise ApiError(400, "the last message must be the user's")
-        turns = []
+        turns, system = [], []
         for m in req.messages:
-            if m.role == "system":
-                raise ApiError(400, "system messages are not supported: the cartridge (or the plain model's "
-                                    "own instruction) is the system turn")
-            if len(m.content) > limits.max_message_chars:
-                raise ApiError(400, f"a message is {len(m.content):,} characters; at most "
+            if len(m.text) > limits.max_message_chars:
+                raise ApiError(400, f"a message is {len(m.text):,} characters; at most "
                                     f"{limits.max_message_chars:,}", code="message_too_long")
-            if not m.content.strip() and m.role == "user":
+            if not m.text.strip() and m.role == "user":
                 raise ApiError(400, "a user message is empty")
-            turns.append((m.role, m.content))
+            if m.role == "system":
+                system.append(m.text.strip())
+            else:
+                turns.append((m.role, m.text))
+        if system:
+            # The cartridge (or the plain model's own instruction) holds the system turn, so the
+            # client's system text leads the first user turn instead.
+            first = next(i for i, (role, _) in enumerate(turns) if role == "user")
+            turns[first] = ("user", "\n\n".join([*filter(None, system), turns[first][1]]))
         return loaded.prompter.turns_ids(turns)
 
     @app.get("/health")
