@@ -372,3 +372,25 @@ def test_a_system_message_leads_the_user_turn_and_text_parts_read_as_text(served
         {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
         {"role": "user", "content": [{"type": "text", "text": "Who designed "}, {"type": "text", "text": "the lighthouse?"}]}])
     assert parts.choices[0].message.content == want
+
+
+def test_a_client_that_gives_up_without_streaming_frees_its_place(served, monkeypatch):
+    server, _, _ = served
+    engine = server.engine
+    gate, real = threading.Event(), engine._run
+    monkeypatch.setattr(engine, "_run", lambda group: (gate.wait(30), real(group)))
+    body = {"model": "harbor", "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}]}
+    try:
+        for _ in range(2):  # the first holds the model; the second waits behind it
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1)
+        deadline = time.time() + 10
+        while engine.load() > 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.load() <= 1  # the waiting one left the queue; the running one ends with its batch
+    finally:
+        gate.set()
+    deadline = time.time() + 30
+    while engine.load() and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.load() == 0

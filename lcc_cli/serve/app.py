@@ -275,7 +275,14 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
             text, reason, completion = "", "stop", 0
             try:
                 while True:
-                    event = await job.events.get()
+                    try:
+                        event = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        # Starlette does not cancel a handler whose client left; look, so
+                        # that a client that gave up frees its place as a streaming one does.
+                        if await request.is_disconnected():
+                            return JSONResponse({}, status_code=499)
+                        continue
                     if event[0] == "delta":
                         text += event[1]
                     elif event[0] == "end":
