@@ -474,3 +474,14 @@ def test_lcc_home_that_cannot_be_written_costs_only_the_cache(tmp_path, tiny_mod
             "--lora-rank", "4", "--model", tiny_model_dir)
     assert r.exit_code == 0, r.output
     assert "Traceback" not in r.output and (tmp_path / "c.safetensors").is_file()
+
+
+def test_chat_and_questions_on_stdin_refuse_an_enormous_line_by_its_length(compiled, tiny_model_dir):
+    """chat says so and goes on to the next question; `--questions -` refuses the file."""
+    line = "why " * 100_000
+    result = run("chat", compiled[0], "--model", tiny_model_dir, "--max-new-tokens", "2",
+                 input=line + "\nWho built it?\n")
+    assert result.exit_code == 0 and "characters" in result.stderr and "Traceback" not in result.output
+    assert result.stdout.strip()  # the second question was answered
+    assert_error(run("ask", compiled[0], "--questions", "-", "--model", tiny_model_dir, input="short?\n" + line + "\n"),
+                 2, "characters")
