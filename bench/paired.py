@@ -25,7 +25,14 @@ if __name__ == "__main__":
         results, a, b = {"documents": _documents(sys.argv[1])}, sys.argv[2], sys.argv[3]
     elif len(sys.argv) == 5:
         # answers are keyed by (document, qid): rows of both runs side by side pair up
-        results, a, b = {"documents": _documents(sys.argv[1]) + _documents(sys.argv[3])}, sys.argv[2], sys.argv[4]
+        first, second, a, b = _documents(sys.argv[1]), _documents(sys.argv[3]), sys.argv[2], sys.argv[4]
+        if a == b:  # one label in both runs (two steps of one candidate): tell the second run's rows apart
+            b = f"{b} (second run)"
+            for doc in second:
+                for row in doc["rows"]:
+                    if row.get("method") == a:
+                        row["method"] = b
+        results = {"documents": first + second}
     else:
         raise SystemExit(__doc__)
     print(json.dumps(compare(results, a, b), indent=1))

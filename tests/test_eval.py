@@ -345,3 +345,8 @@ def test_an_ab_half_without_baselines_pairs_with_a_full_run(toy, tmp_path, tiny_
                          text=True, check=True, cwd=script.parents[1])
     paired = json.loads(out.stdout)["8x"]
     assert paired["questions"] == 3 and paired["contains"]["diff"] == 0.0  # the same compiler, the same answers
+    # one label in both runs (two steps of one candidate): the second run's rows, not the first's twice
+    again = run("c", False, "one")
+    out = subprocess.run([sys.executable, str(script), str(full), "one", str(again), "one"], capture_output=True,
+                         text=True, check=True, cwd=script.parents[1])
+    assert "one (second run)" in json.loads(out.stdout)["8x"]["contains"]
