@@ -57,9 +57,18 @@ def resign(path: Path, out: Path, edit=None, tensors=None, key: str = "lcc_manif
 
 def max_rss_mb(args: list[str]) -> tuple[int, float, str]:
     """Run the CLI in a child process; return its exit code, peak memory (MB) and stderr."""
+    # VmHWM is this process's own high-water mark. ru_maxrss is not: Linux carries the mark of
+    # the memory replaced at exec into it, and a child started from a pytest that has grown to
+    # 1 GB then reports 1 GB whatever it does.
     code = ("import resource, sys; from lcc_cli.cli import app\n"
+            "def peak():\n"
+            "    try:\n"
+            "        with open('/proc/self/status') as f:\n"
+            "            return next(int(l.split()[1]) for l in f if l.startswith('VmHWM:'))\n"
+            "    except (OSError, StopIteration):\n"
+            "        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); raise\n")
+            "    print('PEAK', peak(), file=sys.stderr); raise\n")
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
     peak = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK"))
     return proc.returncode, peak / 1024, proc.stderr
