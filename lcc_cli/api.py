@@ -701,11 +701,11 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
     from .export.peft import ADAPTER_FILES, read_adapter_files
 
     output, directory = Path(output), Path(directory)
-    read_adapter_files(directory)  # what can be checked without the model, before it loads
+    files = read_adapter_files(directory)  # what can be checked without the model, before it loads
     inputs = tuple(directory / name for name in ADAPTER_FILES)
     check_output(output, force, inputs)  # before the model loads; never one of the adapter's own files
     loaded = load(run or RunOptions())
-    buffer, theirs, sha = read_peft(Path(directory), loaded.facts)
+    buffer, theirs, sha = read_peft(directory, loaded.facts, files)
     check_values({f"{kind}.{i}": t for kind, ts in (("k", buffer.keys), ("v", buffer.values)) for i, t in enumerate(ts)},
                  Path(directory).name)
     model = loaded.facts.to_manifest(loaded.model_id, loaded.fingerprint)

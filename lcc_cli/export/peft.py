@@ -199,14 +199,15 @@ def read_adapter_files(directory: Path) -> tuple[dict, dict | None]:
     return config, manifest
 
 
-def read_peft(directory: Path, facts) -> tuple[Buffer, dict | None, str]:
+def read_peft(directory: Path, facts, files: tuple[dict, dict | None] | None = None) -> tuple[Buffer, dict | None, str]:
     """The buffer in a PEFT Cartridge adapter directory, lcc's manifest if it carries one,
-    and the sha256 of its weights. Shapes missing from the config come from `facts`."""
+    and the sha256 of its weights. Shapes missing from the config come from `facts`.
+    `files`: read_adapter_files' result, when the caller has it already."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config, manifest = read_adapter_files(directory)
+    config, manifest = files or read_adapter_files(directory)
     weights = directory / WEIGHTS
 
     def number(key, default):

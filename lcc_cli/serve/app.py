@@ -202,15 +202,16 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
             raise ApiError(400, "the last message must be the user's")
         turns, system = [], []
         for m in req.messages:
-            if len(m.text) > limits.max_message_chars:
-                raise ApiError(400, f"a message is {len(m.text):,} characters; at most "
+            text = m.text
+            if len(text) > limits.max_message_chars:
+                raise ApiError(400, f"a message is {len(text):,} characters; at most "
                                     f"{limits.max_message_chars:,}", code="message_too_long")
-            if not m.text.strip() and m.role == "user":
+            if not text.strip() and m.role == "user":
                 raise ApiError(400, "a user message is empty")
             if m.role == "system":
-                system.append(m.text.strip())
+                system.append(text.strip())
             else:
-                turns.append((m.role, m.text))
+                turns.append((m.role, text))
         if system:
             # The cartridge (or the plain model's own instruction) holds the system turn, so the
             # client's system text leads the first user turn instead.
