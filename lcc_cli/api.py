@@ -707,14 +707,14 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
     loaded = load(run or RunOptions())
     buffer, theirs, sha = read_peft(directory, loaded.facts, files)
     check_values({f"{kind}.{i}": t for kind, ts in (("k", buffer.keys), ("v", buffer.values)) for i, t in enumerate(ts)},
-                 Path(directory).name)
+                 directory.name)
     model = loaded.facts.to_manifest(loaded.model_id, loaded.fingerprint)
     rows = [{"index": 0, "slots": buffer.slots, "token_count": 0, "sink": False}]
-    source = {"name": Path(directory).name, "sha256": sha, "token_count": 0, "ratio": None}
+    source = {"name": directory.name, "sha256": sha, "token_count": 0, "ratio": None}
     compile_, compiler, metrics = {}, {"name": "imported", "from": "peft", "sha256": sha}, {"segments": [{}]}
     if theirs is not None:
         # exported by lcc: keep its provenance, after checking it was made for this model
-        check_fingerprint(theirs["model"], loaded.model_id, loaded.fingerprint, Path(directory).name, force)
+        check_fingerprint(theirs["model"], loaded.model_id, loaded.fingerprint, directory.name, force)
         segs = theirs["buffer"]["segments"]
         if sum(s["slots"] for s in segs) == buffer.slots:
             rows = [{k: s[k] for k in ("index", "slots", "token_count", "sink") if k in s} for s in segs]

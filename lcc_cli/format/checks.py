@@ -54,6 +54,6 @@ def check_fingerprint(model: dict, model_id: str, fingerprint: str, name: str = 
     """Refuse a file made for another model (unless forced)."""
     want = model["fingerprint"]
     if want != fingerprint and not force:
-        raise ModelMismatchError(f"{name} was made for model {model['id']} ({str(want)[:12]}), "
+        raise ModelMismatchError(f"{name} was made for model {model['id'][:60]} ({str(want)[:12]}), "
                                  f"not {model_id} ({fingerprint[:12]})", hint=hint)
     return str(want)[:16]
