@@ -410,28 +410,23 @@ def _same_compile(m: dict, loaded, doc, cfg: CompileConfig, info: dict) -> bool:
 # --- ask --------------------------------------------------------------------------------------
 
 class Reader:
-    """Cartridges (composed) or a document, and the model, loaded once for many questions."""
+    """Cartridges (runtime/memory.py), or a document, and the model, loaded once for many
+    questions."""
 
     def __init__(self, cartridges: list[Path] = (), context: Path | None = None, run: RunOptions | None = None,
                  force: bool = False, loaded=None):
-        from .compose import combine
-        from .format.checks import check_compatible, check_fingerprint
+        from .runtime.memory import open_memory, read_cartridges
 
         if cartridges and context is not None:
             raise UsageError("give cartridges or --context, not both")
-        from .format.cartridge import load_cartridge
-
-        carts = [load_cartridge(p) for p in cartridges]  # format errors before the slow model load
+        carts = read_cartridges(cartridges)  # format errors before the slow model load
         self.document = read_document(context).text if context is not None else None
         self.loaded = loaded or load(run or RunOptions())
-        self.buffer = None
         self.mode = "cartridge" if carts else "context" if context is not None else "none"
-        for path, cart in zip(cartridges, carts):
-            name = Path(path).name
-            check_compatible(cart.manifest["model"], self.loaded.facts, cart.buffer.first_query_position, name)
-            check_fingerprint(cart.manifest["model"], self.loaded.model_id, self.loaded.fingerprint, name, force)
-        if carts:
-            self.buffer = combine(carts, force=force).to(self.loaded.device, self.loaded.dtype)
+        self.memory = open_memory(carts, self.loaded, [Path(p).name for p in cartridges], force) if carts else None
+
+    def _buffer(self, question: str):
+        return self.memory.view(question) if self.memory is not None else None
 
     def check(self, questions: list[str], cfg: AskConfig | None = None) -> None:
         """Refuse any question that cannot be answered before the first is: empty, not text,
@@ -441,14 +436,15 @@ class Reader:
         for question in questions:
             check_question(question)
         for question in questions:
-            check_fits(self.loaded, question, buffer=self.buffer, document=self.document, cfg=cfg or AskConfig())
+            check_fits(self.loaded, question, buffer=self._buffer(question), document=self.document,
+                       cfg=cfg or AskConfig())
 
     def ask(self, question: str, cfg: AskConfig | None = None, on_text=None):
         """One answer (runtime.reader.Answer)."""
         from .runtime.reader import answer
 
         check_question(question)
-        return answer(self.loaded, [question], buffer=self.buffer, document=self.document, cfg=cfg,
+        return answer(self.loaded, [question], buffer=self._buffer(question), document=self.document, cfg=cfg,
                       on_text=on_text)[0]
 
 

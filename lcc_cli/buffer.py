@@ -150,6 +150,21 @@ class Buffer:
                    torch.cat([p.positions for p in parts]), bias)
 
     @classmethod
+    def laid_out(cls, parts: list[Buffer], rope: Rope) -> Buffer:
+        """Parts one after another, like consecutive text: the first starts at position 0 and
+        each later one is moved (keys re-rotated) so that its lowest position follows the
+        previous part's last. Distances inside a part are kept. The one way buffers are put
+        side by side: composed cartridges, a cartridge's segments, chosen pages, the buffers
+        of training's compiled documents (keys [..., T, head_dim] with any leading axes)."""
+        moved, offset = [], 0
+        for part in parts:
+            low = int(part.positions.min()) if part.slots else 0
+            part = part.moved(rope, offset - low)
+            moved.append(part)
+            offset = part.first_query_position if part.slots else offset
+        return cls.concat(moved)
+
+    @classmethod
     def from_cache_layers(cls, layers, positions) -> Buffer:
         """From a model cache's (keys, values) per layer, batch row 0."""
         return cls([k[0] for k, _ in layers], [v[0] for _, v in layers],

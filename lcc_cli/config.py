@@ -205,7 +205,7 @@ class EvalSettings(_FromDict):
     # (bench/paired.py pairs two results files).
     baselines: bool = True
     # Also answer multi-segment cartridges reading only the `route` segments each question's
-    # attention favours (runtime/route.py): condition `cartridge_routed`.
+    # attention favours (runtime/memory.py): condition `cartridge_routed`.
     route: int | None = None
     general_probes: bool = True
     # Also answer each article's questions from its paragraphs' cartridges composed together

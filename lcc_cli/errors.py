@@ -44,6 +44,10 @@ class UsageError(LccError):
         self.field = field
 
 
+class WindowError(UsageError):
+    """A prompt (with its answer) that would run past the model's position window."""
+
+
 class InputError(LccError):
     """The source document cannot be read or holds no usable text."""
 

@@ -72,7 +72,7 @@ def test_routing_reads_the_segment_the_question_attends_to(tiny_model_dir, tmp_p
     one segment keeps a consecutive buffer of that segment alone; asking with it equals asking
     the one-segment cartridge of that text."""
     from lcc_cli.api import load
-    from lcc_cli.runtime.route import routed, segment_scores
+    from lcc_cli.runtime.memory import Routed, segment_scores
 
     loaded = load(run_opts(tiny_model_dir))
     text = ("The granite quarry ships stone by rail to the city. " * 6) + "\n\n" + (DOC + " ") * 2
@@ -84,13 +84,14 @@ def test_routing_reads_the_segment_the_question_attends_to(tiny_model_dir, tmp_p
     assert len(cart.segments) >= 2
     scores = segment_scores(loaded, cart.buffer, cart.segments, "Who designed the lighthouse?")
     assert len(scores) == len(cart.segments) and all(s >= 0 for s in scores)
-    one = routed(loaded, cart.buffer, cart.segments, "Who designed the lighthouse?", 1)
+    one = Routed(loaded, cart, 1).view("Who designed the lighthouse?")
     best = max(range(len(scores)), key=scores.__getitem__)
     assert one.slots == cart.segments[best]["slots"]
     assert one.positions.tolist() == list(range(one.slots))  # laid out from 0, consecutively
     alone = cart.segment_buffers()[best].moved(loaded.rope, -int(cart.segment_buffers()[best].positions.min()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one.keys, alone.keys))
-    assert routed(loaded, cart.buffer, cart.segments, "anything", len(cart.segments)) is cart.buffer
+    everything = Routed(loaded, cart, len(cart.segments))
+    assert everything.view("anything") is everything.buffer
 
 
 @pytest.mark.parametrize("method", ["am", "truncate"])

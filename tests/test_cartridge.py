@@ -146,7 +146,7 @@ def test_wrong_model_is_refused_unless_forced(compiled, other_model_dir):
 def test_combine_lays_cartridges_side_by_side(compiled):
     """Composition (consecutive layout): the second cartridge's buffer follows the first,
     re-rotated, and the question follows both."""
-    from lcc_cli.compose import combine
+    from lcc_cli.runtime.memory import compose as combine
 
     cart = fmt.load_cartridge(compiled[0])
     short = fmt.Cartridge(cart.manifest, cart.buffer.select(0, 1))

@@ -146,7 +146,7 @@ def test_question_from_stdin_and_chat(compiled, tiny_model_dir):
 
 @pytest.mark.parametrize("layout", ["consecutive", "overlap"])
 def test_two_v2_cartridges_compose_in_the_chosen_layout(compiled, layout):
-    from lcc_cli.compose import combine
+    from lcc_cli.runtime.memory import compose as combine
 
     cart = load_cartridge(compiled[0])
     buffer = combine([cart, cart], layout=layout)

@@ -338,7 +338,7 @@ def test_a_cartridge_made_for_another_model_is_listed_unavailable(other_model_di
 
 
 def test_stop_strings_cut_the_answer_and_never_leak_a_partial_match(served):
-    from lcc_cli.serve.engine import visible
+    from lcc_cli.runtime.text import visible
 
     assert visible("the harbour light", ["light"], final=False) == ("the harbour ", True)
     assert visible("the harbour li", ["light"], final=False) == ("the harbour ", False)  # may still become one

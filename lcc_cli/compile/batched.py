@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..runtime.cache import Layers, cache_layers, forward_rows, make_cache
 from ..runtime.prompts import RECONSTRUCT_INSTRUCTION
-from .slots import chunk_embeddings, entries
+from ..buffer import Buffer
+from .slots import chunk_embeddings, entries, view_buffer
 
 
 def _pad_ids(rows: list[list[int]], device) -> torch.Tensor:
@@ -106,13 +107,11 @@ def compile_documents(loaded, peft_model, bias, docs: list, ratios: list[float],
                     for sk, sv, (k, v) in zip(sink_k, sink_v, slot_kv)] if cfg.sink else \
                 [(k[i: i + 1, :, :s], v[i: i + 1, :, :s]) for k, v in slot_kv]
             at = s + 1 if cfg.sink else n + s
-            views.append([(rope.shift(k, offset) if offset else k, v) for k, v in view])
+            views.append(view_buffer(view, at))
             ctxs.append([(k[i: i + 1, :, :n], v[i: i + 1, :, :n]) for k, v in ctx_kv])
-            offset += at
             tokens += n + s
-        layers = [(torch.cat([v[j][0] for v in views], dim=2), torch.cat([v[j][1] for v in views], dim=2))
-                  for j in range(len(views[0]))]
-        out.append((layers, offset, ctxs, tokens))
+        laid = Buffer.laid_out(views, rope)
+        out.append((list(zip(laid.keys, laid.values)), laid.first_query_position, ctxs, tokens))
     return out
 
 

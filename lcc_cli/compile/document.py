@@ -206,8 +206,7 @@ def assemble(loaded, doc: Document, results: list[SegmentResult], cfg: CompileCo
         m["buffer"]["segments"] = [{**row, "position_start": 0} for row in m["buffer"]["segments"]]
         m["buffer"]["first_query_position"] = max(row["slots"] for row in rows)
         return Cartridge(m, Buffer.concat([r.buffer for r in results]))
-    parts = [r.buffer.moved(loaded.rope, row["position_start"]) for r, row in zip(results, m["buffer"]["segments"])]
-    return Cartridge(m, Buffer.concat(parts))
+    return Cartridge(m, Buffer.laid_out([r.buffer for r in results], loaded.rope))
 
 
 # --- partial files (interrupt and resume) --------------------------------------------------

@@ -68,6 +68,13 @@ def reader_view(ctx_kv: Layers, slot_kv: Layers, n: int, sink: bool, rope: Rope)
     return view, slots + 1
 
 
+def view_buffer(view: Layers, first: int) -> Buffer:
+    """A reader view (keys [1, kv_heads, T, head_dim] with gradients) as a Buffer whose
+    entries end just before `first`, so that Buffer.laid_out can put views side by side."""
+    count = view[0][0].shape[-2]
+    return Buffer([k for k, _ in view], [v for _, v in view], torch.arange(first - count, first))
+
+
 def to_buffer(view: Layers, first: int, sink: bool, rope: Rope) -> Buffer:
     """The reader view as a stored buffer at positions 0..K-1 (detached copies)."""
     layers = [(k.detach().clone(), v.detach().clone()) for k, v in view]

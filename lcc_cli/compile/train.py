@@ -52,7 +52,8 @@ from ..runtime.decode import decode
 from ..runtime.prompts import RECONSTRUCT_INSTRUCTION, generic_instructions
 from .objective import ce_loss, reader_logits
 from .optimise import attach_lora
-from .slots import chunk_embeddings, encode_slots, entries, reader_view
+from ..buffer import Buffer
+from .slots import chunk_embeddings, encode_slots, entries, reader_view, view_buffer
 
 # A row of more words than this share of segment_tokens is a long document (likely several
 # segments; at the default 1,024 that is 600 words): long documents are drawn on their own,
@@ -239,7 +240,7 @@ def compile_document(loaded, peft_model, bias: torch.Tensor, doc: Doc, ratio: fl
     its question starts, each segment's frozen context KV (for the teacher) and the tokens
     processed."""
     rope = loaded.rope
-    views, ctx_kvs, tokens, offset = [], [], 0, 0
+    views, ctx_kvs, tokens = [], [], 0
     for ctx_ids in doc.segments:
         n = len(ctx_ids)
         _, slots = entries(n, min(ratio, n), cfg.sink)  # a context shorter than the ratio keeps one slot
@@ -247,14 +248,11 @@ def compile_document(loaded, peft_model, bias: torch.Tensor, doc: Doc, ratio: fl
             ctx_kv, _ = prefill(loaded.model, ctx_ids)
         embeds = chunk_embeddings(loaded.model, ctx_ids, slots) + bias
         view, at = reader_view(ctx_kv, encode_slots(loaded.model, ctx_kv, embeds, n), n, cfg.sink, rope)
-        # Segment j's buffer follows the earlier ones: its keys move by the entries before it.
-        views.append([(rope.shift(k, offset) if offset else k, v) for k, v in view])
+        views.append(view_buffer(view, at))
         ctx_kvs.append(ctx_kv)
-        offset += at
         tokens += n + slots
-    layers = [(torch.cat([v[i][0] for v in views], dim=2), torch.cat([v[i][1] for v in views], dim=2))
-              for i in range(len(views[0]))]
-    return layers, offset, ctx_kvs, tokens
+    laid = Buffer.laid_out(views, rope)  # segment j's buffer follows the earlier ones, as a cartridge lays them
+    return list(zip(laid.keys, laid.values)), laid.first_query_position, ctx_kvs, tokens
 
 
 def teacher_answers(loaded, ctx_kvs, questions: list[Question], cfg: TrainConfig):

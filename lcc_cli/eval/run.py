@@ -6,7 +6,7 @@ Conditions, all with the same prompt layout, decoding settings and scorer:
   truncate   the first K document tokens in the prompt, K = the cartridge's slots (same KV budget)
   retrieve   the question's best BM25 sentences of the document, K tokens at most (eval/retrieve.py)
   cartridge_routed  (with `route`) a multi-segment cartridge read through only the segments each
-             question's attention favours (runtime/route.py)
+             question's attention favours (runtime/memory.py)
   cartridge  a compiled cartridge, for each method (compiler + settings) at each ratio
 
 A method may run on every `stride`-th document only (an expensive one, e.g. from scratch);
@@ -130,7 +130,7 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
                           compile_fn) -> list[dict]:
     """For each article with several paragraphs: answer all its questions from the
     paragraphs' cartridges composed (both layouts), and from all paragraphs in the prompt."""
-    from ..compose import combine
+    from ..runtime.memory import compose
 
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -152,7 +152,7 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
         for ratio in settings.ratios:
             carts = [compiled_cartridge(loaded, m, hashlib.sha256(m["context"].encode()).hexdigest(), ratio, method,
                                         out / "cartridges", compile_fn)[0] for m in members]
-            composed[ratio] = {"composed": combine(carts, "consecutive"), "composed_overlap": combine(carts, "overlap")}
+            composed[ratio] = {"composed": compose(carts, "consecutive"), "composed_overlap": compose(carts, "overlap")}
         for m in members:
             qs = _questions(m, settings)
             texts = [q["q"] for q in qs]
@@ -261,18 +261,11 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
 
 
 def routed_answers(loaded, cart, questions: list[str], keep: int, ask) -> list:
-    """Each question answered from the `keep` segments of `cart` its attention favours."""
-    from ..runtime.route import choose, select
+    """Each question answered from the `keep` segments of `cart` its attention favours
+    (questions routed to the same segments share one decode)."""
+    from ..runtime.memory import Routed, answer_all
 
-    groups: dict[tuple, list[int]] = {}  # questions routed to the same segments share one decode
-    for i, q in enumerate(questions):
-        groups.setdefault(tuple(choose(loaded, cart.buffer, cart.segments, q, keep)), []).append(i)
-    out = [None] * len(questions)
-    for chosen, members in groups.items():
-        buffer = select(loaded, cart.buffer, cart.segments, list(chosen))
-        for i, a in zip(members, answer(loaded, [questions[i] for i in members], buffer=buffer, cfg=ask, batch=True)):
-            out[i] = a
-    return out
+    return answer_all(loaded, Routed(loaded, cart, keep), questions, ask)
 
 
 def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask) -> list:
@@ -280,6 +273,7 @@ def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask)
     all in one batched decode (each row with its own prompt)."""
     from ..runtime.decode import decode
     from ..runtime.reader import Answer
+    from ..runtime.text import answer_text
     from .retrieve import retrieve
 
     p = loaded.prompter
@@ -292,9 +286,8 @@ def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask)
         results = decode(loaded.model, None, 0, prompts, ask.max_new_tokens, p.stop_ids)
     out = []
     for q, prompt, r in zip(questions, prompts, results):
-        tokens = [t for t in r.tokens if t not in p.stop_ids]
-        out.append(Answer(q, loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens,
-                          r.seconds_to_first_token, r.seconds, 0, len(prompt)))
+        tokens, text = answer_text(loaded.tokenizer, r.tokens, p.stop_ids)
+        out.append(Answer(q, text.strip(), tokens, r.seconds_to_first_token, r.seconds, 0, len(prompt)))
     return out
 
 

@@ -321,12 +321,9 @@ def relayout(cart: Cartridge) -> Cartridge:
     """The cartridge with its segments moved to the consecutive layout (a converted v1
     file with several segments: its buffers overlapped in position)."""
     rows = mf.consecutive_segments(cart.segments)
-    rope = cart.rope
-    parts = [b.moved(rope, row["position_start"] - int(b.positions[0]))
-             for b, row in zip(cart.segment_buffers(), rows)]
     m = {**cart.manifest, "buffer": {**cart.manifest["buffer"], "segments": rows, "layout": "consecutive",
                                      "first_query_position": sum(r["slots"] for r in rows)}}
-    return Cartridge(m, Buffer.concat(parts))
+    return Cartridge(m, Buffer.laid_out(cart.segment_buffers(), cart.rope))
 
 
 def save_cartridge(cart: Cartridge, path: str | Path, overwrite: bool = False, inputs: tuple = ()) -> Path:

@@ -16,9 +16,9 @@ import torch
 
 from ..buffer import Buffer
 from ..config import AskConfig
-from ..errors import UsageError
 from .bias import slot_biases
 from .decode import decode
+from .text import TextStream, answer_text, check_window
 
 
 @dataclass
@@ -64,19 +64,18 @@ def answer(loaded, questions: list[str], buffer: Buffer | None = None, document:
         prompts = [context + p.query_ids(q) for q in questions]
         shared_s = 0.0
     for q, prompt in zip(questions, prompts):
-        _check_window(loaded, first + len(prompt), cfg.max_new_tokens, q)
+        check_window(loaded, first + len(prompt), cfg.max_new_tokens)
     generator = torch.Generator().manual_seed(cfg.seed)
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
     out: list[Answer | None] = [None] * len(prompts)
     with torch.inference_mode(), slot_biases(loaded.model, buffer.bias if buffer is not None else None):
         for group in groups:
-            stream = _streamer(loaded.tokenizer, on_text) if on_text and len(group) == 1 else None
+            stream = TextStream(loaded.tokenizer, p.stop_ids, on_text).push if on_text and len(group) == 1 else None
             results = decode(loaded.model, prefix, first, [prompts[i] for i in group], cfg.max_new_tokens,
                              p.stop_ids, cfg.temperature, generator, on_token=stream)
             for i, r in zip(group, results):
-                tokens = [t for t in r.tokens if t not in p.stop_ids]
-                out[i] = Answer(questions[i], loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                                tokens, r.seconds_to_first_token + shared_s, r.seconds + shared_s,
+                tokens, text = answer_text(loaded.tokenizer, r.tokens, p.stop_ids)
+                out[i] = Answer(questions[i], text.strip(), tokens, r.seconds_to_first_token + shared_s, r.seconds + shared_s,
                                 buffer.slots if buffer is not None else 0,
                                 len(prompts[i]) + (first if buffer is None else 0))
     return out
@@ -91,25 +90,4 @@ def check_fits(loaded, question: str, buffer: Buffer | None = None, document: st
         end = buffer.first_query_position + len(p.query_ids(question))
     else:
         end = len(p.context_ids(document)) + len(p.query_ids(question))
-    _check_window(loaded, end, cfg.max_new_tokens, question)
-
-
-def _check_window(loaded, prompt_end: int, max_new_tokens: int, question: str) -> None:
-    limit = loaded.facts.max_positions
-    if limit and prompt_end + max_new_tokens > limit:
-        raise UsageError(f"the question needs positions up to {prompt_end} plus {max_new_tokens} new tokens, "
-                         f"past the model's {limit}-position window",
-                         hint="shorten the question or the answer, or use fewer cartridges")
-
-
-def _streamer(tokenizer, on_text):
-    """Turn 'tokens so far' into new text pieces, holding back half-decoded characters."""
-    shown = [""]
-
-    def push(tokens: list[int]) -> None:
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(text) > len(shown[0]) and not text.endswith("\ufffd"):
-            on_text(text[len(shown[0]):])
-            shown[0] = text
-
-    return push
+    check_window(loaded, end, cfg.max_new_tokens)

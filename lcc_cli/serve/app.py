@@ -27,7 +27,8 @@ from typing import Literal, Optional, Union
 from fastapi import Request  # at module level: FastAPI resolves handler annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import LccError
+from ..errors import LccError, WindowError
+from ..runtime.text import check_window
 from .catalog import Catalog
 from .engine import Engine, Job, QueueFull
 
@@ -188,9 +189,9 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
         with buffers_lock:
             buffer = buffers.get(key)
             if buffer is None:
-                from ..compose import combine
+                from ..runtime.memory import Whole, compose
 
-                buffer = combine([e.cartridge for e in entries]).to(loaded.device, loaded.dtype)
+                buffer = Whole(compose([e.cartridge for e in entries]), loaded).view("")
                 buffers.clear()  # one composition kept: requests for one set come in runs
                 buffers[key] = buffer
         return key, buffer
@@ -257,10 +258,10 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
         if len(stops) > limits.max_stop:
             raise ApiError(400, f"at most {limits.max_stop} stop sequences")
         first = buffer.first_query_position if buffer is not None else len(loaded.prompter.context_ids(None))
-        window = loaded.facts.max_positions
-        if window and first + len(prompt) + max_tokens > window:
-            raise ApiError(400, f"the prompt needs positions up to {first + len(prompt)} plus {max_tokens} new tokens, "
-                                f"past the model's {window}-position window", code="context_length_exceeded")
+        try:
+            check_window(loaded, first + len(prompt), max_tokens, what="the prompt")
+        except WindowError as exc:
+            raise ApiError(400, exc.message, code="context_length_exceeded") from None
         if buffer is None:
             prompt = loaded.prompter.context_ids(None) + prompt  # the plain model: its own system turn
         job = Job(key, buffer, prompt, max_tokens, req.temperature, req.seed, stops, asyncio.get_running_loop(),

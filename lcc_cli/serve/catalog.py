@@ -80,13 +80,11 @@ class Catalog:
                     self.entries[name] = self._verify(name, path, signature)
 
     def _verify(self, name: str, path: Path, signature: tuple) -> Entry:
-        from ..format.cartridge import load_cartridge
-        from ..format.checks import check_compatible, check_fingerprint
+        from ..runtime.memory import check_model, read_cartridges
 
         try:
-            cart = load_cartridge(path)
-            check_compatible(cart.manifest["model"], self.loaded.facts, cart.buffer.first_query_position, path.name)
-            check_fingerprint(cart.manifest["model"], self.loaded.model_id, self.loaded.fingerprint, path.name)
+            (cart,) = read_cartridges([path])
+            check_model(cart, self.loaded, path.name)
         except LccError as exc:
             return Entry(name, path, signature, reason=exc.message)
         except Exception as exc:  # never let one file take the server down

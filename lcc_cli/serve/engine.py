@@ -39,7 +39,6 @@ class Job:
     events: asyncio.Queue  # ("delta", text) ... then ("end", finish_reason, completion_tokens) or ("error", msg)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # engine-side state
-    shown: str = ""
     finished: bool = False
     tokens: int = 0
 
@@ -132,6 +131,7 @@ class Engine:
     def _run(self, group: list[Job]) -> None:
         from ..runtime.bias import slot_biases
         from ..runtime.decode import decode
+        from ..runtime.text import TextStream
 
         group = [j for j in group if not j.cancelled.is_set()]
         if not group:
@@ -143,25 +143,20 @@ class Engine:
         first = head.buffer.first_query_position if head.buffer is not None else 0
         generator = torch.Generator().manual_seed(head.seed)
 
+        streams = [TextStream(tok, p.stop_ids, lambda piece, job=job: job.send("delta", piece), job.stop, trim=True)
+                   for job in group]
+
         def on_step(tokens: list[list[int]], done: list[bool]) -> bool:
-            for job, row, ended in zip(group, tokens, done):
+            for job, stream, row, ended in zip(group, streams, tokens, done):
                 if job.finished:
                     continue
                 if job.cancelled.is_set():
                     job.finished = True
                     continue
-                kept = [t for t in row if t not in p.stop_ids]
                 job.tokens = len(row)
-                text = tok.decode(kept, skip_special_tokens=True).lstrip()
                 reason = "stop" if ended else "length" if len(row) >= job.max_tokens else None
-                text, stopped = visible(text, job.stop, final=reason is not None)
-                if stopped:
+                if stream.push(row, final=reason is not None):
                     reason = "stop"
-                if reason is not None:
-                    text = text.rstrip()
-                if len(text) > len(job.shown) and (reason is not None or not text.endswith("\ufffd")):
-                    job.send("delta", text[len(job.shown):])
-                    job.shown = text
                 if reason is not None:
                     job.finished = True
                     job.send("end", reason, job.tokens)
@@ -179,17 +174,3 @@ class Engine:
             if not job.finished:
                 job.finished = True
                 job.send("end", "length", job.tokens)
-
-
-def visible(text: str, stops: list[str], final: bool) -> tuple[str, bool]:
-    """What a client may be shown of the text decoded so far, and whether a stop string ended
-    it. Cut before the first stop string; while decoding goes on, hold back an ending that
-    could still become one (a stop string can span tokens, and text once sent is never taken
-    back)."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    if cut >= 0:
-        return text[:cut], True
-    if final:
-        return text, False
-    hold = max((k for s in stops if s for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[:len(text) - hold], False
