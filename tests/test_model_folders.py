@@ -143,7 +143,7 @@ def test_fifo_tokenizer_file_is_refused(folder, transformers_unreached):
 
 def test_oversized_config_is_refused(folder, transformers_unreached):
     with (folder / "config.json").open("a") as handle:
-        handle.write(" " * models.CONFIG_MAX_BYTES)
+        handle.write(" " * (1 << 20))
     with pytest.raises(ModelError, match="config.json is larger than 1 MB"):
         models.load_model(str(folder))
 
@@ -177,6 +177,20 @@ def test_tiny_model_is_refused_when_memory_is_smaller(tiny_model_dir, monkeypatc
     monkeypatch.setattr(models, "_machine_memory", lambda: 100_000)
     with pytest.raises(ModelError, match="this machine's memory is 0.0 GiB"):
         models.load_model(str(tiny_model_dir))
+
+
+def test_model_larger_than_the_gpu_is_refused(tiny_model_dir, monkeypatch):
+    """The GPU's memory is checked too (faked here: no GPU is needed to run this test)."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=1000))
+    cfg = models.read_model_config(tiny_model_dir)
+    models.check_fits_memory(cfg, "cpu", torch.float32)
+    with pytest.raises(ModelError, match=r"as bfloat16; cuda's memory is 0\.0 GiB"):
+        models.check_fits_memory(cfg, "cuda", torch.bfloat16)
 
 
 # 3. the weights must be exactly the model's
@@ -227,3 +241,4 @@ def test_cli_reports_yarn_as_a_model_error_not_a_mismatch(folder):
                                                        "original_max_position_embeddings": 1024})
     result = CliRunner().invoke(app, ["ask", "--model", str(folder), "q"])
     assert_cli_model_error(result, "this RoPE type (yarn) cannot be moved exactly")
+

@@ -129,6 +129,7 @@ class LoadedModel:
 
 
 def head_dim(cfg) -> int:
+    """Width of one attention head: given by the config, or hidden size over heads."""
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
@@ -374,6 +375,8 @@ def check_rope(cfg) -> None:
 
     params = rope_parameters(cfg)
     kind = params.get("rope_type", "default")
+    if "rope_theta" not in params:
+        raise ModelError("config.json has no rope_theta: lcc needs a model with rotary position embeddings (RoPE)")
     if kind not in MOVABLE_ROPE:
         raise ModelError(f"this RoPE type ({kind}) cannot be moved exactly: its angles are not position x a fixed "
                          "frequency, so lcc cannot place stored keys at new positions",
@@ -391,7 +394,10 @@ def estimate_parameters(cfg) -> int:
     """Parameters of a decoder as the config describes it (attention, MLP or experts,
     embeddings). An estimate from below: norms and biases are left out."""
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    size = lambda name, default=0: getattr(cfg, name, None) or default  # noqa: E731
+
+    def size(name: str, default: int = 0) -> int:
+        return getattr(cfg, name, None) or default
+
     hidden, layers, heads = size("hidden_size"), size("num_hidden_layers"), size("num_attention_heads", 1)
     kv_heads, dim = size("num_key_value_heads", heads), size("head_dim", hidden // heads)
     experts = size("num_local_experts") or size("num_experts") or size("n_routed_experts") or 1
