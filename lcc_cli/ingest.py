@@ -225,3 +225,61 @@ def read_jsonl(path: str | Path, what: str = "file", raw: bytes | None = None) -
             value = None
         out.append((number, line.strip(), value))
     return out
+
+
+# --- batch compile: which files, and the name of each one's cartridge -------------------------
+
+def expand_sources(sources: list, unlisted: list | None = None) -> list[Path]:
+    """Files as given; folders walked (recursively, sorted) for documents lcc reads. A folder
+    that cannot be listed is added to `unlisted` as (folder, reason) instead of vanishing."""
+    import os
+
+    out = []
+    for source in map(Path, sources):
+        if not source.is_dir():
+            out.append(source)
+            continue
+
+        def failed(exc: OSError) -> None:
+            if unlisted is not None:
+                unlisted.append((exc.filename or str(source), exc.strerror or str(exc)))
+
+        found = []
+        for root, dirs, files in os.walk(source, onerror=failed):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [Path(root) / f for f in files if not f.startswith(".")
+                      and Path(f).suffix.lower() in DOCUMENT_SUFFIXES and (Path(root) / f).is_file()]
+        out += sorted(found)
+    return out
+
+
+def output_names(files: list[Path], out_dir: Path) -> list[Path]:
+    """One distinct cartridge name per source, decided before any work: STEM.lcc, or
+    STEM-2.lcc, STEM-3.lcc... when a name is taken by an earlier source of the batch (names
+    are compared case-blind: some file systems are). A name that is taken is never reused,
+    even by a source whose own stem looks like `doc-2`."""
+    used: set[str] = set()
+    names = []
+    for f in files:
+        stem = f.stem or "document"
+        name, n = f"{stem}.lcc", 1
+        while name.lower() in used:
+            n += 1
+            name = f"{stem}-{n}.lcc"
+        used.add(name.lower())
+        names.append(out_dir / name)
+    return names
+
+
+def distinct(files: list[Path]) -> list[Path]:
+    """Sources named twice (the same file by two paths) are compiled once."""
+    seen, out = set(), []
+    for f in files:
+        try:
+            key = f.resolve()
+        except OSError:
+            key = f
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out

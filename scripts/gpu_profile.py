@@ -29,15 +29,15 @@ def sync():
 
 def main():
     from lcc_cli.api import RunOptions, load
-    from lcc_cli.compile import batched, train
+    from lcc_cli.training import batched, data as train_data, losses
     from lcc_cli.compile.optimise import attach_lora
     from lcc_cli.config import TrainConfig
 
     cfg = TrainConfig()
     loaded = load(RunOptions(device="cuda" if torch.cuda.is_available() else "cpu"))
-    rows, _ = train.read_training_data([Path(p) for p in sys.argv[1:]], cfg.segment_tokens)
+    rows, _ = train_data.read_training_data([Path(p) for p in sys.argv[1:]], cfg.segment_tokens)
     rows = [r for r in rows if not r.long and r.questions][:8] + [r for r in rows if r.long][:1]
-    targets = train.instruction_targets(loaded, cfg)
+    targets = losses.instruction_targets(loaded, cfg)
     peft_model = attach_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     for p in peft_model.parameters():
         if p.requires_grad:
@@ -46,9 +46,9 @@ def main():
     rng = random.Random(0)
     items = []
     for row in rows:
-        doc = train.prepare(loaded, row, cfg)
-        items.append((doc, 8.0, *train.sample_step(doc, targets, rng, cfg)))
-    ways = {"per document": lambda: [train.document_losses(loaded, peft_model, bias, *it, cfg) for it in items],
+        doc = train_data.prepare(loaded, row, cfg)
+        items.append((doc, 8.0, *losses.sample_step(doc, targets, rng, cfg)))
+    ways = {"per document": lambda: [losses.document_losses(loaded, peft_model, bias, *it, cfg) for it in items],
             "batched": lambda: batched.step_losses(loaded, peft_model, bias, items, cfg)}
 
     def step(fn):

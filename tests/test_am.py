@@ -30,7 +30,7 @@ def test_at_ratio_1_the_buffer_is_the_context_itself(method, tiny_model_dir, doc
 
 def test_am_compacts_deterministically_and_leaves_the_model_alone(tiny, doc_file, tmp_path, tiny_model_dir):
     from lcc_cli.compile.am import AttentionMatchingCompiler
-    from lcc_cli.config import compile_config
+    from lcc_cli.compile.choice import compile_config
     from lcc_cli.ingest import TextSegment
 
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
@@ -99,7 +99,7 @@ def test_direct_refinement_lowers_the_objective_and_moves_only_the_buffer(method
     """Steps on the buffer's own keys and values: the loss falls, the sink entry and the
     model stay exactly as they were, and the same seed gives the same buffer."""
     from lcc_cli.compile.base import CompilerSpec, build_compiler
-    from lcc_cli.config import compile_config
+    from lcc_cli.compile.choice import compile_config
     from lcc_cli.ingest import TextSegment
 
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}

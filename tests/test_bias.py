@@ -140,7 +140,7 @@ def test_export_refuses_biases_unless_asked_to_drop_them(biased, tmp_path, tiny_
 
 def test_refinement_learns_biases(tiny):
     from lcc_cli.compile.base import CompilerSpec, build_compiler
-    from lcc_cli.config import compile_config
+    from lcc_cli.compile.choice import compile_config
     from lcc_cli.ingest import TextSegment
 
     compiler = build_compiler(CompilerSpec("truncate"), tiny)

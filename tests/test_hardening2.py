@@ -305,7 +305,7 @@ def test_a_huge_training_context_is_cut_at_load():
     characters when read, before anything tokenises it."""
     import tempfile
 
-    from lcc_cli.compile.train import MAX_CONTEXT_CHARS, read_training_data
+    from lcc_cli.training.data import MAX_CONTEXT_CHARS, read_training_data
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "t.jsonl"

@@ -76,7 +76,7 @@ def test_a_pipe_is_read_like_a_file(tmp_path):
     import json
 
     from lcc_cli.api import read_questions
-    from lcc_cli.compile.train import read_training_data
+    from lcc_cli.training.data import read_training_data
     from lcc_cli.eval.data import load_dataset
 
     fifo = tmp_path / "p"

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from lcc_cli.cli.app import app
 from lcc_cli.errors import EXIT_MODEL, ModelError
 from lcc_cli.runtime import model as models
+from lcc_cli.runtime import model_folder
 
 EVIL = """import pathlib
 pathlib.Path({marker!r}).write_text("the model folder's code ran")
@@ -174,7 +175,7 @@ def test_model_larger_than_memory_is_refused_with_the_numbers(folder, transforme
 
 
 def test_tiny_model_is_refused_when_memory_is_smaller(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(models, "_machine_memory", lambda: 100_000)
+    monkeypatch.setattr(model_folder, "_machine_memory", lambda: 100_000)
     with pytest.raises(ModelError, match="this machine's memory is 0.0 GiB"):
         models.load_model(str(tiny_model_dir))
 

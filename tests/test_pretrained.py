@@ -252,14 +252,14 @@ def test_the_batched_step_computes_the_per_document_losses(data, tiny_model_dir,
     import random
 
     from lcc_cli.api import load
-    from lcc_cli.compile import batched, train
+    from lcc_cli.training import batched, data as train_data, losses
     from lcc_cli.compile.optimise import attach_lora
 
     monkeypatch.setenv("LCC_HOME", str(tmp_path / "home"))
     cfg = small(segment_tokens=32)
     loaded = load(run_opts(tiny_model_dir, threads=1))
-    rows, _ = train.read_training_data([data], cfg.segment_tokens)
-    targets = train.instruction_targets(loaded, cfg)
+    rows, _ = train_data.read_training_data([data], cfg.segment_tokens)
+    targets = losses.instruction_targets(loaded, cfg)
     peft_model = attach_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     try:
         torch.manual_seed(0)
@@ -270,8 +270,8 @@ def test_the_batched_step_computes_the_per_document_losses(data, tiny_model_dir,
         rng = random.Random(0)
         items = []
         for row in rows:
-            doc = train.prepare(loaded, row, cfg)
-            items.append((doc, [3.0, 5.0, 7.0][len(items) % 3], *train.sample_step(doc, targets, rng, cfg)))
+            doc = train_data.prepare(loaded, row, cfg)
+            items.append((doc, [3.0, 5.0, 7.0][len(items) % 3], *losses.sample_step(doc, targets, rng, cfg)))
         assert any(len(it[0].segments) > 1 for it in items) and any(it[2] for it in items)
         params = [p for p in peft_model.parameters() if p.requires_grad] + [bias]
 
@@ -283,7 +283,7 @@ def test_the_batched_step_computes_the_per_document_losses(data, tiny_model_dir,
                 for t, _ in results).backward()
             return results, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
-        one, g1 = run(lambda: [train.document_losses(loaded, peft_model, bias, *it, cfg) for it in items])
+        one, g1 = run(lambda: [losses.document_losses(loaded, peft_model, bias, *it, cfg) for it in items])
         many, g2 = run(lambda: batched.step_losses(loaded, peft_model, bias, items, cfg))
         for (ta, na), (tb, nb) in zip(one, many):
             assert na == nb
@@ -298,7 +298,7 @@ def test_the_batched_step_computes_the_per_document_losses(data, tiny_model_dir,
 def test_heldout_questions_are_spread_over_the_segments():
     """A long document's held-out questions must ask about every segment's buffer, not only
     the first segment's (whose questions the data lists first)."""
-    from lcc_cli.compile.train import Question, spread
+    from lcc_cli.training.data import Question, spread
 
     qs = [Question([i], None, segment) for i, segment in enumerate([0, 0, 0, 0, 1, 1, 2])]
     assert [q.segment for q in spread(qs, 5)] == [0, 1, 2, 0, 1]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-BACKENDS = ("local", "processes", "ray")
+from ..config import BACKENDS
 
 
 class ResultSink(Protocol):

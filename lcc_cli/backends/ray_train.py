@@ -2,7 +2,7 @@
 
 `ray.train.torch.TorchTrainer` starts `workers` processes with a torch process group (gloo
 on CPUs, NCCL on GPUs). Each loads the model and runs the same loop as one process
-(compile/train.py), computing its share of every step's documents; DDP (through
+(training/loop.py), computing its share of every step's documents; DDP (through
 `ray.train.torch.prepare_model`) averages the gradients, so a step equals one process's
 step with the same global batch up to float summation order. Every rank draws the whole
 step's random choices, so the schedule, held-out selection and determinism rules are those
@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..compile.train import Dist
+from ..training.loop import Dist
 
 
 class TorchDist(Dist):
@@ -51,8 +51,9 @@ class TorchDist(Dist):
 
 
 def _worker(config: dict) -> None:
-    from ..api import RunOptions, load
-    from ..compile.train import train_compiler
+    from ..config import RunOptions
+    from ..workflows.common import load
+    from ..training.loop import train_compiler
 
     os.environ.update(config["env"])
     run = RunOptions(model=config["model"], device=config["device"], dtype=config["dtype"],

@@ -191,6 +191,17 @@ class AttentionMatchingCompiler:
         return torch.stack(chosen)
 
 
-@register("am")
+def _fit(cfg: CompileConfig, window: int | None) -> CompileConfig:
+    """The reference pass reads the segment twice, plus its slots: shrink segments to fit."""
+    if window and 2 * cfg.segment_tokens + cfg.segment_tokens / cfg.ratio + 64 > window:
+        from dataclasses import replace
+
+        return replace(cfg, segment_tokens=max(16, int((window - 64) / (2 + 1 / cfg.ratio))))
+    return cfg
+
+
+# Closed form, no steps; the whole document at once where its reference pass (the text twice)
+# fits the window (`_fit` shrinks this to fit).
+@register("am", fit=_fit, presets={q: {"steps": 0, "segment_tokens": 3500} for q in ("fast", "balanced", "best")})
 def _build(spec: CompilerSpec, loaded) -> AttentionMatchingCompiler:
     return AttentionMatchingCompiler(loaded)

@@ -28,7 +28,7 @@ from ..errors import CompilerFileError, UsageError
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
 from ..runtime.cache import prefill
-from .base import CompilerSpec, SegmentResult, register
+from .base import CompilerSpec, SegmentResult, refuse_bias, register
 from .objective import DocumentObjective
 from .slots import chunk_embeddings, encode_slots, entries, evenly_spaced_embeddings, reader_view, to_buffer
 
@@ -48,7 +48,14 @@ class OptimisingCompiler:
         return optimise_segment(self.loaded, segment.text, cfg, progress)
 
 
-@register("optimise")
+def _check(loaded, cfg: CompileConfig) -> None:
+    refuse_bias(cfg, "per-document optimisation (--compiler none)")
+    check_lora_targets(loaded.model, cfg.lora_targets)  # now, not after the first minutes of work
+
+
+# From scratch: 30 steps collapsed quality; 80 was the v0 default.
+@register("optimise", words=("none",), check=_check,
+          presets={"fast": {"steps": 30}, "balanced": {"steps": 80}, "best": {"steps": 160}})
 def _build(spec: CompilerSpec, loaded) -> OptimisingCompiler:
     return OptimisingCompiler(loaded)
 

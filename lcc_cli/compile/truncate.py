@@ -16,7 +16,7 @@ from ..config import CompileConfig
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
 from ..runtime.cache import prefill
-from .base import CompilerSpec, SegmentResult, register
+from .base import CompilerSpec, SegmentResult, refuse_bias, register
 from .refine import refine_buffer
 from .slots import entries
 
@@ -41,6 +41,12 @@ class TruncatingCompiler:
         return refine_buffer(self.loaded, segment.text, start, cfg, progress)
 
 
-@register("truncate")
+def _check(loaded, cfg: CompileConfig) -> None:
+    if cfg.bias and not cfg.steps:
+        refuse_bias(cfg, "truncate without --steps (refinement is what learns biases)")
+
+
+# The first K tokens of each segment: no steps by default (it is the baseline as a cartridge).
+@register("truncate", check=_check, presets={q: {"steps": 0} for q in ("fast", "balanced", "best")})
 def _build(spec: CompilerSpec, loaded) -> TruncatingCompiler:
     return TruncatingCompiler(loaded)

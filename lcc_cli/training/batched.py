@@ -1,6 +1,6 @@
 """One training step's documents in a few padded passes instead of one pass per document.
 
-`compile/train.py` scores a document with about eight model calls (prefill, slot encode,
+`losses.document_losses` scores a document with about eight model calls (prefill, slot encode,
 teacher, reader on questions, reconstruction, instructions, per segment); a step of nine
 documents is then ~70 calls, each a few thousand small kernels, which leaves a GPU idle
 (docs/compiler.md: 0.28 s of kernels in a 4.4 s step). Here every stage runs once for the
@@ -23,10 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..buffer import Buffer
+from ..compile.slots import chunk_embeddings, entries, view_buffer
 from ..runtime.cache import Layers, cache_layers, forward_rows, make_cache
 from ..runtime.prompts import RECONSTRUCT_INSTRUCTION
-from ..buffer import Buffer
-from .slots import chunk_embeddings, entries, view_buffer
+from .losses import topk_kl
 
 
 def _pad_ids(rows: list[list[int]], device) -> torch.Tensor:
@@ -98,7 +99,7 @@ def compile_documents(loaded, peft_model, bias, docs: list, ratios: list[float],
     slot_kv = [(k[:, :, width:], v[:, :, width:]) for k, v in cache_layers(cache)]
     out = []
     for d, doc in enumerate(docs):
-        views, ctxs, offset, tokens = [], [], 0, 0
+        views, ctxs, tokens = [], [], 0
         for i in (i for i, (dd, _) in enumerate(segs) if dd == d):
             n, s = lengths[i], slots[i]
             # as slots.reader_view, then moved after the document's earlier segments
@@ -118,7 +119,6 @@ def compile_documents(loaded, peft_model, bias, docs: list, ratios: list[float],
 def step_losses(loaded, peft_model, bias, items: list[tuple], cfg) -> list[tuple[dict, int]]:
     """(terms, tokens) for each (doc, ratio, questions, instructions), as `document_losses`
     computes them one document at a time."""
-    from .train import topk_kl
 
     model, p = loaded.model, loaded.prompter
     docs = [it[0] for it in items]
