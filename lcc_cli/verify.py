@@ -89,15 +89,33 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
 
     def tensors():
         fmt.check_tensor_entries(state["raw"], state["manifest"], path.name)
-        state["tensors"] = fmt.read_tensors(state["raw"], path.name)
-        return f"{len(state['tensors'])} tensors"
+        if state["manifest"]["format_version"] < 3:
+            state["tensors"] = fmt.read_tensors(state["raw"], path.name)
+        return f"{len(state['raw'].header) - ('__metadata__' in state['raw'].header)} tensors"
 
     def checksum():
-        return fmt.check_checksums(state["meta"], state["manifest"], state["tensors"], path.name)[:16]
+        m = state["manifest"]
+        if m["format_version"] < 3:
+            return fmt.check_checksums(state["meta"], m, state["tensors"], path.name)[:16]
+        state["table"], state["index"] = fmt.check_digests(state["raw"], state["meta"], m, path.name)
+        return m["tensor_sha256"][:16]
+
+    def blocks():
+        m = state["manifest"]
+        if m["format_version"] < 3:
+            return f"v{m['format_version']}: one checksum over every tensor (above)"
+        count = state["table"].shape[0]
+        state["rows"] = fmt.read_blocks(state["raw"], m, state["table"], 0, count - 1, path.name)
+        return f"{count} block{'s' if count != 1 else ''} of {m['buffer']['block_entries']} entries, each its sha256"
 
     def values():
-        largest = fmt.check_values(state["tensors"], path.name)
-        state["cart"] = fmt.to_cartridge(state["manifest"], state["tensors"])
+        m = state["manifest"]
+        if m["format_version"] < 3:
+            largest = fmt.check_values(state["tensors"], path.name)
+            state["cart"] = fmt.to_cartridge(m, state["tensors"])
+        else:
+            keys, vals, bias, largest = fmt.decode_rows(state["rows"], m, 0, path.name)
+            state["cart"] = fmt.Cartridge(m, fmt.Buffer(keys, vals, fmt.positions(m), bias), state["index"] or None)
         return f"all finite, largest magnitude {largest:.3g}"
 
     run("parse", parse)
@@ -105,6 +123,7 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
     run("schema", schema)
     run("tensors", tensors)
     run("checksum", checksum)
+    run("blocks", blocks)
     run("values", values)
     cart = state.get("cart")
     if callable(loaded):

@@ -103,8 +103,8 @@ def test_am_fits_biases_that_the_file_keeps_and_the_reader_uses(biased, tiny_mod
 @pytest.mark.parametrize("bad", [float("nan"), 1e3])
 def test_a_doctored_bias_is_refused(biased, tmp_path, tiny_model_dir, bad):
     def poison(tensors):
-        tensors["b.0"] = tensors["b.0"].clone()
-        tensors["b.0"][0, 1] = bad
+        tensors["b"] = tensors["b"].clone()
+        tensors["b"][1, 0, 0] = bad  # entry 1, layer 0, KV head 0
         return tensors
 
     out = resign(biased, tmp_path / "bad.lcc", tensors=poison)
@@ -117,8 +117,8 @@ def test_a_doctored_bias_is_refused(biased, tmp_path, tiny_model_dir, bad):
 def test_a_bias_tensor_missing_or_unannounced_is_refused(biased, tmp_path):
     from lcc_cli.errors import CartridgeError
 
-    dropped = resign(biased, tmp_path / "a.lcc", tensors=lambda t: {k: v for k, v in t.items() if k != "b.1"})
-    with pytest.raises(CartridgeError, match="b.1|tensors"):
+    dropped = resign(biased, tmp_path / "a.lcc", tensors=lambda t: {k: v for k, v in t.items() if k != "b"})
+    with pytest.raises(CartridgeError, match="tensor b is missing"):
         load_cartridge(dropped)
     unannounced = resign(biased, tmp_path / "b.lcc", edit=lambda m: m["buffer"].pop("bias"))
     with pytest.raises(CartridgeError, match="tensors"):

@@ -21,7 +21,7 @@ def test_round_trip_keeps_tensors_and_manifest(compiled):
     assert all(torch.equal(a, b) for a, b in zip(cart.buffer.keys + cart.buffer.values,
                                                  again.buffer.keys + again.buffer.values))
     m = cart.manifest
-    assert m["format"] == "lcc-cartridge" and m["format_version"] == 2
+    assert m["format"] == "lcc-cartridge" and m["format_version"] == 3
     assert m["buffer"]["first_query_position"] == m["buffer"]["segments"][0]["position_start"] + cart.slots
     assert len(m["model"]["fingerprint"]) == 64 and len(m["source"]["sha256"]) == 64
     for key in ("steps", "lr", "lora_rank", "seed", "teacher", "recon_weight", "kl_weight"):

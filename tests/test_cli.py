@@ -199,7 +199,7 @@ def _corrupt_variants(path, tmp_path):
     out["manifest-edited"] = _rewrite_manifest(path, tmp_path, lambda m: m["buffer"].__setitem__("first_query_position", 1))
     (tmp_path / "edited.lcc").rename(tmp_path / "manifest-edited.lcc")
     out["manifest-edited"] = tmp_path / "manifest-edited.lcc"
-    out["future-version"] = _rewrite_manifest(path, tmp_path, lambda m: m.__setitem__("format_version", 3))
+    out["future-version"] = _rewrite_manifest(path, tmp_path, lambda m: m.__setitem__("format_version", 4))
     return out
 
 

@@ -36,3 +36,28 @@ def test_golden_v1_loads_converted_and_reads_the_same(tiny):
     raw = load_file(str(path))
     v1 = Buffer([raw[f"k.{i}"] for i in range(2)], [raw[f"v.{i}"] for i in range(2)], torch.arange(89, 101))
     torch.testing.assert_close(_logits(tiny, cart.buffer), _logits(tiny, v1), rtol=1e-4, atol=1e-4)
+
+
+def test_golden_v2_loads_and_reads_as_its_own_tensors_say(tiny):
+    """golden-v2.lcc (four segments, written by the last lcc that wrote v2): read whole, its
+    buffer is exactly the file's k.{i} / v.{i} at positions 0..61, and it re-saves as v3
+    with the same keys and values."""
+    from safetensors.torch import load_file
+
+    from lcc_cli.format.cartridge import from_bytes, load_cartridge, to_bytes
+
+    path = FIXTURES / "golden-v2.lcc"
+    cart = load_cartridge(path)
+    m = cart.manifest
+    assert m["format_version"] == 2 and m["tensor_sha256"].startswith("fc79d784d39a2d8f")
+    assert m["model"]["fingerprint"] == tiny.fingerprint
+    assert [s["position_start"] for s in cart.segments] == [0, 14, 31, 45]
+    assert cart.buffer.positions.tolist() == list(range(62)) and cart.buffer.first_query_position == 62
+    raw = load_file(str(path))
+    assert all(torch.equal(cart.buffer.keys[i], raw[f"k.{i}"]) and torch.equal(cart.buffer.values[i], raw[f"v.{i}"])
+               for i in range(2))
+    again = from_bytes(to_bytes(cart))
+    assert again.manifest["format_version"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(again.buffer.keys + again.buffer.values,
+                                                 cart.buffer.keys + cart.buffer.values))
+    torch.testing.assert_close(_logits(tiny, again.buffer), _logits(tiny, cart.buffer), rtol=0, atol=0)

@@ -14,10 +14,12 @@ import math
 from datetime import datetime, timezone
 
 from ..errors import CartridgeError
+from .layouts import layout_of
+from .storage import STORAGE
 
 FORMAT_NAME = "lcc-cartridge"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 # Far beyond any real model or cartridge, far below what could exhaust memory to represent.
 MAX_LAYERS = 1024
@@ -26,6 +28,9 @@ MAX_HEAD_DIM = 4096
 MAX_SLOTS = 10_000_000
 MAX_POSITION = 100_000_000
 FLOAT_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_BLOCK = 1 << 16
+MAX_PAGES = 1_000_000
+MAX_PAGE_TEXT = 100_000  # characters; a page is a sentence or a few dozen tokens
 
 _REQUIRED = {"format": str, "format_version": int, "model": dict, "buffer": dict, "source": dict,
              "compile": dict, "metrics": dict, "lcc_version": str, "created": str, "tensor_sha256": str}
@@ -49,17 +54,24 @@ def consecutive_segments(rows: list[dict]) -> list[dict]:
 
 
 def build(*, model: dict, segments: list[dict], source: dict, compile: dict, compiler: dict, metrics: dict,
-          version: str, storage_dtype: str, partial: bool = False) -> dict:
-    """A v2 manifest for buffers laid out consecutively (see `consecutive_segments`)."""
+          version: str, storage_dtype: str, partial: bool = False, block: int = 64, index: dict | None = None) -> dict:
+    """A v3 manifest: buffers laid out consecutively (see `consecutive_segments`), then, with
+    `index`, the document's own KV window by window (layout `indexed`)."""
     segments = consecutive_segments(segments)
-    total = sum(s["slots"] for s in segments)
+    gist = sum(s["slots"] for s in segments)
+    extra = sum(w["entries"] for w in index["windows"]) if index else 0
+    ends = [s["position_start"] + s["slots"] for s in segments]
+    ends += [w["position_start"] + w["entries"] for w in (index or {}).get("windows", [])]
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": model,
-        "buffer": {"total_slots": total, "first_query_position": total, "layout": "consecutive",
-                   "dtype": storage_dtype, "segments": segments},
+        "buffer": {"total_slots": gist + extra, "first_query_position": max(ends, default=0),
+                   "layout": "indexed" if index else "consecutive", "dtype": storage_dtype, "block_entries": block,
+                   "segments": segments},
         "source": source, "compile": compile, "compiler": compiler, "metrics": metrics,
         "lcc_version": version, "created": now(), "tensor_sha256": "",
     }
+    if index:
+        manifest["index"] = index
     if partial:
         manifest["partial"] = True
     return manifest
@@ -93,8 +105,6 @@ def validate(m: object, name: str = "cartridge") -> None:
     _require(buf, {"total_slots": int, "first_query_position": int, "segments": list}, name, "buffer")
     _bounded(buf["total_slots"], 1, MAX_SLOTS, name, "buffer.total_slots")
     segments = buf["segments"]
-    if not segments:
-        raise CartridgeError(f"{name}: manifest lists no segments")
     if len(segments) > buf["total_slots"]:
         raise CartridgeError(f"{name}: more segments than slots")
     for seg in segments:
@@ -103,34 +113,75 @@ def validate(m: object, name: str = "cartridge") -> None:
         _bounded(seg["position_start"], 0, MAX_POSITION, name, "segment.position_start")
         _bounded(seg["token_count"], 0, MAX_POSITION, name, "segment.token_count")
         _bounded(seg["index"], 0, MAX_SLOTS, name, "segment.index")
-    if buf["total_slots"] != sum(s["slots"] for s in segments):
+    layout = layout_of(m, name)
+    if layout.partial_only and m.get("partial") is not True:
+        raise CartridgeError(f"{name}: buffer.layout {layout.name!r} is only for an unfinished compile")
+    if layout.readable_only and version != 1:
+        raise CartridgeError(f"{name}: buffer.layout {layout.name!r} is never written to a file")
+    if not segments and not layout.indexed:
+        raise CartridgeError(f"{name}: manifest lists no segments")
+    gist = sum(s["slots"] for s in segments)
+    windows = _validate_index(m, gist, name) if layout.indexed else []
+    if buf["total_slots"] != gist + sum(w["entries"] for w in windows):
         raise CartridgeError(f"{name}: segment slots do not add up to total_slots")
-    if buf["first_query_position"] != max(s["position_start"] + s["slots"] for s in segments):
+    for seg, start in zip(segments, layout.segment_starts(segments)):
+        if seg["position_start"] != start:
+            what = f"a v1 buffer sits right after its {seg['token_count']} tokens" if version == 1 else \
+                f"its layout puts it at {start}"
+            raise CartridgeError(f"{name}: segment {seg['index']} claims position {seg['position_start']}; {what}")
+    ends = [s["position_start"] + s["slots"] for s in segments] + [w["position_start"] + w["entries"] for w in windows]
+    if buf["first_query_position"] != max(ends):
         raise CartridgeError(f"{name}: first_query_position is not one past the last buffer position")
     if version == 1:
-        for seg in segments:  # v1 placed each buffer right after its own segment's text
-            if seg["position_start"] != seg["token_count"]:
-                raise CartridgeError(f"{name}: segment {seg['index']} claims position {seg['position_start']}, "
-                                     f"but a v1 buffer sits right after its {seg['token_count']} tokens")
         return
-    if not isinstance(buf.get("dtype"), str) or buf["dtype"] not in FLOAT_DTYPES:
-        raise CartridgeError(f"{name}: buffer.dtype must be a float type")
+    allowed = FLOAT_DTYPES if version == 2 else STORAGE
+    if not isinstance(buf.get("dtype"), str) or buf["dtype"] not in allowed:
+        raise CartridgeError(f"{name}: buffer.dtype must be one of {', '.join(allowed)}")
+    if version >= 3:
+        _require(buf, {"block_entries": int}, name, "buffer")
+        _bounded(buf["block_entries"], 1, MAX_BLOCK, name, "buffer.block_entries")
     if not isinstance(buf.get("bias", False), bool):
         raise CartridgeError(f"{name}: buffer.bias must be true or false")
-    if buf.get("layout") == "segments" and m.get("partial") is True:
-        # A partial file keeps every finished segment at its own positions 0..K-1.
-        expected = [{**s, "position_start": 0} for s in segments]
-    elif buf.get("layout") == "consecutive":
-        expected = consecutive_segments(segments)
-    else:
-        raise CartridgeError(f"{name}: unknown buffer.layout {str(buf.get('layout'))[:20]!r}")
-    for seg, want in zip(segments, expected):
-        if seg["position_start"] != want["position_start"]:
-            raise CartridgeError(f"{name}: segment {seg['index']} claims position {seg['position_start']}; "
-                                 f"its layout puts it at {want['position_start']}")
     sinks = [s.get("sink", False) for s in segments]
     if not all(isinstance(s, bool) for s in sinks):
         raise CartridgeError(f"{name}: segment.sink must be true or false")
+
+
+def _validate_index(m: dict, gist: int, name: str) -> list[dict]:
+    """An indexed cartridge's `index`: windows of the document's KV stored one after another
+    after the gist's entries, each at consecutive positions; pages and always-read ranges inside
+    them. Returns the windows."""
+    index = m.get("index")
+    _require(index, {"windows": list, "pages": list, "always": list, "doc_tokens": int}, name, "index")
+    _bounded(index["doc_tokens"], 0, MAX_POSITION, name, "index.doc_tokens")
+    windows = index["windows"]
+    if not windows or len(windows) > MAX_SLOTS:
+        raise CartridgeError(f"{name}: index.windows must list the document's windows")
+    entry = gist
+    for w in windows:
+        _require(w, {"entry_start": int, "entries": int, "position_start": int}, name, "index.windows")
+        _bounded(w["entries"], 1, MAX_SLOTS, name, "index.windows.entries")
+        _bounded(w["position_start"], 0, MAX_POSITION, name, "index.windows.position_start")
+        if w["entry_start"] != entry:
+            raise CartridgeError(f"{name}: index window at entry {w['entry_start']}; the one before ends at {entry}")
+        entry += w["entries"]
+    pages = index["pages"]
+    if len(pages) > MAX_PAGES:
+        raise CartridgeError(f"{name}: index.pages lists {len(pages):,} pages; at most {MAX_PAGES:,}")
+    last = gist
+    for p in pages:
+        _require(p, {"start": int, "entries": int, "text": str}, name, "index.pages")
+        _bounded(p["entries"], 1, MAX_SLOTS, name, "index.pages.entries")
+        if p["start"] < last or p["start"] + p["entries"] > entry:
+            raise CartridgeError(f"{name}: index pages overlap, are out of order or lie outside the document's entries")
+        if len(p["text"]) > MAX_PAGE_TEXT:
+            raise CartridgeError(f"{name}: an index page's text is over {MAX_PAGE_TEXT:,} characters")
+        last = p["start"] + p["entries"]
+    for r in index["always"]:
+        if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                or not gist <= r[0] < r[1] <= entry):
+            raise CartridgeError(f"{name}: index.always must be [start, stop] entry ranges of the document's entries")
+    return windows
 
 
 def _validate_rope(rope: object, name: str) -> None:
@@ -172,7 +223,7 @@ def migrate_v1(m: dict) -> tuple[dict, int]:
     shift = -min(s["position_start"] for s in segments)
     model = {k: v for k, v in m["model"].items() if k not in ("rope_theta", "rope_baked_into_keys")}
     model["rope"] = {"rope_type": "default", "rope_theta": float(m["model"]["rope_theta"])}
-    new = {**m, "format_version": FORMAT_VERSION, "model": model, "converted_from": 1}
+    new = {**m, "format_version": 2, "model": model, "converted_from": 1}  # the v2 shape it is converted to
     new["buffer"] = {**m["buffer"], "layout": "v1", "dtype": m["model"]["dtype"],
                      "first_query_position": m["buffer"]["first_query_position"] + shift,
                      "segments": [{**s, "position_start": s["position_start"] + shift} for s in segments]}
