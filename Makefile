@@ -36,6 +36,16 @@ $(SQUAD)/squad_train.jsonl:
 
 data: $(SQUAD)/squad_train.jsonl
 
+# Long-document QA from FairytaleQA's train split (139 stories of 1,500-6,000 words, 3,149
+# explicit questions; under 2 s; every file checked by sha256). FAIRY_GIT is a snapshot's git
+# directory of uci-soe/FairytaleQAData (the `fetch` tool puts it there; or clone it).
+FAIRY_GIT ?= /work/.mirror/uci-soe+FairytaleQAData/repo
+
+build/fairytale/fairytale_train.jsonl:
+	python3 bench/build_fairytale.py --git-dir $(FAIRY_GIT) --out build/fairytale
+
+data: build/fairytale/fairytale_train.jsonl
+
 # Train the compiler (docs/compiler.md): the 600-step schedule of the TrainConfig defaults, about
 # 10 h on 2 CPU cores without AVX-512; checkpoints every 25 steps in COMPILER.ckpt/. Interrupted,
 # it continues with `make compiler RESUME=--resume`. It writes build/compiler.safetensors; the
