@@ -12,7 +12,7 @@ import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from .errors import UsageError
 
@@ -23,6 +23,11 @@ DEVICE_ENV = "LCC_DEVICE"
 BACKENDS = ("local", "processes", "ray")  # where segment compiles run (backends/)
 
 Teacher = Literal["context", "plain"]
+PageKind = Literal["sentence", "fixed"]
+WindowMode = Literal["overlap", "prefix"]
+Selector = Literal["bm25", "attention", "fusion"]
+PageLayout = Literal["consecutive", "gaps"]
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 def cpu_count() -> int:
@@ -141,6 +146,19 @@ class CompileConfig(_FromDict):
     cloze_per_step: int = 4
     # Longest segment compiled at once. Longer documents are split.
     segment_tokens: int = 1024
+    # Indexed cartridges (compile/index.py): also store the document's own KV in pages that each
+    # question chooses from at ask time. `gist`: keep the compiled buffer beside the pages.
+    index: bool = False
+    gist: bool = True
+    pages: PageKind = "sentence"
+    page_tokens: int = 32  # fixed pages
+    # How keys and values are stored (format/storage.py); None: the compute dtype.
+    kv_dtype: Optional[str] = None
+    # Documents past the model's window (or this many positions) are encoded window by window;
+    # each later window re-reads (`overlap`) or carries as KV (`prefix`) the tokens before it.
+    window_tokens: Optional[int] = None
+    window_mode: WindowMode = "overlap"
+    window_overlap: int = 256
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
@@ -163,6 +181,15 @@ class CompileConfig(_FromDict):
                    getattr(self, name))
         _check(isinstance(self.segment_tokens, int) and self.segment_tokens >= 16, "segment_tokens", "at least 16",
                self.segment_tokens)
+        _check(self.pages in typing.get_args(PageKind), "pages", "sentence or fixed", self.pages)
+        _check(isinstance(self.page_tokens, int) and 1 <= self.page_tokens <= 4096, "page_tokens",
+               "between 1 and 4096", self.page_tokens)
+        _check(self.kv_dtype is None or self.kv_dtype in KV_DTYPES, "kv_dtype", " | ".join(KV_DTYPES), self.kv_dtype)
+        _check(self.window_tokens is None or (isinstance(self.window_tokens, int) and self.window_tokens >= 128),
+               "window_tokens", "at least 128", self.window_tokens)
+        _check(self.window_mode in typing.get_args(WindowMode), "window_mode", "overlap or prefix", self.window_mode)
+        _check(isinstance(self.window_overlap, int) and self.window_overlap >= 0, "window_overlap", "0 or more",
+               self.window_overlap)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,6 +211,31 @@ class AskConfig(_FromDict):
                "between 1 and 8192", self.max_new_tokens)
         _check(_finite(self.temperature) and 0 <= self.temperature <= 100, "temperature", "between 0 and 100",
                self.temperature)
+
+
+@dataclass
+class ReadConfig(_FromDict):
+    """How a question reads an indexed cartridge (runtime/memory.py `Paged`): which pages, how
+    many, laid out how. Ask-time settings: the same cartridge answers under any of them."""
+
+    # Entries of pages (and gist) a question reads; None: the compile's ratio of the document.
+    budget: Optional[int] = None
+    ratio: Optional[float] = None  # instead of budget: the document's tokens / ratio
+    selector: Selector = "bm25"
+    # consecutive: chosen pages re-laid one after another (keys re-rotated); gaps: each at the
+    # position it was encoded at (measured: gaps wreck this reader).
+    layout: PageLayout = "consecutive"
+    # Re-encode each chosen page's first `repair` tokens after the pages before it (EPIC).
+    repair: int = 0
+    gist: bool = True  # read the cartridge's compiled gist too, when it has one
+
+    def __post_init__(self):
+        _check(self.budget is None or (isinstance(self.budget, int) and not isinstance(self.budget, bool)
+                                       and self.budget >= 1), "budget", "at least 1", self.budget)
+        _check(self.ratio is None or (_finite(self.ratio) and self.ratio >= 1), "ratio", "at least 1", self.ratio)
+        _check(self.selector in typing.get_args(Selector), "selector", "bm25, attention or fusion", self.selector)
+        _check(self.layout in typing.get_args(PageLayout), "layout", "consecutive or gaps", self.layout)
+        _check(isinstance(self.repair, int) and 0 <= self.repair <= 256, "repair", "between 0 and 256", self.repair)
 
 
 MAX_METHODS = 64  # each method compiles every document at every ratio: more is a mistake
@@ -370,7 +422,7 @@ class TrainConfig(_FromDict):
 
 def method_overrides(method: dict) -> dict:
     """The CompileConfig fields of an [[eval.methods]] table."""
-    return {k: v for k, v in method.items() if k not in ("label", "compiler", "quality", "stride")}
+    return {k: v for k, v in method.items() if k not in ("label", "compiler", "quality", "stride", "read")}
 
 
 @dataclass

@@ -72,7 +72,7 @@ def test_routing_reads_the_segment_the_question_attends_to(tiny_model_dir, tmp_p
     one segment keeps a consecutive buffer of that segment alone; asking with it equals asking
     the one-segment cartridge of that text."""
     from lcc_cli.api import load
-    from lcc_cli.runtime.memory import Routed, segment_scores
+    from lcc_cli.runtime.memory.routed import Routed, segment_scores
 
     loaded = load(run_opts(tiny_model_dir))
     text = ("The granite quarry ships stone by rail to the city. " * 6) + "\n\n" + (DOC + " ") * 2

@@ -45,6 +45,18 @@ ContextOpt = typer.Option(None, "--context", "-c", help="Answer with this docume
 MaxTokensOpt = typer.Option(AskConfig.max_new_tokens, "--max-new-tokens", help="Longest answer, in tokens.")
 TemperatureOpt = typer.Option(AskConfig.temperature, "--temperature", help="0 decodes greedily.")
 ForceReadOpt = typer.Option(False, "--force", help="Use a cartridge even if it was made for another model.")
+# How a question reads indexed cartridges (ReadConfig), shared by ask and chat.
+BudgetOpt = typer.Option(None, "--budget", metavar="K", help="Indexed cartridges: entries of pages (and gist) each "
+                                                             "question reads (default: the compile's ratio of the "
+                                                             "document).")
+ReadRatioOpt = typer.Option(None, "--ratio", help="Indexed cartridges: a budget of the document's tokens / RATIO.")
+SelectorOpt = typer.Option("bm25", "--selector", help="Indexed cartridges: how a question picks its pages: bm25 "
+                                                      "(over the pages' text) | attention (its queries over their "
+                                                      "key summaries) | fusion.")
+RepairOpt = typer.Option(0, "--repair", metavar="N", help="Indexed cartridges: re-encode each page's first N tokens "
+                                                          "after the pages before it (slower first token).")
+ShowPagesOpt = typer.Option(False, "--show-pages", help="Indexed cartridges: print the pages each answer read, "
+                                                        "with their text.")
 
 
 def _flag(name: str) -> str:

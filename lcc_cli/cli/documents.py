@@ -8,10 +8,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..config import AskConfig, CompileConfig
+from ..config import AskConfig, CompileConfig, ReadConfig
 from ..errors import UsageError, VerifyFailed
-from .app import (ContextOpt, DeviceOpt, DtypeOpt, ForceReadOpt, JsonOpt, MaxTokensOpt, ModelOpt, TemperatureOpt,
-                  ThreadsOpt, _errors, _progress, _run, app, err, out)
+from .app import (BudgetOpt, ContextOpt, DeviceOpt, DtypeOpt, ForceReadOpt, JsonOpt, MaxTokensOpt, ModelOpt,
+                  ReadRatioOpt, RepairOpt, SelectorOpt, ShowPagesOpt, TemperatureOpt, ThreadsOpt, _errors, _progress,
+                  _run, app, err, out)
 from .render import clean, compiler_rows, inspect_rows, markup_safe, print_json, print_json_line
 
 
@@ -47,6 +48,23 @@ def compile_cmd(
     bias: Optional[bool] = typer.Option(None, "--bias/--no-bias",
                                         help="Per-entry attention biases: am fits them (NNLS), refinement learns "
                                              "them. PEFT export then needs --drop-bias."),
+    index: Optional[bool] = typer.Option(None, "--index/--no-index",
+                                         help="Also keep the document's own KV in pages that each question "
+                                              "chooses from at ask time (an indexed cartridge)."),
+    gist: Optional[bool] = typer.Option(None, "--gist/--no-gist",
+                                        help="With --index: keep the compiled buffer beside the pages, read by "
+                                             "every question."),
+    pages: Optional[str] = typer.Option(None, "--pages", help="With --index: sentence (default) | fixed pages."),
+    page_tokens: Optional[int] = typer.Option(None, "--page-tokens", help="With --pages fixed: tokens a page."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="How keys and values are stored: float32 | "
+                                                                    "bfloat16 | float16 | int8 | int4 (default: "
+                                                                    "the compute dtype)."),
+    window_tokens: Optional[int] = typer.Option(None, "--window-tokens",
+                                                help="With --index: encode the document in windows of this many "
+                                                     "positions (default: the model's window)."),
+    window_mode: Optional[str] = typer.Option(None, "--window-mode", help="With --index: each later window re-reads "
+                                                                          "the tokens before it (overlap) or "
+                                                                          "carries them as KV (prefix)."),
     segment_tokens: Optional[int] = typer.Option(None, help=f"Longest segment compiled at once (default "
                                                           f"{CompileConfig.segment_tokens}; am: the whole document "
                                                           f"where it fits the window)."),
@@ -78,7 +96,8 @@ def compile_cmd(
 
     settings = dict(ratio=ratio, steps=steps, lr=lr, lora_rank=lora_rank,
                     lora_alpha=2 * lora_rank if lora_rank else None, teacher=teacher, segment_tokens=segment_tokens,
-                    seed=seed, bias=bias, self_check=self_check)
+                    seed=seed, bias=bias, self_check=self_check, index=index, gist=gist, pages=pages,
+                    page_tokens=page_tokens, kv_dtype=kv_dtype, window_tokens=window_tokens, window_mode=window_mode)
     run = _run(model, device, threads, dtype, workers=workers, backend=backend, ray_address=ray_address)
     batch = len(sources) > 1 or any(s.is_dir() for s in sources) or (
         output is not None and (output.endswith("/") or Path(output).is_dir()))
@@ -141,6 +160,11 @@ def ask(
     context: Optional[Path] = ContextOpt,
     max_new_tokens: int = MaxTokensOpt,
     temperature: float = TemperatureOpt,
+    budget: Optional[int] = BudgetOpt,
+    ratio: Optional[float] = ReadRatioOpt,
+    selector: str = SelectorOpt,
+    repair: int = RepairOpt,
+    show_pages: bool = ShowPagesOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -148,7 +172,10 @@ def ask(
     force: bool = ForceReadOpt,
     as_json: bool = JsonOpt,
 ):
-    """Answer QUESTION from cartridges (or from --context FILE, or from nothing)."""
+    """Answer QUESTION from cartridges (or from --context FILE, or from nothing).
+
+    An indexed cartridge (`compile --index`) is read page by page: each question reads the
+    pages it picks (--selector) up to --budget entries, and `--show-pages` shows which."""
     import sys
 
     from .. import api
@@ -166,18 +193,21 @@ def ask(
     else:
         cartridges, asked = args, api.read_questions(questions)
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    reader = api.Reader([Path(c) for c in cartridges], context, _run(model, device, threads, dtype), force)
+    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair)
+    reader = api.Reader([Path(c) for c in cartridges], context, _run(model, device, threads, dtype), force, read=read)
     reader.check(asked, cfg)  # every question, before the first answer is printed
     if questions is not None:
-        for q in asked:
-            print_json_line(_answer_json(reader.ask(q, cfg), reader.mode))
+        for a in reader.ask_many(asked, cfg):  # questions that read the same pages are decoded together
+            print_json_line(_answer_json(a, reader.mode))
         return
     stream = None if as_json else (lambda piece: out.print(clean(piece), end="", markup=False, highlight=False))
     result = reader.ask(asked[0], cfg, on_text=stream)
     if as_json:
         print_json(_answer_json(result, reader.mode))
-    else:
-        out.print()
+        return
+    out.print()
+    if show_pages:
+        _print_pages(result.pages)
 
 
 @app.command()
@@ -187,6 +217,11 @@ def chat(
     context: Optional[Path] = ContextOpt,
     max_new_tokens: int = MaxTokensOpt,
     temperature: float = TemperatureOpt,
+    budget: Optional[int] = BudgetOpt,
+    ratio: Optional[float] = ReadRatioOpt,
+    selector: str = SelectorOpt,
+    repair: int = RepairOpt,
+    show_pages: bool = ShowPagesOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -194,12 +229,14 @@ def chat(
     force: bool = ForceReadOpt,
 ):
     """Ask questions one after another with the model kept loaded (Ctrl-D or 'exit' ends).
-    Each question is answered on its own: earlier turns are not remembered."""
+    Each question is answered on its own (from its own pages, for indexed cartridges): earlier
+    turns are not remembered."""
     from .. import api
 
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair)
     err.print("loading…", highlight=False)
-    reader = api.Reader(list(cartridges or []), context, _run(model, device, threads, dtype), force)
+    reader = api.Reader(list(cartridges or []), context, _run(model, device, threads, dtype), force, read=read)
     err.print(f"ready ({reader.mode}); ask a question, or Ctrl-D to quit", highlight=False)
     while True:
         try:
@@ -212,16 +249,31 @@ def chat(
         if not question.strip():
             continue
         try:
-            reader.ask(question, cfg, on_text=lambda piece: out.print(clean(piece), end="", markup=False))
+            a = reader.ask(question, cfg, on_text=lambda piece: out.print(clean(piece), end="", markup=False))
         except UsageError as exc:  # a question that does not fit: say so and go on
             err.print(f"lcc: {clean(exc.message)}", markup=False)
+            a = None
         out.print()
+        if show_pages and a is not None:
+            _print_pages(a.pages)
 
 
 def _answer_json(a, mode: str) -> dict:
-    return {"answer": a.text, "mode": mode, "question": a.question,
-            "seconds_to_first_token": round(a.seconds_to_first_token, 4), "seconds_total": round(a.seconds_total, 4),
-            "kv_positions": a.kv_positions, "prompt_tokens": a.prompt_tokens, "new_tokens": len(a.token_ids)}
+    out = {"answer": a.text, "mode": mode, "question": a.question,
+           "seconds_to_first_token": round(a.seconds_to_first_token, 4), "seconds_total": round(a.seconds_total, 4),
+           "kv_positions": a.kv_positions, "prompt_tokens": a.prompt_tokens, "new_tokens": len(a.token_ids)}
+    if a.pages is not None:
+        out["pages"] = a.pages
+    return out
+
+
+def _print_pages(pages: list[dict] | None) -> None:
+    if pages is None:
+        err.print("lcc: --show-pages: these cartridges are not indexed (every entry was read)", markup=False)
+        return
+    for p in pages:
+        out.print(f"[{clean(p['cartridge'])} p{p['page']}, {p['entries']} entries] {clean(p['text'])}",
+                  markup=False, highlight=False)
 
 
 @app.command()

@@ -46,8 +46,15 @@ def inspect_rows(info: dict):
     yield "model", f"{model['id']}  sha256:{model['fingerprint'][:16]}…"
     yield "model shape", (f"{model['num_layers']} layers, {model['num_kv_heads']} kv heads, head dim "
                           f"{model['head_dim']}, rope {rope.get('rope_type')} theta {rope.get('rope_theta')}")
-    yield "buffer", (f"{buf['total_slots']} slots in {len(buf['segments'])} segment(s), {buf.get('dtype')}; "
-                     f"question starts at position {buf['first_query_position']}")
+    index = m.get("index")
+    if index:
+        gist = sum(s["slots"] for s in buf["segments"])
+        yield "buffer", (f"indexed: {index['doc_tokens']:,} document tokens in {len(index['pages']):,} "
+                         f"{index.get('page_kind', '')} pages ({len(index['windows'])} window(s)), "
+                         f"{gist} gist entries, {buf.get('dtype')}; each question reads its own pages")
+    else:
+        yield "buffer", (f"{buf['total_slots']} slots in {len(buf['segments'])} segment(s), {buf.get('dtype')}; "
+                         f"question starts at position {buf['first_query_position']}")
     for s in buf["segments"][:8]:
         sink = ", first is an attention sink" if s.get("sink") else ""
         yield f"  segment {s['index']}", (f"{s['token_count']} tokens -> {s['slots']} slots at positions "
@@ -67,6 +74,8 @@ def inspect_rows(info: dict):
         yield "self-check", (f"answers agree {check.get('agreement')} (token F1 between document and cartridge "
                              f"answers to {check.get('questions')} questions the model asked itself)")
     yield "file size", f"{info['bytes']:,} bytes"
+    if info.get("bytes_per_token"):
+        yield "bytes per document token", f"{info['bytes_per_token']:,.0f}"
 
 
 def _count(value) -> str:

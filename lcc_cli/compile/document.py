@@ -43,6 +43,8 @@ def text_segments(loaded, text: str, cfg: CompileConfig) -> list[TextSegment]:
         fit = int((limit - 64) / (2 + 1 / cfg.ratio))
         raise UsageError(f"segment_tokens {cfg.segment_tokens} does not fit the model's {limit}-position "
                          f"window during training", hint=f"use at most about {fit}", field="segment_tokens")
+    if cfg.index and not cfg.gist:
+        return []  # the document's own KV alone: nothing to compile segment by segment
     texts = split_text(text, token_spans_of(loaded.tokenizer), cfg.segment_tokens)
     for t in texts:
         slot_count(len(loaded.prompter.context_ids(t)), cfg.ratio)
@@ -89,7 +91,7 @@ def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: Com
     With fail_fast, the first error propagates (a single `compile`); otherwise it is
     recorded on its task and the other documents go on (batch compile)."""
     for task in tasks:
-        if task.segments and len(task.done) == len(task.segments):
+        if len(task.done) == len(task.segments):
             _finish(loaded, task, cfg, compiler_info)  # resumed with every segment already done
     units = [Unit(i, s, len(t.segments), t.doc.name) for i, t in enumerate(tasks) if not t.finished
              for s in t.segments if s.index not in t.done]
@@ -141,7 +143,13 @@ def _finish(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict)
     from ..errors import CompilerFileError
     from ..format.cartridge import check_values
 
-    cart = assemble(loaded, task.doc, [task.done[s.index] for s in task.segments], cfg, compiler_info)
+    results = [task.done[s.index] for s in task.segments]
+    if cfg.index:
+        from .index import build_index
+
+        cart = assemble_indexed(loaded, task.doc, results, cfg, compiler_info, build_index(loaded, task.doc.text, cfg))
+    else:
+        cart = assemble(loaded, task.doc, results, cfg, compiler_info)
     b = cart.buffer
     try:
         check_values({f"{kind}.{i}": t for kind, ts in (("k", b.keys), ("v", b.values), ("b", b.bias or []))
@@ -199,7 +207,8 @@ def assemble(loaded, doc: Document, results: list[SegmentResult], cfg: CompileCo
     metrics = {"seconds": round(sum(r.metrics.get("seconds", 0) for r in results), 3),
                "segments": [r.metrics for r in results]}
     m = mf.build(model=model, segments=rows, source=source, compile=cfg.to_dict(), compiler=compiler_info,
-                 metrics=metrics, version=__version__, storage_dtype=str(results[0].buffer.dtype).removeprefix("torch."),
+                 metrics=metrics, version=__version__,
+                 storage_dtype=(not partial and cfg.kv_dtype) or str(results[0].buffer.dtype).removeprefix("torch."),
                  partial=partial)
     if partial:
         m["buffer"]["layout"] = "segments"
@@ -207,6 +216,29 @@ def assemble(loaded, doc: Document, results: list[SegmentResult], cfg: CompileCo
         m["buffer"]["first_query_position"] = max(row["slots"] for row in rows)
         return Cartridge(m, Buffer.concat([r.buffer for r in results]))
     return Cartridge(m, Buffer.laid_out([r.buffer for r in results], loaded.rope))
+
+
+def assemble_indexed(loaded, doc: Document, results: list[SegmentResult], cfg: CompileConfig, compiler_info: dict,
+                     idx) -> Cartridge:
+    """An indexed cartridge: the gist (the compiled segments, if any, laid out from 0) and then
+    the document's own KV (compile/index.py), stored as `cfg.kv_dtype`."""
+    rows = [{"index": i, "slots": r.buffer.slots, "token_count": r.token_count, "sink": r.sink}
+            for i, r in enumerate(results)]
+    gist = sum(r["slots"] for r in rows)
+    index = {**idx.index,
+             "windows": [{**w, "entry_start": w["entry_start"] + gist} for w in idx.index["windows"]],
+             "pages": [{**p, "start": p["start"] + gist} for p in idx.index["pages"]],
+             "always": [[a + gist, b + gist] for a, b in idx.index["always"]]}
+    model = loaded.facts.to_manifest(loaded.model_id, loaded.fingerprint)
+    source = {"name": doc.name, "sha256": doc.sha256, "token_count": idx.token_count, "ratio": cfg.ratio}
+    seconds = sum(r.metrics.get("seconds", 0) for r in results) + idx.seconds
+    metrics = {"seconds": round(seconds, 3), "segments": [r.metrics for r in results],
+               "index": {"seconds": round(idx.seconds, 3), "pages": len(index["pages"]),
+                         "windows": len(index["windows"])}}
+    m = mf.build(model=model, segments=rows, source=source, compile=cfg.to_dict(), compiler=compiler_info,
+                 metrics=metrics, version=__version__, storage_dtype=cfg.kv_dtype or loaded.facts.dtype, index=index)
+    parts = [Buffer.laid_out([r.buffer for r in results], loaded.rope)] if results else []
+    return Cartridge(m, Buffer.concat(parts + [idx.buffer]), idx.tensors)
 
 
 # --- partial files (interrupt and resume) --------------------------------------------------

@@ -14,7 +14,7 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _WORD = re.compile(r"\w+")
 
 
-def _terms(text: str) -> list[str]:
+def terms(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
@@ -32,7 +32,7 @@ def retrieve(text: str, question: str, budget: int, count_tokens) -> str:
     chunks = chunks_of(text)
     if not chunks or budget <= 0:
         return ""
-    scores = BM25Okapi([_terms(c) or [""] for c in chunks]).get_scores(_terms(question))
+    scores = BM25Okapi([terms(c) or [""] for c in chunks]).get_scores(terms(question))
     ranked = sorted(range(len(chunks)), key=lambda i: (-scores[i], i))
     chosen, used = [], 0
     for i in ranked:

@@ -28,7 +28,7 @@ import json
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +66,7 @@ class Method:
     spec: CompilerSpec
     settings: dict  # CompileConfig fields (ratio excluded)
     stride: int = 1
+    read: dict = field(default_factory=dict)  # ReadConfig fields: how an indexed cartridge is read
 
     def config(self, ratio: float) -> CompileConfig:
         return CompileConfig.from_dict({**self.settings, "ratio": ratio})
@@ -85,10 +86,12 @@ def _method_key(m: Method) -> list:
     weights = read_compiler_manifest(Path(m.spec.path))["tensor_sha256"] if m.spec.path else None
     defaults = CompileConfig()
     settings = {k: v for k, v in m.settings.items() if not (k in _LATER_FIELDS and v == getattr(defaults, k))}
-    return [m.label, m.spec.name, weights, settings]
+    return [m.label, m.spec.name, weights, settings] + ([m.read] if m.read else [])
 
 
-_LATER_FIELDS = ("kv_lr", "bias", "self_check")  # only direct KV refinement and biases read them
+# only direct KV refinement, biases and indexed cartridges read them
+_LATER_FIELDS = ("kv_lr", "bias", "self_check", "index", "gist", "pages", "page_tokens", "kv_dtype", "window_tokens",
+                 "window_mode", "window_overlap")
 
 
 def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
@@ -232,15 +235,24 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
             if not long_doc:
                 prefill_s = time_prefill(loaded, prompter.context_ids(text))
             cart, seconds = compiled_cartridge(loaded, row, doc_sha, ratio, method, cart_dir, compile_fn, progress)
-            k = cart.slots
+            indexed = "index" in cart.manifest
+            memory = _paged(loaded, cart, ratio, method) if indexed else None
+            k = memory.budget if indexed else cart.slots  # an indexed cartridge: its ask budget
             if settings.baselines and (ratio, k) not in truncated_at:  # the same KV budget, from the text's start
                 truncated_at.add((ratio, k))
                 truncated = loaded.tokenizer.decode(doc_tokens[:k], skip_special_tokens=True)
                 add("truncate", ratio, None, answer(loaded, texts, document=truncated, cfg=ask, batch=True), k)
                 if settings.retrieve:
                     add("retrieve", ratio, None, retrieved_answers(loaded, text, texts, k, ask), k)
-            add("cartridge", ratio, method.label, answer(loaded, texts, buffer=cart.buffer, cfg=ask, batch=True), k)
-            if settings.route and len(cart.segments) > settings.route:
+            if indexed:
+                from ..runtime.memory import answer_all
+
+                add("cartridge", ratio, method.label, answer_all(loaded, memory, texts, ask), k)
+                compiles_extra = {"read_entries": statistics.mean(memory.view(q).slots for q in texts)}
+            else:
+                add("cartridge", ratio, method.label, answer(loaded, texts, buffer=cart.buffer, cfg=ask, batch=True), k)
+                compiles_extra = {}
+            if settings.route and not indexed and len(cart.segments) > settings.route:
                 add("cartridge_routed", ratio, method.label, routed_answers(loaded, cart, texts, settings.route, ask))
             if settings.layout_check and i == 0:
                 v1 = cart.buffer.moved(cart.rope, cart.segments[0]["token_count"])  # the buffer after its text
@@ -250,8 +262,8 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
             compiles.append({"method": method.label, "ratio": ratio, "slots": k, "seconds": seconds,
                              "prefill_seconds": prefill_s, "prefill_equivalents": seconds / prefill_s,
                              "bytes": cart_dir.joinpath(_cart_name(loaded, doc_sha, ratio, method)).stat().st_size,
-                             "metrics": cart.manifest["metrics"]["segments"]})
-            if settings.general_probes:
+                             "metrics": cart.manifest["metrics"]["segments"], **compiles_extra})
+            if settings.general_probes and not indexed:
                 cart_general = [a.text for a in answer(loaded, GENERAL_PROBES, buffer=cart.buffer, cfg=ask, batch=True)]
                 general += [{"method": method.label, "ratio": ratio, "probe": g, "none": a, "cartridge": b}
                             for g, a, b in zip(GENERAL_PROBES, none_general, cart_general)]
@@ -260,10 +272,19 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
             "general": general}
 
 
+def _paged(loaded, cart, ratio: float, method: Method):
+    """An indexed cartridge read as `lcc ask --ratio RATIO` reads it, with the method's read settings."""
+    from ..config import ReadConfig
+    from ..runtime.memory.paged import Paged, Source
+
+    return Paged(loaded, [Source("cartridge", cart)], ReadConfig.from_dict({"ratio": ratio, **method.read}))
+
+
 def routed_answers(loaded, cart, questions: list[str], keep: int, ask) -> list:
     """Each question answered from the `keep` segments of `cart` its attention favours
     (questions routed to the same segments share one decode)."""
-    from ..runtime.memory import Routed, answer_all
+    from ..runtime.memory import answer_all
+    from ..runtime.memory.routed import Routed
 
     return answer_all(loaded, Routed(loaded, cart, keep), questions, ask)
 
@@ -292,7 +313,18 @@ def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask)
 
 
 def _cart_name(loaded, doc_sha: str, ratio: float, method: Method) -> str:
-    return f"{doc_sha[:12]}-r{ratio:g}-{_key(fp=loaded.fingerprint, m=_method_key(method), r=ratio)}.lcc"
+    """The cached cartridge's name: what changes the compile. Not the label, nor how an indexed
+    cartridge is read (methods that differ only in `read` share one file); not the ratio for an
+    indexed cartridge without a gist (the ratio only sets its ask budget)."""
+    _, name, weights, settings = _method_key(method)[:4]
+    if settings.get("index") and not settings.get("gist", True):
+        ratio_key, settings = None, {k: v for k, v in settings.items() if k != "ratio"}
+    else:
+        ratio_key = ratio
+    if not settings.get("index"):  # cartridges cached before indexed ones existed keep their names
+        return f"{doc_sha[:12]}-r{ratio:g}-{_key(fp=loaded.fingerprint, m=_method_key(method), r=ratio)}.lcc"
+    key = _key(fp=loaded.fingerprint, m=[name, weights, settings], r=ratio_key)
+    return f"{doc_sha[:12]}-{'r%g-' % ratio if ratio_key else ''}{key}.lcc"
 
 
 def compiled_cartridge(loaded, row, doc_sha, ratio, method: Method, cart_dir: Path, compile_fn,
@@ -315,7 +347,7 @@ def compiled_cartridge(loaded, row, doc_sha, ratio, method: Method, cart_dir: Pa
     seconds = time.perf_counter() - started
     cart.manifest["metrics"]["wall_seconds"] = round(seconds, 3)
     save_cartridge(cart, path, overwrite=True)
-    return cart, seconds
+    return load_cartridge(path), seconds  # as stored (int8 or int4 keys and values read back, as users read them)
 
 
 def time_prefill(loaded, ids: list[int], repeats: int = 5) -> float:

@@ -378,7 +378,9 @@ def check_digests(raw: RawFile, meta: dict, m: dict, name: str) -> tuple[torch.T
         raise CartridgeError(f"{name}: tensor checksum mismatch (file corrupted or modified)")
     if meta.get("lcc_checksum") != checksum(meta["lcc_manifest"], digest):
         raise CartridgeError(f"{name}: manifest checksum mismatch (manifest edited or corrupted)")
-    check_values(index, name)
+    check_values({k: v for k, v in index.items() if v.is_floating_point()}, name)
+    if any(int(v.min()) < 0 for v in index.values() if not v.is_floating_point() and v.numel()):
+        raise CartridgeError(f"{name}: an index tensor holds negative token ids")
     return table, index
 
 
@@ -498,7 +500,7 @@ def from_bytes(data: bytes, name: str = "cartridge") -> Cartridge:
 
 def to_bytes(cart: Cartridge, storage: str | None = None) -> bytes:
     """Serialise (v3). `storage` (float32, bfloat16, float16, int8, int4): how keys and values
-    are kept; default the manifest's quantised kind if it names one, else the buffer's dtype.
+    are kept; default the manifest's `buffer.dtype`, else the buffer's own dtype.
     The manifest's dtype, block size and digests are filled in here."""
     if cart.manifest["buffer"].get("layout") == "v1":
         cart = relayout(cart)
@@ -507,7 +509,7 @@ def to_bytes(cart: Cartridge, storage: str | None = None) -> bytes:
         raise CartridgeError("internal: buffer positions disagree with the manifest")
     if storage is None:
         declared = m["buffer"].get("dtype")
-        storage = declared if declared in st.QUANTISED else str(buffer.dtype).removeprefix("torch.")
+        storage = declared if declared in st.STORAGE else str(buffer.dtype).removeprefix("torch.")
     m["format_version"] = mf.FORMAT_VERSION
     m["buffer"]["dtype"] = storage
     block = m["buffer"].setdefault("block_entries", 64)

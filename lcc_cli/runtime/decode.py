@@ -27,11 +27,13 @@ class Decoded:
     top: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, logprobs) [len(tokens), k] with top_k
 
 
-def decode(model, prefix: Layers | None, first_position: int, prompts: list[list[int]], max_new_tokens: int,
+def decode(model, prefix: Layers | list[Layers] | None, first_position: int | list[int], prompts: list[list[int]],
+           max_new_tokens: int,
            stop_ids: set[int], temperature: float = 0.0, generator: torch.Generator | None = None,
            keep_logprobs: bool = False, on_token: Callable[[list[int]], None] | None = None,
            top_k: int = 0, on_step: Callable[[list[list[int]], list[bool]], bool] | None = None) -> list[Decoded]:
-    """Decode every prompt after `prefix` (KV that every row shares, e.g. a buffer).
+    """Decode every prompt after `prefix` (KV that every row shares, e.g. a buffer; or a list
+    of one prefix per row, with a first position per row: rows that read different entries).
     A stop token ends its row and is kept in `tokens`. `keep_logprobs` keeps each step's
     full log-distribution, `top_k` only its k largest entries (a teacher target for
     thousands of rows). `on_token(tokens of row 0)` is called after each new token;
@@ -40,16 +42,23 @@ def decode(model, prefix: Layers | None, first_position: int, prompts: list[list
     start = time.perf_counter()
     batch, width = len(prompts), max(len(p) for p in prompts)
     device = next(model.parameters()).device
+    firsts = first_position if isinstance(first_position, list) else [first_position] * batch
+    ragged = bool(prefix) and isinstance(prefix[0], list)  # a prefix per row (rows read different entries)
+    if ragged:
+        prefix, lengths = _stack_left_padded(prefix)
     cached = prefix[0][0].shape[-2] if prefix else 0
     ids = torch.zeros(batch, width, dtype=torch.long, device=device)
     mask = torch.zeros(batch, cached + width, dtype=torch.long, device=device)
     mask[:, :cached] = 1
+    if ragged:
+        for i, n in enumerate(lengths):
+            mask[i, :cached - n] = 0  # a shorter row's padding entries are never attended to
     positions = torch.zeros(batch, width, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         pad = width - len(p)
         ids[i, pad:] = torch.tensor(p)
         mask[i, cached + pad:] = 1
-        positions[i] = torch.arange(first_position - pad, first_position - pad + width)
+        positions[i] = torch.arange(firsts[i] - pad, firsts[i] - pad + width)
     cache = make_cache(prefix, batch=batch)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                    **cache_kwargs(model, cache)).logits[:, -1]
@@ -87,6 +96,24 @@ def decode(model, prefix: Layers | None, first_position: int, prompts: list[list
     return [Decoded(t, torch.stack(s) if keep_logprobs and s else None, first_token or total, total,
                     (torch.stack([a for a, _ in tp]), torch.stack([b for _, b in tp])) if tp else None)
             for t, s, tp in zip(tokens, steps, tops)]
+
+
+def _stack_left_padded(prefixes: list[Layers]) -> tuple[Layers, list[int]]:
+    """Per-row prefixes ([1, kv_heads, n_i, D] per layer) as one batch, each row left-padded
+    with zeros to the longest (the caller masks the padding out). RoPE is baked into stored
+    keys, so a row's entries keep their positions wherever they sit in the cache."""
+    lengths = [p[0][0].shape[-2] for p in prefixes]
+    width = max(lengths)
+    out = []
+    for layer in range(len(prefixes[0])):
+        ks, vs = [], []
+        for p, n in zip(prefixes, lengths):
+            k, v = p[layer]
+            pad = (0, 0, width - n, 0)
+            ks.append(torch.nn.functional.pad(k, pad))
+            vs.append(torch.nn.functional.pad(v, pad))
+        out.append((torch.cat(ks), torch.cat(vs)))
+    return out, lengths
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

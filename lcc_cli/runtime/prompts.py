@@ -32,13 +32,16 @@ class Prompter:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def context_ids(self, document: str | None) -> list[int]:
-        """The turn that a cartridge replaces: the document (or nothing, for `none`)."""
+    def context_text(self, document: str | None) -> str:
+        """The turn that a cartridge replaces, as text: the document (or nothing, for `none`)."""
         system = SYSTEM_PLAIN if document is None else SYSTEM_WITH_DOCUMENT.format(document=document)
         if not self.chat:
-            return self.encode(system + "\n\n")
-        return self.encode(self.tokenizer.apply_chat_template([{"role": "system", "content": system}],
-                                                              tokenize=False))
+            return system + "\n\n"
+        return self.tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False)
+
+    def context_ids(self, document: str | None) -> list[int]:
+        """The turn that a cartridge replaces, as token ids."""
+        return self.encode(self.context_text(document))
 
     def query_ids(self, question: str) -> list[int]:
         """A user turn and the assistant header, as it follows the context turn."""

@@ -30,6 +30,7 @@ class Answer:
     seconds_total: float
     kv_positions: int  # buffer entries the question attended to (0 with the document in the prompt)
     prompt_tokens: int  # tokens prefilled at question time
+    pages: list[dict] | None = None  # an indexed cartridge's pages the question read (memory.Paged)
 
 
 def answer(loaded, questions: list[str], buffer: Buffer | None = None, document: str | None = None,
@@ -78,6 +79,30 @@ def answer(loaded, questions: list[str], buffer: Buffer | None = None, document:
                 out[i] = Answer(questions[i], text.strip(), tokens, r.seconds_to_first_token + shared_s, r.seconds + shared_s,
                                 buffer.slots if buffer is not None else 0,
                                 len(prompts[i]) + (first if buffer is None else 0))
+    return out
+
+
+def answer_each(loaded, questions: list[str], buffers: list[Buffer], cfg: AskConfig | None = None) -> list[Answer]:
+    """Each question from its own buffer (an indexed cartridge's pages, chosen per question),
+    all decoded in one batch: each row reads only its own entries (shorter ones are padded and
+    masked). Buffers with attention biases are answered one at a time."""
+    cfg = cfg or AskConfig()
+    if len(questions) == 1 or any(b.bias is not None for b in buffers):
+        return [answer(loaded, [q], buffer=b, cfg=cfg)[0] for q, b in zip(questions, buffers)]
+    p = loaded.prompter
+    buffers = [b if (b.device, b.dtype) == (loaded.device, loaded.dtype) else b.to(loaded.device, loaded.dtype)
+               for b in buffers]
+    prompts = [p.query_ids(q) for q in questions]
+    for b, prompt in zip(buffers, prompts):
+        check_window(loaded, b.first_query_position + len(prompt), cfg.max_new_tokens)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.inference_mode():
+        results = decode(loaded.model, [b.cache_layers() for b in buffers], [b.first_query_position for b in buffers],
+                         prompts, cfg.max_new_tokens, p.stop_ids, cfg.temperature, generator)
+    out = []
+    for q, b, prompt, r in zip(questions, buffers, prompts, results):
+        tokens, text = answer_text(loaded.tokenizer, r.tokens, p.stop_ids)
+        out.append(Answer(q, text.strip(), tokens, r.seconds_to_first_token, r.seconds, b.slots, len(prompt)))
     return out
 
 

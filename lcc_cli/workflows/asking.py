@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from ..config import AskConfig, RunOptions
+from ..config import AskConfig, ReadConfig, RunOptions
 from ..errors import UsageError
 from ..ingest import read_document
 from .common import load
+
 
 class Reader:
     """Cartridges (runtime/memory.py), or a document, and the model, loaded once for many
     questions."""
 
     def __init__(self, cartridges: list[Path] = (), context: Path | None = None, run: RunOptions | None = None,
-                 force: bool = False, loaded=None):
-        from ..runtime.memory import open_memory, read_cartridges
+                 force: bool = False, loaded=None, read: ReadConfig | None = None):
+        from ..runtime.memory import open_cartridges, open_memory
 
         if cartridges and context is not None:
             raise UsageError("give cartridges or --context, not both")
-        carts = read_cartridges(cartridges)  # format errors before the slow model load
+        carts = open_cartridges(cartridges)  # format errors before the slow model load
         self.document = read_document(context).text if context is not None else None
         self.loaded = loaded or load(run or RunOptions())
-        self.mode = "cartridge" if carts else "context" if context is not None else "none"
-        self.memory = open_memory(carts, self.loaded, [Path(p).name for p in cartridges], force) if carts else None
+        self.memory = open_memory(carts, self.loaded, [Path(p).name for p in cartridges], force,
+                                  read=read) if carts else None
+        self.mode = self.memory.mode if carts else "context" if context is not None else "none"
 
     def _buffer(self, question: str):
         return self.memory.view(question) if self.memory is not None else None
@@ -44,8 +47,28 @@ class Reader:
         from ..runtime.reader import answer
 
         check_question(question)
-        return answer(self.loaded, [question], buffer=self._buffer(question), document=self.document, cfg=cfg,
-                      on_text=on_text)[0]
+        started = time.perf_counter()
+        buffer = self._buffer(question)  # an indexed cartridge chooses and reads its pages here
+        chosen = time.perf_counter() - started
+        a = answer(self.loaded, [question], buffer=buffer, document=self.document, cfg=cfg, on_text=on_text)[0]
+        a.seconds_to_first_token += chosen  # the question waited for its pages too
+        a.seconds_total += chosen
+        a.pages = getattr(self.memory, "read_pages", lambda q: None)(question)
+        return a
+
+    def ask_many(self, questions: list[str], cfg: AskConfig | None = None) -> list:
+        """Every question answered from its own entries; questions that read the same ones (an
+        indexed cartridge's questions that chose the same pages) are decoded together."""
+        if self.memory is None or self.memory.mode != "indexed" or len(questions) == 1:
+            return [self.ask(q, cfg) for q in questions]  # each alone: an answer never depends on the others
+        from ..runtime.memory import answer_all
+
+        for q in questions:
+            check_question(q)
+        out = answer_all(self.loaded, self.memory, questions, cfg or AskConfig(), batch=True)
+        for a in out:
+            a.pages = getattr(self.memory, "read_pages", lambda q: None)(a.question)
+        return out
 
 
 # A question is cut off in characters before anything tokenises it: far past any window a
@@ -66,10 +89,10 @@ def check_question(question: str, where: str = "the question") -> None:
 
 def ask(questions: list[str], cartridges: list[Path] = (), context: Path | None = None,
         cfg: AskConfig | None = None, run: RunOptions | None = None, force: bool = False, on_text=None,
-        loaded=None) -> list:
+        loaded=None, read: ReadConfig | None = None) -> list:
     """Answer questions from cartridges (composed), from a document in the prompt, or from
     nothing; one model load for all of them, each answered on its own."""
-    reader = Reader(cartridges, context, run, force, loaded)
+    reader = Reader(cartridges, context, run, force, loaded, read)
     reader.check(questions, cfg)
     return [reader.ask(q, cfg, on_text) for q in questions]
 

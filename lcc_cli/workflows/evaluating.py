@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..compile.base import CompilerSpec, build_compiler
 from ..compile.choice import settle
-from ..config import CompileConfig, EvalSettings, RunOptions
+from ..config import CompileConfig, EvalSettings, ReadConfig, RunOptions
 from ..errors import UsageError
 from ..progress import NO_PROGRESS, Progress
 from .common import executor, governed, load
@@ -25,8 +25,10 @@ def eval_methods(loaded, settings: EvalSettings, compiler=None) -> list:
     for m in settings.methods:
         spec, cfg = settle(loaded, m.get("compiler", "auto"), {**settings.compile_table, **method_overrides(m)},
                            m.get("quality", "balanced"))
+        read = dict(m.get("read") or {})
+        ReadConfig.from_dict(read, where=f"[[eval.methods]] {m['label']!r} read setting")  # checked now
         out.append(Method(m["label"], spec, {k: v for k, v in cfg.to_dict().items() if k != "ratio"},
-                          m.get("stride", 1)))
+                          m.get("stride", 1), read))
     return out
 
 

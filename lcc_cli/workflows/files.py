@@ -33,7 +33,10 @@ def inspect(path: Path) -> dict:
         return {"path": str(path), "kind": "compiler", "bytes": path.stat().st_size, "sha256": comp.sha256,
                 "manifest": comp.manifest}
     cart = load_cartridge(path)
-    return {"path": str(path), "kind": "cartridge", "bytes": path.stat().st_size, "manifest": cart.manifest}
+    size = path.stat().st_size
+    tokens = cart.manifest["source"].get("token_count") or 0
+    return {"path": str(path), "kind": "cartridge", "bytes": size, "manifest": cart.manifest,
+            "bytes_per_token": round(size / tokens, 1) if tokens else None}
 
 
 def export_cartridge(path: Path, to: str, out_dir: Path, force: bool = False, drop_bias: bool = False) -> Path:

@@ -1,0 +1,149 @@
+"""Memory: the one place that opens cartridges for reading, composes them, and says which
+entries a question reads.
+
+`lcc ask`, `chat`, `serve` and `eval` all go through here:
+
+    carts = open_cartridges(paths)                # format and integrity (no model needed)
+    memory = open_memory(carts, loaded, names)     # model checks, composition, the kind of memory
+    buffer = memory.view(question)                 # the entries this question reads
+    memory.key(question)                           # questions with equal keys read one buffer
+
+A kind of memory is one class with `view` and `key`; readers never learn which kind they
+hold:
+
+- `Whole`: every entry of its cartridges, side by side (the question reads them all);
+- `Routed`: a multi-segment cartridge read through only the segments the question's own
+  attention favours (one extra pass over the question's tokens; issue 18; routed.py);
+- `Paged`: indexed cartridges, each question reading the pages it chooses up to a budget,
+  re-laid at consecutive positions (issue 29; paged.py, select.py).
+
+Composition lays cartridges out one after another (`consecutive`, like consecutive text:
+each one's keys re-rotated to follow the previous) or lets them overlap at their own
+positions (`overlap`; the question after the largest). Both keep each cartridge's internal
+distances (docs/experiments.md measured them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Hashable, Literal, Protocol
+
+from ...buffer import Buffer
+from ...errors import ModelMismatchError
+from ...config import ReadConfig
+from ...errors import UsageError
+from ...format.cartridge import Cartridge, CartridgeFile, load_cartridge, open_cartridge
+from ...format.layouts import layout_of
+from ...format.checks import check_compatible, check_fingerprint
+
+Layout = Literal["consecutive", "overlap"]
+DEFAULT_LAYOUT: Layout = "consecutive"
+
+
+class Memory(Protocol):
+    mode: str  # what `ask --json` reports: "cartridge"
+
+    def view(self, question: str) -> Buffer:
+        """The entries `question` reads, on the model's device and dtype."""
+
+    def key(self, question: str) -> Hashable:
+        """Equal for questions that read the same buffer (they may share one batch)."""
+
+
+def open_cartridges(paths: list[Path]) -> list[CartridgeFile]:
+    """Every cartridge opened and checked as a file (header, manifest, digests; a v1/v2 file
+    read whole): before a model loads, so that a bad file fails in a second, not after the
+    model's load. Entries are read later, by range, as the memory needs them."""
+    return [open_cartridge(p) for p in paths]
+
+
+def read_cartridges(paths: list[Path]) -> list[Cartridge]:
+    """Every cartridge read whole and checked (integrity, every value)."""
+    return [load_cartridge(p) for p in paths]
+
+
+def check_model(cart: Cartridge | CartridgeFile, loaded, name: str, force: bool = False) -> None:
+    """Shapes, RoPE and window must fit the model (even with force); the fingerprint must be
+    the model's unless forced."""
+    m = cart.manifest
+    end = m["buffer"]["first_query_position"]
+    if layout_of(m, name).indexed:
+        # never read whole: its gist must fit the window, and each window was encoded within it
+        end = sum(s["slots"] for s in m["buffer"]["segments"])
+        limit = loaded.facts.max_positions
+        if limit and any(w["position_start"] + w["entries"] > limit for w in m["index"]["windows"]):
+            raise ModelMismatchError(f"{name}: its pages were encoded past the model's {limit}-position window")
+    check_compatible(m["model"], loaded.facts, end, name)
+    check_fingerprint(m["model"], loaded.model_id, loaded.fingerprint, name, force)
+
+
+def compose(carts: list[Cartridge], layout: Layout = DEFAULT_LAYOUT, force: bool = False) -> Buffer:
+    """One buffer from several cartridges (all for the same model, unless forced)."""
+    if len({c.fingerprint for c in carts}) > 1 and not force:
+        raise ModelMismatchError("the cartridges were made for different models", hint="pass --force to mix them")
+    if len(carts) == 1 or layout == "overlap":
+        return Buffer.concat([c.buffer for c in carts])
+    return Buffer.laid_out([c.buffer for c in carts], carts[0].rope)
+
+
+class Whole:
+    """Every entry of the composed cartridges, for every question."""
+
+    mode = "cartridge"
+
+    def __init__(self, buffer: Buffer, loaded=None):
+        self.buffer = buffer if loaded is None else buffer.to(loaded.device, loaded.dtype)
+
+    def view(self, question: str) -> Buffer:
+        return self.buffer
+
+    def key(self, question: str) -> Hashable:
+        return ()
+
+
+def open_memory(carts: list[Cartridge | CartridgeFile], loaded, names: list[str] | None = None, force: bool = False,
+                layout: Layout = DEFAULT_LAYOUT, route: int | None = None, read: ReadConfig | None = None) -> Memory:
+    """The memory a question reads from these cartridges, checked against the model: indexed
+    cartridges page by page (`read`: budget, selector, layout), others whole (`route`: each
+    question reads only that many segments of a one-cartridge, multi-segment memory)."""
+    names = names or [f"cartridge {i + 1}" for i in range(len(carts))]
+    for cart, name in zip(carts, names):
+        check_model(cart, loaded, name, force)
+    if len({c.manifest["model"]["fingerprint"] for c in carts}) > 1 and not force:
+        raise ModelMismatchError("the cartridges were made for different models", hint="pass --force to mix them")
+    indexed = [layout_of(c.manifest).indexed for c in carts]
+    if any(indexed):
+        if not all(indexed):
+            plain = names[indexed.index(False)]
+            raise UsageError(f"{plain} is not indexed; indexed cartridges are read page by page and cannot be "
+                             f"composed with one that is not", hint="ask it on its own, or recompile it with --index")
+        from .paged import Paged, Source
+
+        return Paged(loaded, [Source(n, c) for n, c in zip(names, carts)], read)
+    whole = [c.cartridge() if isinstance(c, CartridgeFile) else c for c in carts]
+    if route and len(whole) == 1 and len(whole[0].segments) > route:
+        from .routed import Routed
+
+        return Routed(loaded, whole[0], route)
+    return Whole(compose(whole, layout, force), loaded)
+
+
+def answer_all(loaded, memory: Memory, questions: list[str], cfg, batch: bool = True) -> list:
+    """Every question answered from the entries it reads: questions that read the same ones are
+    decoded together (with `batch`), each with its own prompt (runtime.reader.Answer, in order)."""
+    from ..reader import answer, answer_each
+
+    groups: dict[Hashable, list[int]] = {}
+    for i, q in enumerate(questions):
+        groups.setdefault(memory.key(q), []).append(i)
+    if batch and len(groups) > 1 and memory.mode == "indexed":
+        # pages chosen per question: one batch, each row reading its own
+        views = {key: memory.view(questions[members[0]]) for key, members in groups.items()}
+        return answer_each(loaded, questions, [views[memory.key(q)] for q in questions], cfg)
+    out = [None] * len(questions)
+    for members in groups.values():
+        buffer = memory.view(questions[members[0]])
+        for i, a in zip(members, answer(loaded, [questions[i] for i in members], buffer=buffer, cfg=cfg,
+                                        batch=batch)):
+            out[i] = a
+    return out

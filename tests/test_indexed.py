@@ -1,0 +1,201 @@
+"""Indexed cartridges (issue 29): the document's own KV in pages, each question reading its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import DOC, run_opts
+from lcc_cli import api
+from lcc_cli.cli import app
+from lcc_cli.config import ReadConfig
+from lcc_cli.format.cartridge import load_cartridge, open_cartridge
+from lcc_cli.runtime.memory import open_memory
+from lcc_cli.runtime.memory.paged import Paged, Source
+
+TEXT = ("The lighthouse stands on a granite spur at the edge of the bay. It was completed in 1868 by the engineer "
+        "Ada Pellinger. The tower is 41 metres tall and painted in red and white bands.\n\n"
+        "The harbour has a stone quay. Fishing boats leave it at dawn. The ferry crosses the bay twice a day.")
+
+
+def _compile(tmp_path, tiny_model_dir, name="doc", text=TEXT, **settings):
+    src = tmp_path / f"{name}.txt"
+    src.write_text(text)
+    out = tmp_path / f"{name}.lcc"
+    api.compile_file(src, out, {"ratio": 4.0, "index": True, "gist": False, **settings}, compiler="truncate",
+                     run=run_opts(tiny_model_dir))
+    return out
+
+
+def _logits(loaded, buffer, question="Who designed the lighthouse?"):
+    from lcc_cli.runtime.cache import forward, make_cache
+
+    ids = loaded.prompter.query_ids(question)
+    with torch.no_grad():
+        return forward(loaded.model, make_cache(buffer.cache_layers()), buffer.first_query_position,
+                       input_ids=torch.tensor([ids]))[0]
+
+
+def _document_logits(loaded, text, question="Who designed the lighthouse?"):
+    from lcc_cli.runtime.cache import forward, make_cache
+
+    ids = loaded.prompter.context_ids(text) + loaded.prompter.query_ids(question)
+    with torch.no_grad():
+        return forward(loaded.model, make_cache(None), 0, input_ids=torch.tensor([ids]))[0, -len(
+            loaded.prompter.query_ids(question)):]
+
+
+@pytest.fixture
+def indexed(tmp_path, tiny_model_dir):
+    return _compile(tmp_path, tiny_model_dir)
+
+
+def test_pages_cover_the_document_and_carry_their_text(indexed, tiny_loaded):
+    f = open_cartridge(indexed)
+    m = f.manifest
+    index = m["index"]
+    assert m["buffer"]["layout"] == "indexed" and not m["buffer"]["segments"]
+    assert len(index["windows"]) == 1 and index["windows"][0]["position_start"] == 0
+    ids = tiny_loaded.prompter.context_ids(TEXT)
+    assert m["buffer"]["total_slots"] == len(ids) == m["source"]["token_count"]
+    pages = index["pages"]
+    (h0, h1), (t0, t1) = index["always"]
+    assert h0 == 0 and t1 == len(ids)
+    # pages tile the document's tokens, in order, between the header and the end of the turn
+    assert pages[0]["start"] == h1 and pages[-1]["start"] + pages[-1]["entries"] == t0
+    assert all(a["start"] + a["entries"] == b["start"] for a, b in zip(pages, pages[1:]))
+    assert [p["text"] for p in pages[:2]] == ["The lighthouse stands on a granite spur at the edge of the bay.",
+                                              "It was completed in 1868 by the engineer Ada Pellinger."]
+    assert f.index["index.token_ids"].tolist() == ids
+    assert tuple(f.index["index.key_mean"].shape) == (len(pages), 2, 2, 16)
+
+
+def test_at_a_budget_of_the_whole_document_it_answers_as_the_document_in_the_prompt(indexed, tiny_loaded):
+    """Every page chosen, re-laid consecutively: the pages tile the document, so each entry is
+    back at the position it was encoded at, and the question reads exactly the KV that the
+    document in the prompt gives (exact re-rotation, nothing lost)."""
+    memory = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=10_000))
+    view = memory.view("Who designed the lighthouse?")
+    assert view.positions.tolist() == list(range(view.slots))
+    torch.testing.assert_close(_logits(tiny_loaded, view), _document_logits(tiny_loaded, TEXT), rtol=1e-4, atol=1e-4)
+    # EPIC repair re-encodes each page's first tokens after the pages before it: with every
+    # page in place that is the very context they were encoded in, so nothing changes
+    repaired = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=10_000, repair=4))
+    torch.testing.assert_close(repaired.view("Who designed the lighthouse?").keys[1], view.keys[1], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_a_question_reads_its_own_pages_and_no_others(tmp_path, tiny_model_dir, tiny_loaded):
+    filler = " ".join(f"Boat number {i} is painted blue and sails at noon." for i in range(25))
+    path = _compile(tmp_path, tiny_model_dir, text=filler + " " + TEXT + " " + filler)
+    f = open_cartridge(path)
+    opened = f.raw.bytes_read
+    memory = open_memory([f], tiny_loaded, read=ReadConfig(budget=22))
+    question = "When was the lighthouse completed by Ada Pellinger?"
+    view = memory.view(question)
+    pages = memory.read_pages(question)
+    assert [p["text"] for p in pages] == ["It was completed in 1868 by the engineer Ada Pellinger."]
+    (h0, h1), (t0, t1) = f.manifest["index"]["always"]
+    assert view.slots == (h1 - h0) + pages[0]["entries"] + (t1 - t0)
+    # consecutive positions: header, the page, the end of the turn, then the question
+    assert view.positions.tolist() == list(range(view.slots))
+    # only the blocks holding the header, the page and the end were read, each once
+    block = f.manifest["buffer"]["block_entries"]
+    per_entry = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in f.raw.header.items()
+                    if k in ("k", "v")) // f.entries
+    start = pages[0]["start"]
+    touched = {e // block for e in (*range(h0, h1), *range(start, start + pages[0]["entries"]), *range(t0, t1))}
+    assert f.entries > 10 * block and f.raw.bytes_read - opened <= len(touched) * block * per_entry
+    # the same pages for questions with the same words: one key, one batch
+    assert memory.key("Who completed it, Ada Pellinger?") == memory.key("Ada Pellinger completed it when?")
+
+
+def test_gaps_keep_each_page_where_it_was_encoded(indexed, tiny_loaded):
+    memory = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=20, layout="gaps"))
+    view = memory.view("When was the lighthouse completed by Ada Pellinger?")
+    page = memory.read_pages("When was the lighthouse completed by Ada Pellinger?")[0]
+    start = open_cartridge(indexed).manifest["index"]["pages"][page["page"]]["start"]
+    assert start in view.positions.tolist() and view.positions.tolist() != list(range(view.slots))
+
+
+def test_selection_across_cartridges_is_one_ranking(tmp_path, tiny_model_dir, tiny_loaded):
+    a = _compile(tmp_path, tiny_model_dir, "a", "The harbour has a stone quay. Fishing boats leave it at dawn.")
+    b = _compile(tmp_path, tiny_model_dir, "b", TEXT)
+    result = CliRunner().invoke(app, ["ask", str(a), str(b), "Who is the engineer Ada Pellinger?", "--model",
+                                      str(tiny_model_dir), "--budget", "24", "--json", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["mode"] == "indexed"
+    assert [(p["cartridge"], p["text"]) for p in payload["pages"]] == [
+        ("b.lcc", "It was completed in 1868 by the engineer Ada Pellinger.")]
+    shown = CliRunner().invoke(app, ["ask", str(b), "Who is the engineer Ada Pellinger?", "--model",
+                                     str(tiny_model_dir), "--budget", "24", "--show-pages", "--max-new-tokens", "4"])
+    assert shown.exit_code == 0 and "b.lcc p1" in shown.stdout and "Ada Pellinger" in shown.stdout
+
+
+def test_an_indexed_and_a_plain_cartridge_are_not_mixed(indexed, compiled, tiny_model_dir):
+    result = CliRunner().invoke(app, ["ask", str(indexed), str(compiled[0]), "q?", "--model", str(tiny_model_dir)])
+    assert result.exit_code == 2 and "not indexed" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["overlap", "prefix"])
+def test_a_document_past_the_window_is_encoded_window_by_window(tmp_path, tiny_model_dir, tiny_loaded, mode):
+    text = " ".join([TEXT] * 6)
+    path = _compile(tmp_path, tiny_model_dir, text=text, window_tokens=256, window_overlap=32, window_mode=mode)
+    f = open_cartridge(path)
+    windows = f.manifest["index"]["windows"]
+    assert len(windows) > 2
+    assert all(w["position_start"] + w["entries"] <= 256 for w in windows)
+    assert windows[1]["position_start"] > 0  # after the header (and the overlap) it re-read
+    pages = f.manifest["index"]["pages"]
+    assert all(any(w["entry_start"] <= p["start"] and p["start"] + p["entries"] <= w["entry_start"] + w["entries"]
+                   for w in windows) for p in pages)  # no page spans two windows
+    memory = open_memory([f], tiny_loaded, read=ReadConfig(budget=40))
+    view = memory.view("When was the lighthouse completed?")
+    assert view.positions.tolist() == list(range(view.slots))
+    assert torch.isfinite(_logits(tiny_loaded, view)).all()
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_quantised_pages_read_close_to_the_float_ones(tmp_path, tiny_model_dir, tiny_loaded, kv):
+    plain = open_memory([open_cartridge(_compile(tmp_path, tiny_model_dir, "f"))], tiny_loaded,
+                        read=ReadConfig(budget=10_000))
+    small = open_cartridge(_compile(tmp_path, tiny_model_dir, kv, kv_dtype=kv))
+    assert small.manifest["buffer"]["dtype"] == kv
+    quant = open_memory([small], tiny_loaded, read=ReadConfig(budget=10_000))
+    a, b = plain.view("q"), quant.view("q")
+    for x, y in zip(a.keys + a.values, b.keys + b.values):
+        assert float((x - y).abs().max() / x.abs().max()) < (0.01 if kv == "int8" else 0.1)
+    info = api.inspect(small.raw.path)
+    assert info["bytes_per_token"] < (tmp_path / "f.lcc").stat().st_size / open_cartridge(
+        tmp_path / "f.lcc").entries
+
+
+def test_the_attention_selector_and_fusion_rank_every_page(indexed, tiny_loaded):
+    for selector in ("attention", "fusion"):
+        memory = Paged(tiny_loaded, [Source("doc", open_cartridge(indexed))], ReadConfig(budget=30, selector=selector))
+        scores = memory.scores("Who designed the lighthouse?")
+        assert len(scores) == len(memory.pages) and all(s > 0 for s in scores)
+        assert 0 < sum(p["entries"] for p in memory.read_pages("Who designed the lighthouse?")) <= 30
+
+
+def test_verify_checks_the_index_and_inspect_reports_bytes_per_token(indexed):
+    result = CliRunner().invoke(app, ["verify", str(indexed), "--no-model"])
+    assert result.exit_code == 0, result.stdout
+    shown = CliRunner().invoke(app, ["inspect", str(indexed)])
+    assert shown.exit_code == 0 and "bytes per document token" in shown.stdout and "pages" in shown.stdout
+
+
+def test_a_gist_is_read_beside_the_pages(tmp_path, tiny_model_dir, tiny_loaded):
+    path = _compile(tmp_path, tiny_model_dir, "g", gist=True)
+    cart = load_cartridge(path)
+    gist = sum(s["slots"] for s in cart.segments)
+    assert gist > 0 and cart.manifest["index"]["always"][0][0] == gist
+    memory = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=gist + 22))
+    view = memory.view("When was it completed by Ada Pellinger?")
+    assert torch.equal(view.values[0][:, :gist], cart.buffer.values[0][:, :gist])  # the gist comes first
+    without = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=22, gist=False))
+    assert without.view("When was it completed by Ada Pellinger?").slots == view.slots - gist
