@@ -16,6 +16,12 @@ the real embedded model, and writes bench/results/measurements.{json,md}:
 - train:      one training step (8 paragraphs + 1 long document of the bench data, the
               default TrainConfig) computed document by document and batched (batched.py):
               tokens per second of forward + backward, each way timed 3 times, alternating
+- indexed:    indexed cartridges (issue 29) on the long-document bench: time to first token
+              (choosing and reading the pages included) against `retrieve` (BM25 sentences
+              prefilled) and the whole document in the prompt, each question under all three in
+              turn; bytes per document token for each storage kind; compile seconds against a
+              prefill of the same document (PE); and a 50,000-token document compiled window by
+              window, then asked: selection + load time and peak memory
 - serve:      `lcc serve` with 1, 4 and 16 concurrent clients (requests per second, p50/p95
               latency) against the same questions through one `lcc ask --questions`; and the
               time to the first streamed token from the cartridge against the same model with
@@ -277,6 +283,101 @@ def measure_train(tmp: Path) -> dict:
     return out
 
 
+LONG = ROOT.parent / "shared" / "data" / "squad_long_dev.jsonl"
+TRAIN = ROOT.parent / "shared" / "data" / "squad_train_pool.jsonl"
+
+
+def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
+    """In one process, one model: each question answered (one token) under full, retrieve and
+    indexed in turn, so that all three see the same machine at the same moment."""
+    import random
+    import statistics
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from lcc_cli import api
+    from lcc_cli.config import AskConfig, ReadConfig
+    from lcc_cli.eval.retrieve import retrieve
+    from lcc_cli.runtime.reader import answer
+
+    loaded = api.load(api.RunOptions())
+    rows = [json.loads(line) for line in LONG.read_text().splitlines()][:documents]
+    one = AskConfig(max_new_tokens=1)
+    times: dict[str, list[float]] = {"full": [], "retrieve": [], "indexed bfloat16": [], "indexed int8": []}
+    sizes, compiles = {}, []
+    for n, row in enumerate(rows):
+        src = tmp / f"doc{n}.txt"
+        src.write_text(row["context"])
+        carts = {}
+        for kv in ("float32", "bfloat16", "int8", "int4"):
+            carts[kv] = tmp / f"doc{n}-{kv}.lcc"
+            started = time.perf_counter()
+            api.compile_file(src, carts[kv], {"ratio": 16.0, "index": True, "gist": False, "kv_dtype": kv},
+                             compiler="truncate", run=api.RunOptions())
+            seconds = time.perf_counter() - started
+            tokens = len(loaded.prompter.context_ids(row["context"]))
+            sizes.setdefault(kv, []).append(carts[kv].stat().st_size / tokens)
+            if kv == "int8":
+                from lcc_cli.eval.run import time_prefill
+
+                compiles.append(seconds / time_prefill(loaded, loaded.prompter.context_ids(row["context"]), repeats=1))
+        readers = {f"indexed {kv}": api.Reader([carts[kv]], loaded=loaded, read=ReadConfig()) for kv in ("bfloat16", "int8")}
+        budget = readers["indexed int8"].memory.budget
+        questions = random.Random(n).sample(row["questions"], min(per_doc, len(row["questions"])))
+        for q in (q["q"] for q in questions):
+            started = time.perf_counter()
+            a = answer(loaded, [q], document=row["context"], cfg=one)[0]
+            times["full"].append(a.seconds_to_first_token)
+            started = time.perf_counter()
+            text = retrieve(row["context"], q, budget, lambda t: len(loaded.prompter.encode(t)))
+            chosen = time.perf_counter() - started
+            times["retrieve"].append(chosen + answer(loaded, [q], document=text, cfg=one)[0].seconds_to_first_token)
+            for name, reader in readers.items():
+                times[name].append(reader.ask(q, one).seconds_to_first_token)
+    p50 = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    out = {"documents": len(rows), "questions": len(times["full"]), "ttft_p50_s": p50,
+           "indexed_int8 / retrieve": round(p50["indexed int8"] / p50["retrieve"], 3),
+           "indexed_int8 / full": round(p50["indexed int8"] / p50["full"], 3),
+           "bytes_per_token": {k: round(statistics.mean(v)) for k, v in sizes.items()},
+           "compile_pe_int8": round(statistics.median(compiles), 2)}
+    out["long_document"] = _fifty_thousand(tmp)
+    return out
+
+
+def _fifty_thousand(tmp: Path) -> dict:
+    """A 50,000-token document (consecutive train-pool paragraphs, a long PDF's worth) compiled
+    window by window as int8, then one question asked in a fresh process: its selection + load
+    time and that process's peak memory, against the cartridge's size."""
+    paragraphs = [json.loads(line)["context"] for line in TRAIN.read_text().splitlines()]
+    text, words = [], 0
+    for p in paragraphs:
+        text.append(p)
+        words += len(p.split())
+        if words > 40_000:  # about 1.25 tokens a word
+            break
+    src = tmp / "long.txt"
+    src.write_text("\n\n".join(text))
+    cart = tmp / "long.lcc"
+    seconds, proc = sh([*LCC, "compile", str(src), "--index", "--no-gist", "--kv-dtype", "int8", "-o", str(cart),
+                        "--json"])
+    ok(proc)
+    compiled = json.loads(proc.stdout)
+    code = ("import json, sys, time\n"
+            "from lcc_cli import api\nfrom lcc_cli.config import AskConfig, ReadConfig\n"
+            "loaded = api.load(api.RunOptions())\n"
+            "started = time.perf_counter()\n"
+            "reader = api.Reader([sys.argv[1]], loaded=loaded, read=ReadConfig())\n"
+            "opened = time.perf_counter() - started\n"
+            "q = 'What did the city council decide about the new bridge?'\n"
+            "started = time.perf_counter()\nbuffer = reader.memory.view(q)\nchosen = time.perf_counter() - started\n"
+            "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+            "print(json.dumps({'open_s': round(opened, 3), 'select_and_load_s': round(chosen, 3), 'entries': buffer.slots,"
+            " 'peak_mb': round(peak / 1024), 'bytes_read_mb': round(reader.memory.sources[0].handle.raw.bytes_read / 2**20, 1)}))\n")
+    _, asked = sh([sys.executable, "-c", code, str(cart)], env={"OMP_WAIT_POLICY": "PASSIVE"})
+    ok(asked)
+    return {"tokens": compiled["tokens"], "compile_s": round(seconds, 1), "windows": compiled["index"]["windows"],
+            "file_mb": round(cart.stat().st_size / 2**20), **json.loads(asked.stdout.strip().splitlines()[-1])}
+
+
 def render(results: dict) -> str:
     lines = ["# Measurements beside the eval", "",
              f"Machine: {os.cpu_count()} CPU cores, no GPU. Each table's conditions ran one after another in one run "
@@ -327,6 +428,27 @@ def render(results: dict) -> str:
         lines += ["", f"Time to the first streamed token (median of 5): from the cartridge "
                       f"{v['first_token_cartridge_s']} s; the same model with the document in the prompt "
                       f"{v['first_token_document_in_prompt_s']} s.", ""]
+    if "indexed" in results:
+        x = results["indexed"]
+        t = x["ttft_p50_s"]
+        lines += ["## Indexed cartridges: time to first token, storage, compile", "",
+                  f"{x['questions']} questions of the first {x['documents']} long-bench documents (about 3k tokens), "
+                  f"each answered under every condition in turn (one new token; the page budget is the document's "
+                  f"tokens / 16, the same number of tokens `retrieve` prefills). Median seconds to the first token, "
+                  f"choosing and reading the pages (or the sentences) included:", "",
+                  "| condition | first token (p50) |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in t.items()]
+        lines += ["", f"indexed int8 / retrieve: {x['indexed_int8 / retrieve']}; indexed int8 / full: "
+                      f"{x['indexed_int8 / full']}.", "",
+                  "Bytes per document token (file size / context tokens): " + ", ".join(
+                      f"{k} {v:,}" for k, v in x["bytes_per_token"].items()) + f". Compile (int8): "
+                  f"{x['compile_pe_int8']} prefills of the same document.", ""]
+        d = x.get("long_document")
+        if d:
+            lines += [f"A {d['tokens']:,}-token document: compiled in {d['compile_s']} s ({d['windows']} windows), "
+                      f"{d['file_mb']} MB (int8). One question in a fresh process: cartridge opened in {d['open_s']} s, "
+                      f"pages chosen and read in {d['select_and_load_s']} s ({d['entries']} entries, "
+                      f"{d['bytes_read_mb']} MB read), peak memory {d['peak_mb']} MB (the model included).", ""]
     if "sizes" in results:
         s = results["sizes"]
         lines += ["## File sizes", "", "```", json.dumps(s, indent=1), "```", ""]
@@ -335,14 +457,15 @@ def render(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "train", "serve", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "train", "serve", "indexed", "all"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "measurements.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    todo = ["questions", "backends", "contention", "sizes", "train", "serve"] if args.what == "all" else [args.what]
+    todo = ["questions", "backends", "contention", "sizes", "train", "serve", "indexed"] if args.what == "all" \
+        else [args.what]
     with tempfile.TemporaryDirectory() as tmp:
         for name in todo:
             print(f"measuring {name}…", flush=True)

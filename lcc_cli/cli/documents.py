@@ -124,6 +124,13 @@ def compile_cmd(
         losses = f"; final recon {last['final_recon']:.3f}{kl}"
     method = result.compiler.get("name", "?") + (f" + {last.get('steps')} steps" if result.compiler.get("name")
                                                   == "pretrained" else "")
+    if result.index:
+        i = result.index
+        gist = f" and a {i['gist_entries']}-entry gist" if i["gist_entries"] else ""
+        out.print(f"wrote {clean(result.path)}: indexed, {i['pages']:,} pages over {result.tokens:,} tokens{gist} "
+                  f"({i['dtype']}, {i['bytes_per_token']:,.0f} bytes a token) in {result.seconds:.1f}s; a question "
+                  f"reads {i['budget']:,} entries of pages by default", markup=False)
+        return
     out.print(f"wrote {clean(result.path)}: {result.slots} slots from {result.tokens} tokens "
               f"({result.segments} segment{'s' if result.segments != 1 else ''}) in {result.seconds:.1f}s "
               f"[{clean(method)}]{losses}", markup=False)

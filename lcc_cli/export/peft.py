@@ -55,6 +55,10 @@ def export_peft(cart: Cartridge, out_dir: Path, force: bool = False, source: Pat
     are staged in a temporary folder and moved into place together (a new directory is one
     rename). PEFT's prefix format has no attention biases: a cartridge with them is refused
     unless `drop_bias`, which exports its keys and values alone (it then answers differently)."""
+    if cart.manifest.get("index"):
+        raise UsageError("this cartridge is indexed: each question reads its own pages, and a PEFT Cartridge adapter "
+                         "is one fixed prefix read by every question",
+                         hint="compile the document without --index to export it")
     if cart.buffer.bias is not None:
         if not drop_bias:
             raise UsageError("this cartridge carries attention biases, which a PEFT Cartridge adapter cannot hold",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class CompileResult:
     model: str
     compiler: dict
     metrics: list[dict] = field(default_factory=list)
+    index: dict | None = None  # an indexed cartridge's pages and windows (metrics.index), and its default budget
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,8 +112,13 @@ def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConf
                           hint="rerun with --resume to continue" if kept else None) from None
     cart = task.cartridge
     m = cart.manifest
+    index = None
+    if "index" in m:
+        index = {**m["metrics"]["index"], "budget": math.ceil(m["source"]["token_count"] / cfg.ratio),
+                 "bytes_per_token": round(output.stat().st_size / m["source"]["token_count"], 1),
+                 "gist_entries": sum(s["slots"] for s in cart.segments), "dtype": m["buffer"]["dtype"]}
     return CompileResult(str(output), cart.slots, m["source"]["token_count"], len(task.segments),
-                         m["metrics"]["seconds"], loaded.model_id, m["compiler"], m["metrics"]["segments"])
+                         m["metrics"]["seconds"], loaded.model_id, m["compiler"], m["metrics"]["segments"], index)
 
 
 def _confirm(loaded, segments, cfg: CompileConfig, yes: bool, progress: Progress) -> None:
