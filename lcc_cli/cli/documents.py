@@ -283,6 +283,32 @@ def _print_pages(pages: list[dict] | None) -> None:
                   markup=False, highlight=False)
 
 
+@app.command("index")
+@_errors
+def index_cmd(
+    folder: Path = typer.Argument(..., metavar="DIR", help="A folder of indexed cartridges (a library)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Start from an empty index instead of updating it."),
+    as_json: bool = JsonOpt,
+):
+    """Index a library: every indexed cartridge in DIR, searchable from DIR/.lcc-index.sqlite.
+
+    Updates incrementally (cartridges added, replaced or removed since, known by their
+    checksum); `lcc compile ... --index -o DIR/` and `lcc ask DIR` keep it up to date
+    themselves. Then `lcc ask DIR "question"` asks the whole folder."""
+    from .. import api
+
+    with _progress(as_json) as progress:
+        result = api.index_folder(folder, rebuild=rebuild, progress=progress)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    out.print(f"indexed {clean(folder)}: {result.cartridges:,} cartridges, {result.pages:,} pages "
+              f"({len(result.added)} added, {len(result.replaced)} replaced, {len(result.removed)} removed) "
+              f"in {result.seconds:.1f}s", markup=False)
+    for name, reason in sorted(result.unreadable.items()):
+        err.print(f"lcc: skipped {clean(name)}: {clean(reason)}", markup=False)
+
+
 @app.command()
 @_errors
 def inspect(cartridge: Path = typer.Argument(..., help="A .lcc cartridge or a compiler file."),

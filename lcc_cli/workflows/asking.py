@@ -21,12 +21,23 @@ class Reader:
 
         if cartridges and context is not None:
             raise UsageError("give cartridges or --context, not both")
-        carts = open_cartridges(cartridges)  # format errors before the slow model load
+        folders = [Path(p) for p in cartridges if Path(p).is_dir()]
+        if folders and len(cartridges) > 1:
+            raise UsageError("ask one library (a folder) or cartridges, not both")
+        library = open_library(folders[0]) if folders else None  # indexed before the model loads
+        carts = [] if library else open_cartridges(cartridges)  # format errors before the slow model load
         self.document = read_document(context).text if context is not None else None
         self.loaded = loaded or load(run or RunOptions())
-        self.memory = open_memory(carts, self.loaded, [Path(p).name for p in cartridges], force,
-                                  read=read) if carts else None
-        self.mode = self.memory.mode if carts else "context" if context is not None else "none"
+        if library is not None:
+            from ..runtime.memory import check_model
+            from ..runtime.memory.library import LibraryMemory
+
+            self.memory = LibraryMemory(self.loaded, library, read,
+                                        check=lambda s: check_model(s.handle, self.loaded, s.name, force))
+        else:
+            self.memory = open_memory(carts, self.loaded, [Path(p).name for p in cartridges], force,
+                                      read=read) if carts else None
+        self.mode = self.memory.mode if self.memory else "context" if context is not None else "none"
 
     def _buffer(self, question: str):
         return self.memory.view(question) if self.memory is not None else None
@@ -69,6 +80,15 @@ class Reader:
         for a in out:
             a.pages = getattr(self.memory, "read_pages", lambda q: None)(a.question)
         return out
+
+
+def open_library(folder: Path):
+    """A folder of cartridges asked as one: its index brought up to date first (library/)."""
+    from ..library.index import Library
+
+    library = Library(folder)
+    library.refresh()
+    return library
 
 
 # A question is cut off in characters before anything tokenises it: far past any window a

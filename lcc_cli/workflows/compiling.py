@@ -230,6 +230,11 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
             item.status, item.slots, item.seconds = "done", task.cartridge.slots, round(task.seconds, 2)
         else:
             item.reason = task.error.message if task.error else "not compiled"
+    if cfg.index:  # the folder is a library: its index follows what was just written
+        from .library import index_folder
+
+        progress.status("indexing the library…")
+        index_folder(out_dir)
     return BatchResult(items, time.perf_counter() - started, run.backend)
 
 

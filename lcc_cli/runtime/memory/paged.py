@@ -120,6 +120,11 @@ class Paged:
         attention = self._attention(question)
         return attention if self.cfg.selector == "attention" else fused(self.bm25.scores(question), attention)
 
+    def rank(self, question: str) -> list[Page]:
+        """Every page, best first."""
+        scores = self.scores(question)
+        return [self.pages[i] for i in sorted(range(len(self.pages)), key=lambda i: (-scores[i], i))]
+
     def _attention(self, question: str) -> list[float]:
         if self._summaries is None:
             if any("index.key_mean" not in s.tensors for s in self.sources):
@@ -130,29 +135,24 @@ class Paged:
         return attention_scores(question_queries(self.loaded, context, question), self._summaries,
                                 self.loaded.facts.head_dim)
 
-    def choose(self, question: str) -> tuple[tuple[int, int], ...]:
-        """(page index, entries read) of the chosen pages, in document order: the best pages
-        that fit the budget together, each whole (a page that would not fit is passed over
-        for the next); if even the best page alone is over the budget, its first entries."""
+    def choose(self, question: str) -> tuple[tuple[Page, int], ...]:
+        """(page, entries read) of the chosen pages, in document order: the best pages that fit
+        the budget together, each whole (a page that would not fit is passed over for the next);
+        if even the best page alone is over the budget, its first entries."""
         if question in self._chosen:
             return self._chosen[question]
         room = self.budget - sum(g.slots for g in self.gist)
-        scores = self.scores(question)
-        ranked = sorted(range(len(self.pages)), key=lambda i: (-scores[i], i))
         chosen, used = [], 0
-        for i in ranked:
-            if room <= 0:
-                break
-            size = self.pages[i].entries
-            if used + size <= room:
-                chosen.append((i, size))
-                used += size
-            elif not chosen:
-                chosen.append((i, room))  # the best page alone is over the budget: its start
-                used = room
+        for page in self.rank(question):
             if used >= room:
                 break
-        out = tuple(sorted(chosen))
+            if used + page.entries <= room:
+                chosen.append((page, page.entries))
+                used += page.entries
+            elif not chosen:
+                chosen.append((page, room))  # the best page alone is over the budget: its start
+                used = room
+        out = tuple(sorted(chosen, key=lambda c: (c[0].source, c[0].start)))
         if len(self._chosen) > 4096:
             self._chosen.clear()
         self._chosen[question] = out
@@ -177,13 +177,16 @@ class Paged:
         self._view = (key, buffer)
         return buffer
 
+    def source(self, ident) -> Source:
+        """The cartridge a page's `source` names (here an index into `sources`)."""
+        return self.sources[ident]
+
     def _read_pages(self, key) -> list[Buffer]:
         """The chosen pages' entries, each block read once: pages whose blocks touch are read
         in one ranged read (format v3 reads whole blocks, each checked)."""
-        runs: list[list] = []  # [source, first entry, last entry, [(page start, entries)]]
-        for i, n in key:
-            page = self.pages[i]
-            block = self.sources[page.source].block
+        runs: list[list] = []  # [page source, first entry, last entry, [(page start, entries)]]
+        for page, n in key:
+            block = self.source(page.source).block
             if runs and runs[-1][0] == page.source and page.start // block <= (runs[-1][2] - 1) // block + 1:
                 runs[-1][2] = max(runs[-1][2], page.start + n)
                 runs[-1][3].append((page.start, n))
@@ -191,15 +194,15 @@ class Paged:
                 runs.append([page.source, page.start, page.start + n, [(page.start, n)]])
         out = []
         for source, first, last, members in runs:
-            whole = self.sources[source].read(first, last)
+            whole = self.source(source).read(first, last)
             out += [whole.select(start - first, start - first + n) for start, n in members]
         return out
 
     def read_pages(self, question: str) -> list[dict]:
         """What `--show-pages` prints: each page the question read, with its cartridge and text."""
         out = []
-        for i, n in self.choose(question):
-            page, source = self.pages[i], self.sources[self.pages[i].source]
+        for page, n in self.choose(question):
+            source = self.source(page.source)
             out.append({"cartridge": source.name, "source": source.manifest["source"].get("name"),
                         "page": page.number, "start": page.start, "entries": n, "text": page.text})
         return out
@@ -214,14 +217,13 @@ class Paged:
         keys, values = [k.clone() for k in buffer.keys], [v.clone() for v in buffer.values]
         at = first_page
         with torch.inference_mode():
-            for i, n in key:
-                page = self.pages[i]
-                ids = self.sources[page.source].tensors.get("index.token_ids")
+            for page, n in key:
+                ids = self.source(page.source).tensors.get("index.token_ids")
                 r = min(self.cfg.repair, n)
                 if ids is None or r == 0:
                     at += n
                     continue
-                offset = page.start - self.sources[page.source].gist_entries
+                offset = page.start - self.source(page.source).gist_entries
                 tokens = ids[offset: offset + r].long().tolist()
                 prefix = Buffer([k[:, :at] for k in keys], [v[:, :at] for v in values], buffer.positions[:at])
                 cache = make_cache(prefix.cache_layers())

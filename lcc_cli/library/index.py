@@ -1,0 +1,307 @@
+"""A library's index: DIR/.lcc-index.sqlite, every indexed cartridge's pages searchable by text.
+
+SQLite's FTS5 full-text index ranks pages with its built-in `bm25()`; no inverted index of our
+own. The index is derived data: `refresh` rebuilds what changed from the cartridges themselves.
+
+- A cartridge is known by its content, not its time stamp: its `lcc_checksum` (a sha256 over
+  its manifest and the digest of every tensor block, read from the header alone; format v3).
+  A file whose size, time or inode changed is opened and its checksum compared; only a
+  changed checksum re-indexes it. A file replaced with the same checksum is the same
+  cartridge.
+- Every update is one transaction (`BEGIN IMMEDIATE`): a crash or Ctrl-C leaves the old index
+  or the new one, never half of one, and two lcc processes updating at once take turns (the
+  second waits on SQLite's lock; `busy_timeout`). WAL mode lets readers search while a writer
+  works.
+- A page found here is read from its cartridge only after the cartridge's checksum is checked
+  against the one indexed (library memory does it), so no index state can serve a page from a
+  cartridge that changed since it was indexed.
+
+Tables: `cartridges` (one row per file: name, checksum, stat, source, tokens, pages),
+`pages` (cartridge, page number, entry range), `page_text` (FTS5 over each page's text, rowid =
+the page's id). A database that is damaged, of another schema version, or not a database at
+all is rebuilt from the cartridges.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CartridgeError, LccError, UsageError
+
+INDEX_NAME = ".lcc-index.sqlite"
+SCHEMA_VERSION = 1
+BUSY_MS = 30_000  # how long a second lcc waits for another's update before giving up
+_WORD = re.compile(r"\w+")
+MAX_QUERY_TERMS = 64
+
+SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE cartridges(
+    id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, checksum TEXT NOT NULL,
+    size INTEGER, mtime_ns INTEGER, inode INTEGER, source TEXT, tokens INTEGER, pages INTEGER,
+    fingerprint TEXT, indexed REAL);
+CREATE TABLE pages(
+    id INTEGER PRIMARY KEY, cartridge INTEGER NOT NULL REFERENCES cartridges(id) ON DELETE CASCADE,
+    number INTEGER NOT NULL, start INTEGER NOT NULL, entries INTEGER NOT NULL);
+CREATE INDEX pages_by_cartridge ON pages(cartridge);
+CREATE VIRTUAL TABLE page_text USING fts5(text, tokenize = 'unicode61 remove_diacritics 2');
+"""
+
+
+@dataclass(frozen=True)
+class Hit:
+    page_id: int
+    cartridge: str  # file name in the library
+    checksum: str
+    number: int
+    start: int
+    entries: int
+    text: str
+    score: float  # bm25(): lower is better, as SQLite reports it
+
+
+@dataclass
+class RefreshResult:
+    added: list[str]
+    replaced: list[str]
+    removed: list[str]
+    unreadable: dict[str, str]  # name -> reason
+    cartridges: int
+    pages: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "replaced": self.replaced, "removed": self.removed,
+                "unreadable": self.unreadable, "cartridges": self.cartridges, "pages": self.pages,
+                "seconds": round(self.seconds, 3)}
+
+
+class Library:
+    """A folder of cartridges and the index beside it."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise UsageError(f"{self.folder} is not a folder of cartridges")
+        self.path = self.folder / INDEX_NAME
+        self._db: sqlite3.Connection | None = None
+
+    # --- the database ------------------------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = self._connect()
+        return self._db
+
+    def _connect(self) -> sqlite3.Connection:
+        for attempt in (0, 1):
+            try:
+                db = sqlite3.connect(self.path, timeout=BUSY_MS / 1000, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA foreign_keys = ON")
+                if self._version(db) == SCHEMA_VERSION:
+                    return db
+                self._create(db)
+                return db
+            except sqlite3.DatabaseError as exc:  # not a database, or damaged: it is derived data
+                try:
+                    db.close()
+                except Exception:
+                    pass
+                if attempt:
+                    raise CartridgeError(f"cannot use the library index {self.path.name}: {exc}") from exc
+                self._discard()
+            except OSError as exc:
+                raise UsageError(f"cannot open the library index in {self.folder}: {exc.strerror}") from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _version(db: sqlite3.Connection) -> int | None:
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return int(row[0]) if row and str(row[0]).isdigit() else None
+
+    def _create(self, db: sqlite3.Connection) -> None:
+        """(Re)create every table in one transaction: another process sees the old index or this one."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._version(db) == SCHEMA_VERSION:  # another process made it while we waited
+                db.execute("COMMIT")
+                return
+            for table in ("page_text", "pages", "cartridges", "meta"):
+                db.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in filter(str.strip, SCHEMA.split(";")):  # not executescript: it would commit
+                db.execute(statement)
+            db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _discard(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(self.path) + suffix).unlink(missing_ok=True)
+
+    def rebuild(self) -> None:
+        """Start from an empty index (one transaction: readers see the old one until it commits)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM page_text")
+            db.execute("DELETE FROM pages")
+            db.execute("DELETE FROM cartridges")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # --- keeping it up to date -----------------------------------------------------------------
+
+    def files(self) -> dict[str, os.stat_result]:
+        """The library's cartridges: *.lcc files directly in the folder (not hidden files of a
+        write in progress, not partial files, not symbolic links)."""
+        out = {}
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError as exc:
+            raise UsageError(f"cannot list {self.folder}: {exc.strerror}") from exc
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(".lcc"):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out[entry.name] = st
+        return out
+
+    def refresh(self, progress=None) -> RefreshResult:
+        """Bring the index in line with the folder: new and changed cartridges (by checksum)
+        indexed, removed ones dropped; one transaction per cartridge written, so an interrupted
+        refresh keeps everything it finished."""
+        started = time.perf_counter()
+        db = self.db
+        known = {row[0]: row[1:] for row in db.execute("SELECT name, checksum, size, mtime_ns, inode FROM cartridges")}
+        found = self.files()
+        added, replaced, removed, unreadable = [], [], [], {}
+        for name in sorted(set(known) - set(found)):
+            self._write(lambda: self._delete(name), name)
+            removed.append(name)
+        todo = [n for n in sorted(found) if n not in known
+                or (found[n].st_size, found[n].st_mtime_ns, found[n].st_ino) != tuple(known[n][1:])]
+        for n, name in enumerate(todo):
+            if progress is not None:
+                progress(n, len(todo), name)
+            try:
+                cart = _open_header(self.folder / name)
+            except LccError as exc:
+                unreadable[name] = exc.message
+                if name in known:  # it changed into something unreadable: its pages must go
+                    self._write(lambda: self._delete(name), name)
+                    removed.append(name)
+                continue
+            st = found[name]
+            if name in known and known[name][0] == cart["checksum"]:
+                self._write(lambda: db.execute("UPDATE cartridges SET size = ?, mtime_ns = ?, inode = ? WHERE name = ?",
+                                               (st.st_size, st.st_mtime_ns, st.st_ino, name)), name)
+                continue
+            self._write(lambda: self._put(name, cart, st), name)
+            (replaced if name in known else added).append(name)
+        counts = db.execute("SELECT (SELECT count(*) FROM cartridges), (SELECT count(*) FROM pages)").fetchone()
+        return RefreshResult(added, replaced, removed, unreadable, counts[0], counts[1], time.perf_counter() - started)
+
+    def _write(self, work, name: str) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            work()
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            db.execute("ROLLBACK")
+            raise CartridgeError(f"cannot update the library index for {name}: {exc}") from exc
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _delete(self, name: str) -> None:
+        """A cartridge's rows, its pages' text included (FTS5 rows do not cascade)."""
+        db = self.db
+        db.execute("DELETE FROM page_text WHERE rowid IN (SELECT p.id FROM pages p JOIN cartridges c "
+                   "ON c.id = p.cartridge WHERE c.name = ?)", (name,))
+        db.execute("DELETE FROM cartridges WHERE name = ?", (name,))
+
+    def _put(self, name: str, cart: dict, st: os.stat_result) -> None:
+        db = self.db
+        self._delete(name)
+        cur = db.execute("INSERT INTO cartridges(name, checksum, size, mtime_ns, inode, source, tokens, pages, "
+                         "fingerprint, indexed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (name, cart["checksum"], st.st_size, st.st_mtime_ns, st.st_ino, cart["source"],
+                          cart["tokens"], len(cart["pages"]), cart["fingerprint"], time.time()))
+        cid = cur.lastrowid
+        for number, page in enumerate(cart["pages"]):
+            pid = db.execute("INSERT INTO pages(cartridge, number, start, entries) VALUES (?, ?, ?, ?)",
+                             (cid, number, page["start"], page["entries"])).lastrowid
+            db.execute("INSERT INTO page_text(rowid, text) VALUES (?, ?)", (pid, page["text"]))
+
+    # --- searching ------------------------------------------------------------------------------
+
+    def search(self, question: str, limit: int = 64, fingerprint: str | None = None) -> list[Hit]:
+        """The best `limit` pages for `question` by FTS5's bm25(), best first (of cartridges made
+        for the model with `fingerprint`, when given)."""
+        query = fts_query(question)
+        if not query:
+            return []
+        rows = self.db.execute(
+            "SELECT p.id, c.name, c.checksum, p.number, p.start, p.entries, t.text, bm25(page_text) AS score "
+            "FROM page_text t JOIN pages p ON p.id = t.rowid JOIN cartridges c ON c.id = p.cartridge "
+            "WHERE page_text MATCH ? AND (? IS NULL OR c.fingerprint = ?) ORDER BY score, p.id LIMIT ?",
+            (query, fingerprint, fingerprint, limit)).fetchall()
+        return [Hit(*row) for row in rows]
+
+    def cartridges(self) -> list[dict]:
+        rows = self.db.execute("SELECT name, checksum, source, tokens, pages, fingerprint FROM cartridges "
+                               "ORDER BY name").fetchall()
+        return [dict(zip(("name", "checksum", "source", "tokens", "pages", "fingerprint"), r)) for r in rows]
+
+    def forget(self, name: str) -> None:
+        """Drop one cartridge's pages (found changed when read): the next refresh indexes it again."""
+        self._write(lambda: self._delete(name), name)
+
+
+def fts_query(question: str) -> str:
+    """The question's words as an FTS5 query: any of them (OR), each quoted so that no word is
+    read as FTS5 syntax (NEAR, AND, a column name...)."""
+    words = list(dict.fromkeys(w.lower() for w in _WORD.findall(question)))[:MAX_QUERY_TERMS]
+    return " OR ".join(f'"{w}"' for w in words)
+
+
+def _open_header(path: Path) -> dict:
+    """What the index keeps of a cartridge, from its header alone (format v3: the checksum
+    covers every block through the block table, checked at open)."""
+    from ..format.cartridge import open_cartridge
+    from ..format.layouts import layout_of
+
+    f = open_cartridge(path)
+    m = f.manifest
+    if f.version < 3 or not layout_of(m).indexed:
+        raise CartridgeError(f"{path.name} is not an indexed cartridge", hint="compile it with --index")
+    return {"checksum": f.meta["lcc_checksum"], "source": m["source"].get("name"),
+            "tokens": m["source"].get("token_count"), "pages": m["index"]["pages"],
+            "fingerprint": m["model"]["fingerprint"]}
