@@ -22,6 +22,10 @@ the real embedded model, and writes bench/results/measurements.{json,md}:
               turn; bytes per document token for each storage kind; compile seconds against a
               prefill of the same document (PE); and a 50,000-token document compiled window by
               window, then asked: selection + load time and peak memory
+- library:    libraries of 10, 100 and 1,000 indexed cartridges (SQuAD train paragraphs, built
+              once under build/library/): index build, incremental update of one cartridge,
+              selection latency p50/p95, time to first token, peak memory; and the same questions
+              answered from the library and from their own cartridge alone, paired
 - serve:      `lcc serve` with 1, 4 and 16 concurrent clients (requests per second, p50/p95
               latency) against the same questions through one `lcc ask --questions`; and the
               time to the first streamed token from the cartridge against the same model with
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -378,6 +383,145 @@ def _fifty_thousand(tmp: Path) -> dict:
             "file_mb": round(cart.stat().st_size / 2**20), **json.loads(asked.stdout.strip().splitlines()[-1])}
 
 
+SQUAD_TRAIN = ROOT / "build" / "squad" / "squad_train.jsonl"
+LIBRARY = ROOT / "build" / "library"
+SIZES = (10, 100, 1000)
+
+
+def _library_rows(count: int = 1000) -> list[dict]:
+    """`count` SQuAD train paragraphs (`make data`), one per article in turn, seeded."""
+    import random
+
+    if not SQUAD_TRAIN.is_file():
+        raise SystemExit(f"{SQUAD_TRAIN} is missing: run `make data` first")
+    rows = [json.loads(line) for line in SQUAD_TRAIN.read_text().splitlines()]
+    rows = [r for r in rows if r["questions"] and 60 <= len(r["context"].split()) <= 250]
+    random.Random(0).shuffle(rows)
+    return rows[:count]
+
+
+def _build_library(rows: list[dict]) -> dict:
+    """build/library/{10,100,1000}/: the 1,000 compiled once (int8, no gist), the smaller
+    ones hard links to the first of them (regular files: a library never follows links)."""
+    full = LIBRARY / str(SIZES[-1])
+    texts = LIBRARY / "texts"
+    built = {}
+    if not full.is_dir() or len(list(full.glob("*.lcc"))) < len(rows):
+        texts.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(rows):
+            (texts / f"p{i:04d}.txt").write_text(r["context"])
+        seconds, proc = sh([*LCC, "compile", str(texts), "--index", "--no-gist", "--kv-dtype", "int8", "-o",
+                            str(full) + "/", "--json"])
+        ok(proc)
+        built["compile_1000_s"] = round(seconds, 1)
+    for size in SIZES[:-1]:
+        folder = LIBRARY / str(size)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(size):
+            target = folder / f"p{i:04d}.lcc"
+            if not target.exists():
+                os.link(full / f"p{i:04d}.lcc", target)
+    return built
+
+
+def measure_library(tmp: Path) -> dict:
+    import random
+
+    rows = _library_rows()
+    out = {"built": _build_library(rows)}
+    per_size = {}
+    for size in SIZES:
+        folder = LIBRARY / str(size)
+        seconds, proc = sh([*LCC, "index", str(folder), "--rebuild", "--json"])
+        ok(proc)
+        built = seconds
+        # one cartridge replaced by another document's: the incremental update
+        victim, spare = folder / "p0000.lcc", LIBRARY / str(SIZES[-1]) / f"p{size:04d}.lcc"
+        keep = tmp / "keep.lcc"
+        shutil.copyfile(victim, keep)
+        victim.unlink()
+        shutil.copyfile(spare if spare.exists() else keep, victim)
+        update, proc = sh([*LCC, "index", str(folder), "--json"])
+        ok(proc)
+        victim.unlink()
+        shutil.copyfile(keep, victim)  # back as it was (a copy now: unlinked from the 1,000's file)
+        ok(sh([*LCC, "index", str(folder), "--json"])[1])
+        questions = [q["q"] for r in rows[:size] for q in r["questions"][:1]]
+        questions = random.Random(size).sample(questions, min(40, len(questions)))
+        code = ("import json, statistics, sys, time\n"
+                "from lcc_cli import api\nfrom lcc_cli.config import AskConfig, ReadConfig\n"
+                "loaded = api.load(api.RunOptions())\n"
+                "reader = api.Reader([sys.argv[1]], loaded=loaded, read=ReadConfig(budget=24))\n"
+                "qs = json.loads(sys.argv[2])\nselect, first = [], []\n"
+                "for q in qs:\n"
+                "    reader.memory._chosen.clear(); reader.memory._view = None\n"
+                "    t = time.perf_counter(); reader.memory.choose(q); select.append(time.perf_counter() - t)\n"
+                "    reader.memory._chosen.clear(); reader.memory._view = None\n"
+                "    first.append(reader.ask(q, AskConfig(max_new_tokens=1)).seconds_to_first_token)\n"
+                "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+                "q = lambda v, p: sorted(v)[min(len(v) - 1, int(p * len(v)))]\n"
+                "print(json.dumps({'select_p50_ms': round(1000 * statistics.median(select), 1),"
+                " 'select_p95_ms': round(1000 * q(select, 0.95), 1), 'ttft_p50_s': round(statistics.median(first), 3),"
+                " 'ttft_p95_s': round(q(first, 0.95), 3), 'peak_mb': round(peak / 1024)}))\n")
+        _, asked = sh([sys.executable, "-c", code, str(folder), json.dumps(questions)], env={"OMP_WAIT_POLICY": "PASSIVE"})
+        ok(asked)
+        index_mb = (folder / ".lcc-index.sqlite").stat().st_size / 2**20
+        per_size[size] = {"index_build_s": round(built, 2), "update_one_s": round(update, 2),
+                          "index_mb": round(index_mb, 1), **json.loads(asked.stdout.strip().splitlines()[-1])}
+    out["sizes"] = per_size
+    out["ttft 1000 / 10"] = round(per_size[1000]["ttft_p50_s"] / per_size[10]["ttft_p50_s"], 2)
+    out["quality"] = _library_quality(rows)
+    return out
+
+
+def _library_quality(rows: list[dict], count: int = 200) -> dict:
+    """Questions whose gold paragraph is in the 1,000-cartridge library, answered from the
+    library and from their own cartridge alone at the same budget (their paragraph's tokens / 8),
+    paired: what searching the haystack costs."""
+    import random
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from lcc_cli import api
+    from lcc_cli.config import AskConfig, ReadConfig
+    from lcc_cli.eval.scoring import score
+    from lcc_cli.format.cartridge import open_cartridge
+    from lcc_cli.runtime.memory import answer_all, open_memory
+    from lcc_cli.runtime.memory.library import LibraryMemory
+    from lcc_cli.library.index import Library
+
+    loaded = api.load(api.RunOptions())
+    picks = [(i, q) for i, r in enumerate(rows) for q in r["questions"][:1]]
+    picks = random.Random(1).sample(picks, min(count, len(picks)))
+    folder = LIBRARY / str(SIZES[-1])
+    ask = AskConfig(max_new_tokens=32)
+    own_rows, lib_rows = [], []
+    by_budget: dict[int, list] = {}
+    for i, q in picks:
+        cart = open_cartridge(folder / f"p{i:04d}.lcc")
+        budget = -(-cart.manifest["source"]["token_count"] // 8)
+        by_budget.setdefault(budget, []).append((i, q, cart))
+    library = Library(folder)
+    for budget, items in by_budget.items():
+        lib = LibraryMemory(loaded, library, ReadConfig(budget=budget))
+        got = answer_all(loaded, lib, [q["q"] for _, q, _ in items], ask)
+        for (i, q, cart), a in zip(items, got):
+            own = answer_all(loaded, open_memory([cart], loaded, read=ReadConfig(budget=budget)), [q["q"]], ask)[0]
+            own_rows.append(score(own.text, q["answers"]))
+            lib_rows.append(score(a.text, q["answers"]))
+            lib_rows[-1]["own_page_read"] = any(p["cartridge"] == f"p{i:04d}.lcc" for p in lib.read_pages(q["q"]))
+    out = {"questions": len(own_rows)}
+    for metric in ("contains", "f1"):
+        own = sum(r[metric] for r in own_rows) / len(own_rows)
+        lib = sum(r[metric] for r in lib_rows) / len(lib_rows)
+        diffs = [b[metric] - a[metric] for a, b in zip(own_rows, lib_rows)]
+        rng = random.Random(0)
+        boots = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(5000))
+        out[metric] = {"own": round(own, 3), "library": round(lib, 3), "library / own": round(lib / own, 3) if own else None,
+                       "diff": round(lib - own, 3), "ci95": [round(boots[125], 3), round(boots[4875], 3)]}
+    out["own page read"] = round(sum(r["own_page_read"] for r in lib_rows) / len(lib_rows), 3)
+    return out
+
+
 def render(results: dict) -> str:
     lines = ["# Measurements beside the eval", "",
              f"Machine: {os.cpu_count()} CPU cores, no GPU. Each table's conditions ran one after another in one run "
@@ -449,6 +593,25 @@ def render(results: dict) -> str:
                       f"{d['file_mb']} MB (int8). One question in a fresh process: cartridge opened in {d['open_s']} s, "
                       f"pages chosen and read in {d['select_and_load_s']} s ({d['entries']} entries, "
                       f"{d['bytes_read_mb']} MB read), peak memory {d['peak_mb']} MB (the model included).", ""]
+    if "library" in results:
+        x = results["library"]
+        lines += ["## Libraries: 10, 100 and 1,000 indexed cartridges (SQuAD train paragraphs, int8)", "",
+                  "| cartridges | index build s | update one s | index MB | selection p50 / p95 ms | "
+                  "first token p50 / p95 s | peak MB |", "|---|---|---|---|---|---|---|"]
+        for size, v in x["sizes"].items():
+            lines.append(f"| {size} | {v['index_build_s']} | {v['update_one_s']} | {v['index_mb']} | "
+                         f"{v['select_p50_ms']} / {v['select_p95_ms']} | {v['ttft_p50_s']} / {v['ttft_p95_s']} | "
+                         f"{v['peak_mb']} |")
+        q = x["quality"]
+        lines += ["", f"Time to first token, 1,000 / 10 cartridges: {x['ttft 1000 / 10']}x. Index build and update "
+                      f"are whole `lcc index` processes (model-free). Selection and first token: 40 questions each, "
+                      f"a budget of 24 entries, one process per size (peak memory is that process's, model included).",
+                  "", f"Quality, {q['questions']} questions whose paragraph is in the 1,000 (budget: the paragraph's "
+                      f"tokens / 8), paired: "
+                  + "; ".join(f"{m} own {q[m]['own']}, library {q[m]['library']} ({q[m]['library / own']} of own; "
+                              f"difference {q[m]['diff']}, 95% CI {q[m]['ci95'][0]}..{q[m]['ci95'][1]})"
+                              for m in ("contains", "f1"))
+                  + f". The library read the question's own paragraph for {q['own page read']} of them.", ""]
     if "sizes" in results:
         s = results["sizes"]
         lines += ["## File sizes", "", "```", json.dumps(s, indent=1), "```", ""]
@@ -457,14 +620,16 @@ def render(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "train", "serve", "indexed", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "train", "serve", "indexed", "library",
+                                 "all"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "measurements.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    todo = ["questions", "backends", "contention", "sizes", "train", "serve", "indexed"] if args.what == "all" \
+    todo = ["questions", "backends", "contention", "sizes", "train", "serve", "indexed", "library"] \
+        if args.what == "all" \
         else [args.what]
     with tempfile.TemporaryDirectory() as tmp:
         for name in todo:

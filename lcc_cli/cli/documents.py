@@ -131,8 +131,10 @@ def compile_cmd(
                   f"({i['dtype']}, {i['bytes_per_token']:,.0f} bytes a token) in {result.seconds:.1f}s; a question "
                   f"reads {i['budget']:,} entries of pages by default", markup=False)
         return
+    check = result.self_check_seconds
+    seconds = f"{result.seconds:.1f}s" + (f" (and {check:.1f}s of self-check)" if check else "")
     out.print(f"wrote {clean(result.path)}: {result.slots} slots from {result.tokens} tokens "
-              f"({result.segments} segment{'s' if result.segments != 1 else ''}) in {result.seconds:.1f}s "
+              f"({result.segments} segment{'s' if result.segments != 1 else ''}) in {seconds} "
               f"[{clean(method)}]{losses}", markup=False)
 
 

@@ -66,8 +66,9 @@ def inspect_rows(info: dict):
     compiler = m.get("compiler") or {}
     yield "compiler", ", ".join(f"{k}={v}" for k, v in compiler.items())
     yield "compile", ", ".join(f"{k}={v}" for k, v in c.items() if k != "lora_targets")
-    yield "compile time", f"{m['metrics'].get('seconds')} s"
     check = m["metrics"].get("self_check")
+    checked = check.get("seconds") if isinstance(check, dict) else None
+    yield "compile time", f"{m['metrics'].get('seconds')} s" + (f"; self-check {checked} s more" if checked else "")
     if isinstance(check, dict) and check.get("skipped"):
         yield "self-check", f"skipped: {check['skipped']}"
     elif isinstance(check, dict):

@@ -128,7 +128,7 @@ def refuse_bias(cfg: CompileConfig, who: str) -> None:
     """--bias where the method has no biases to give: refused, so that no manifest records
     biases that were never made."""
     if cfg.bias:
-        raise UsageError(f"bias: {who} makes no attention biases", field="bias",
+        raise UsageError(f"bias does nothing here: {who} makes no attention biases", field="bias",
                          hint="use --compiler am, or truncate with --steps N")
 
 

@@ -161,7 +161,10 @@ def _finish(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict)
     if cfg.self_check:
         from ..runtime.selfcheck import self_check
 
-        cart.manifest["metrics"]["self_check"] = self_check(loaded, task.doc.text, cart.buffer, cfg.self_check)
+        started = time.perf_counter()
+        check = self_check(loaded, task.doc.text, cart.buffer, cfg.self_check)
+        # its own time, beside the compile's: the check can take longer than the compile itself
+        cart.manifest["metrics"]["self_check"] = {**check, "seconds": round(time.perf_counter() - started, 3)}
     if task.output is not None:
         _write_final(task, cart)
     task.cartridge = cart

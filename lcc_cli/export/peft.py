@@ -64,7 +64,11 @@ def export_peft(cart: Cartridge, out_dir: Path, force: bool = False, source: Pat
             raise UsageError("this cartridge carries attention biases, which a PEFT Cartridge adapter cannot hold",
                              hint="pass --drop-bias to export its keys and values without them (answers change: "
                                   "see README)")
-        cart = Cartridge({**cart.manifest, "buffer": {k: v for k, v in cart.manifest["buffer"].items() if k != "bias"}},
+        # the record says what the adapter holds: no biases, and that they were dropped here
+        m = cart.manifest
+        cart = Cartridge({**m, "buffer": {k: v for k, v in m["buffer"].items() if k != "bias"},
+                          "compile": {**m.get("compile", {}), "bias": False},
+                          "compiler": {**m.get("compiler", {}), "biases_dropped": True}},
                          cart.buffer.without_bias())
     import os
     import shutil

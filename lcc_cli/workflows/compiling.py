@@ -34,6 +34,7 @@ class CompileResult:
     compiler: dict
     metrics: list[dict] = field(default_factory=list)
     index: dict | None = None  # an indexed cartridge's pages and windows (metrics.index), and its default budget
+    self_check_seconds: float | None = None  # --self-check's own time, beside the compile's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,7 +119,8 @@ def compile_file(source: str | Path, output: str | Path | None, cfg: CompileConf
                  "bytes_per_token": round(output.stat().st_size / m["source"]["token_count"], 1),
                  "gist_entries": sum(s["slots"] for s in cart.segments), "dtype": m["buffer"]["dtype"]}
     return CompileResult(str(output), cart.slots, m["source"]["token_count"], len(task.segments),
-                         m["metrics"]["seconds"], loaded.model_id, m["compiler"], m["metrics"]["segments"], index)
+                         m["metrics"]["seconds"], loaded.model_id, m["compiler"], m["metrics"]["segments"], index,
+                         (m["metrics"].get("self_check") or {}).get("seconds"))
 
 
 def _confirm(loaded, segments, cfg: CompileConfig, yes: bool, progress: Progress) -> None:

@@ -80,6 +80,8 @@ def import_adapter(directory: Path, output: Path, run: RunOptions | None = None,
         if sum(s["slots"] for s in segs) == buffer.slots:
             rows = [{k: s[k] for k in ("index", "slots", "token_count", "sink") if k in s} for s in segs]
         source, compile_, metrics = theirs["source"], theirs["compile"], theirs["metrics"]
+        if buffer.bias is None and compile_.get("bias"):  # PEFT holds no biases: never record ones that are gone
+            compile_ = {**compile_, "bias": False}
         compiler = {**theirs["compiler"], "imported_from": "peft"}
     m = mf.build(model=model, segments=rows, source=source, compile=compile_, compiler=compiler, metrics=metrics,
                  version=__version__, storage_dtype=str(buffer.dtype).removeprefix("torch."))
