@@ -199,3 +199,41 @@ def test_a_gist_is_read_beside_the_pages(tmp_path, tiny_model_dir, tiny_loaded):
     assert torch.equal(view.values[0][:, :gist], cart.buffer.values[0][:, :gist])  # the gist comes first
     without = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=22, gist=False))
     assert without.view("When was it completed by Ada Pellinger?").slots == view.slots - gist
+
+
+def test_batch_compile_in_worker_processes_and_resume_make_indexed_cartridges(tmp_path, tiny_model_dir, tiny_loaded):
+    """Gist segments compile in workers; the driver adds the pages. A resumed compile (its
+    partial file holds the finished gist segments) ends in the same cartridge."""
+    docs = []
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(TEXT + (" More text." * 30 if name == "b" else ""))
+        docs.append(tmp_path / f"{name}.txt")
+    settings = {"ratio": 4.0, "index": True, "gist": True, "segment_tokens": 64}
+    result = api.compile_paths(docs, tmp_path / "out", settings, compiler="am",
+                               run=run_opts(tiny_model_dir, workers=2))
+    assert [i.status for i in result.items] == ["done", "done"]
+    for name in ("a", "b"):
+        cart = load_cartridge(tmp_path / "out" / f"{name}.lcc")
+        assert cart.manifest["buffer"]["layout"] == "indexed" and len(cart.segments) >= 1
+    whole = load_cartridge(tmp_path / "out" / "b.lcc")
+    assert len(whole.segments) > 1
+    # interrupted after the first gist segment, then resumed: the same cartridge
+    from test_build import StopAt
+
+    from lcc_cli.errors import Interrupted
+    from lcc_cli.format.cartridge import partial_path
+
+    target = tmp_path / "resumed.lcc"
+    steps = {**settings, "steps": 1}
+    reference = load_cartridge(api.compile_file(docs[1], tmp_path / "ref.lcc", steps, compiler="truncate",
+                                                run=run_opts(tiny_model_dir)).path)
+    with pytest.raises(Interrupted):
+        api.compile_file(docs[1], target, steps, compiler="truncate", run=run_opts(tiny_model_dir), progress=StopAt(1))
+    assert partial_path(target).exists() and not target.exists()
+    api.compile_file(docs[1], target, steps, compiler="truncate", run=run_opts(tiny_model_dir), resume=True)
+    again = load_cartridge(target)
+    gist = sum(seg["slots"] for seg in reference.segments)
+    for x, y in zip(again.buffer.keys + again.buffer.values, reference.buffer.keys + reference.buffer.values):
+        assert torch.equal(x[:, gist:], y[:, gist:])  # the pages: the same prefill, bit for bit
+        torch.testing.assert_close(x[:, :gist], y[:, :gist], rtol=0, atol=1e-5)  # the gist, re-laid: float rounding
+    assert again.manifest["index"] == reference.manifest["index"]
