@@ -181,6 +181,15 @@ def serve_cmd(
     max_queue: int = typer.Option(32, "--max-queue", help="Requests waiting or running at once; more get 429."),
     max_batch: int = typer.Option(8, "--max-batch", help="Requests for one cartridge decoded together."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for."),
+    cache_mb: int = typer.Option(1024, "--cache-mb", metavar="MB",
+                                 help="RAM for decoded cartridges kept between requests (least recently used out "
+                                      "first)."),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", metavar="NAME",
+                                                   help="Also answer requests whose Host is NAME (any port) or "
+                                                        "NAME:PORT, e.g. behind a proxy; repeatable."),
+    allow_origin: Optional[list[str]] = typer.Option(None, "--allow-origin", metavar="ORIGIN",
+                                                     help="Let web pages from ORIGIN (https://host[:port], or '*') "
+                                                          "call the API (CORS); repeatable."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -192,14 +201,16 @@ def serve_cmd(
     the plain model's name. Stop with Ctrl-C: requests in flight finish first."""
     from .. import api
     from ..serve.app import Limits
+    from ..serve.guard import Access
 
     for name, value, low in (("port", port, 0), ("max_queue", max_queue, 1), ("max_batch", max_batch, 1),
-                             ("max_tokens", max_tokens, 1)):
+                             ("max_tokens", max_tokens, 1), ("cache_mb", cache_mb, 0)):
         if value < low or (name == "port" and value > 65535):
             raise UsageError(f"{name} must be {'a port number' if name == 'port' else f'at least {low}'} "
                              f"(got {value})", field=name)
     limits = Limits(max_queue=max_queue, max_batch=max_batch, max_tokens=max_tokens,
-                    default_max_tokens=min(256, max_tokens))
+                    default_max_tokens=min(256, max_tokens), cache_bytes=cache_mb << 20)
+    access = Access(allow_hosts=list(allow_host or []), allow_origins=list(allow_origin or []))
     with _progress(False) as progress:
         api.serve(paths, host, port, limits, api_key, run=_run(model, device, threads, dtype), progress=progress,
-                  warn=lambda text: err.print(f"lcc: warning: {clean(text)}", markup=False))
+                  warn=lambda text: err.print(f"lcc: warning: {clean(text)}", markup=False), access=access)

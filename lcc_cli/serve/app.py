@@ -4,13 +4,17 @@ FastAPI (with pydantic models for every request and response) under uvicorn, the
 well-kept ASGI pair; server-sent events through sse-starlette. Endpoints:
 
 - POST /v1/chat/completions: `model` names a cartridge (its file stem), several composed
-  with `+` ("a+b", laid out as `lcc ask A B` lays them), or the plain model's name for no
-  cartridge. messages, max_tokens, temperature, seed, stop, stream.
+  with `+` ("a+b", laid out as `lcc ask A B` lays them; at most `max_parts`), or the plain
+  model's name for no cartridge. messages, max_tokens, temperature, seed, stop, stream.
 - GET /v1/models: the plain model and every cartridge, with its manifest summary, or the
   reason it is unavailable.
-- GET /health.
+- GET /health: counts the catalog already holds; it never waits for a file.
 
-Every limit answers with a 4xx and an OpenAI-style error body, never a 500 or a hang.
+Every client mistake is a 4xx with an OpenAI-style error body, never a 500, a traceback in
+the log or a hang: fields are typed strictly (a "10" is not a number), a body must be JSON and
+arrive within `body_timeout`, a request's window is checked from the manifests before any
+tensor is built, and work that reads files or tokenises long text runs in worker threads, off
+the event loop. Browsers are kept out by guard.py.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -28,9 +32,15 @@ from fastapi import Request  # at module level: FastAPI resolves handler annotat
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LccError, WindowError
-from ..runtime.text import check_window
-from .catalog import Catalog
+from ..runtime.text import StopStrings, check_window
+from .cache import BufferCache
+from .catalog import Catalog, composed_first
 from .engine import Engine, Job, QueueFull
+from .guard import Access, Guard, error_body
+from .prompt import chat_ids
+
+MIN_TEMPERATURE = 1e-5  # below it, sampling divides logits into inf and NaN: decoded greedily instead
+MAX_SEED = 2 ** 63 - 1  # OpenAI's seed is a 64-bit signed integer
 
 
 @dataclass
@@ -43,16 +53,22 @@ class Limits:
     max_queue: int = 32  # requests waiting or running; more get 429
     max_batch: int = 8  # rows decoded together
     max_stop: int = 4
+    max_parts: int = 16  # cartridges one model name may compose (a repeated one counts each time)
+    cache_bytes: int = 1024 << 20  # decoded buffers kept in RAM (--cache-mb)
+    body_timeout: float = 10.0  # seconds for a body to arrive once its headers have
+    header_timeout: float = 10.0  # seconds for a request's headers, from connecting or the last response
+    max_connections: int = 1000  # open connections; past it the longest-idle one is closed
+    verify_wait: float = 60.0  # seconds a request waits for files it names to be verified
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant"]
     content: Union[str, list[TextPart]]  # OpenAI's newer clients send a list of text parts
 
@@ -62,13 +78,14 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields lcc does not use (top_p, ...)
+    # strict, as OpenAI's API is: "10" is not an integer, true is not a number
+    model_config = ConfigDict(extra="ignore", strict=True)  # clients send fields lcc does not use (top_p, ...)
     model: str
     messages: list[Message]
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    seed: int = 0
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
@@ -133,24 +150,59 @@ class ModelList(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 close: bool = False):
         self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.close = close  # the body was not read to its end: the connection cannot carry another request
 
 
-def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key: str | None = None):
+class ClientGone(Exception):
+    """The client disconnected: nothing is left to answer."""
+
+
+@dataclass
+class Prepared:
+    """A parsed request made ready for the engine, off the event loop."""
+
+    prompt: list[int]
+    stop: StopStrings
+    max_tokens: int
+    temperature: float
+
+
+def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key: str | None = None,
+               access: Access | None = None):
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from sse_starlette.sse import EventSourceResponse
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="lcc serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, access=access or Access())
     plain = loaded.model_id
-    buffers: dict[tuple, object] = {}  # composed, converted buffers by (names, file signatures)
-    buffers_lock = threading.Lock()
+    buffers = BufferCache(limits.cache_bytes)  # composed, converted buffers by their cartridges' digests
+    app.state.buffers, app.state.catalog = buffers, catalog
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}},
-                            status_code=exc.status)
+        return JSONResponse(error_body(exc.message, exc.kind, exc.code), status_code=exc.status,
+                            headers={"connection": "close"} if exc.close else None)
+
+    @app.exception_handler(LccError)
+    async def _lcc_error(request, exc: LccError):
+        return JSONResponse(error_body(exc.message), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = ("no such endpoint: this server answers POST /v1/chat/completions, GET /v1/models and GET /health"
+                   if exc.status_code in (404, 405) else str(exc.detail))
+        return JSONResponse(error_body(message, code=code), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request, exc: ClientGone):
+        return Response(status_code=499)  # never arrives: the client has left
 
     def authorise(request: Request) -> None:
         if api_key is None:
@@ -161,40 +213,89 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
                            "invalid_api_key")
 
     async def read_body(request: Request) -> bytes:
+        """The JSON body, at most `max_body_bytes`, arrived within `body_timeout` seconds."""
+        media, _, params = request.headers.get("content-type", "").partition(";")
+        charset = params.strip().lower().removeprefix("charset=").strip('"') if "charset" in params.lower() else ""
+        if media.strip().lower() != "application/json" or charset not in ("", "utf-8"):
+            raise ApiError(415, "the body must be JSON (Content-Type: application/json)", code="unsupported_media_type",
+                           close=True)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise ApiError(413, f"the request body is over {limits.max_body_bytes:,} bytes", code="body_too_large")
+            raise ApiError(413, f"the request body is over {limits.max_body_bytes:,} bytes", code="body_too_large",
+                           close=True)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise ApiError(413, f"the request body is over {limits.max_body_bytes:,} bytes", code="body_too_large")
+        try:
+            async with asyncio.timeout(limits.body_timeout):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limits.max_body_bytes:
+                        raise ApiError(413, f"the request body is over {limits.max_body_bytes:,} bytes",
+                                       code="body_too_large", close=True)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {limits.body_timeout:g} seconds",
+                           code="body_timeout", close=True) from None
+        except ClientDisconnect:
+            raise ClientGone() from None
         return bytes(body)
 
-    def resolve(name: str):
-        """(key, buffer or None) for a request's model name; 404 for anything not served. The
-        key names the files' contents, so a cartridge replaced while requests wait never
-        shares a batch with its old version. Runs in worker threads: the cache is locked."""
+    def parse(body: bytes) -> ChatRequest:
+        try:
+            return ChatRequest.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            raise ApiError(400, f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed')}"[:300],
+                           code="invalid_request") from None
+
+    async def refreshed(names=None) -> None:
+        """The catalog looked at again and `names` (default: every file) verified, waited for
+        without holding a thread; buffers of cartridges no longer served freed."""
+        await asyncio.to_thread(catalog.refresh, tuple(names or ()))
+        deadline = time.monotonic() + limits.verify_wait
+        while not catalog.settled(names) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        live = catalog.digests()
+        buffers.retain(lambda key: all(d in live for d in key))
+
+    def resolve(name: str, admit: Callable[[int], None]):
+        """(key, buffer or None) for a request's model name; 404 for anything not served.
+        `admit(position)` gets where the prompt would start, known from the manifests before
+        any tensor is built, and raises if the request cannot be served there (its window
+        included). The key names the cartridges' contents, so a cartridge replaced while requests
+        wait never shares a batch (or a buffer) with its old version. Runs in worker threads."""
         if name == plain:
+            admit(len(loaded.prompter.context_ids(None)))
             return (), None
         parts = name.split("+")
-        catalog.refresh()
+        if len(parts) > limits.max_parts:
+            raise ApiError(400, f"{len(parts)} cartridges in one model name; at most {limits.max_parts}",
+                           code="too_many_cartridges")
         entries = [catalog.get(part) for part in parts]
         for part, entry in zip(parts, entries):
             if entry is None:
                 raise ApiError(404, f"no model or cartridge named {part[:80]!r}", code="model_not_found")
+            if entry.pending:
+                raise ApiError(503, f"cartridge {part!r} is still being verified: try again", "server_error",
+                               "model_verifying")
             if not entry.available:
                 raise ApiError(404, f"cartridge {part!r} is unavailable: {entry.reason}", code="model_unavailable")
-        key = tuple((e.name, e.signature) for e in entries)
-        with buffers_lock:
-            buffer = buffers.get(key)
-            if buffer is None:
-                from ..runtime.memory import Whole, compose
+        admit(composed_first([e.facts for e in entries]))
+        key = tuple(e.facts.digest for e in entries)
 
-                buffer = Whole(compose([e.cartridge for e in entries]), loaded).view("")
-                buffers.clear()  # one composition kept: requests for one set come in runs
-                buffers[key] = buffer
-        return key, buffer
+        def build():
+            from ..runtime.memory import Whole, compose
+
+            carts: dict[str, object] = {}
+            for e in entries:
+                if e.facts.digest not in carts:
+                    try:
+                        carts[e.facts.digest] = catalog.read(e)
+                    except (LccError, OSError):
+                        raise ApiError(503, f"cartridge {e.name!r} changed on disk: try again", "server_error",
+                                       "model_changed") from None
+            return Whole(compose([carts[e.facts.digest] for e in entries]), loaded).view("")
+
+        return key, buffers.get_or_build(key, build)
 
     def prompt_of(req: ChatRequest) -> list[int]:
         if len(req.messages) > limits.max_messages:
@@ -218,37 +319,11 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
             # client's system text leads the first user turn instead.
             first = next(i for i, (role, _) in enumerate(turns) if role == "user")
             turns[first] = ("user", "\n\n".join([*filter(None, system), turns[first][1]]))
-        return loaded.prompter.turns_ids(turns)
+        return chat_ids(loaded.prompter, turns)
 
-    @app.get("/health")
-    async def health():
-        listing = catalog.listing()
-        sizes = list(engine.batch_sizes)
-        return {"status": "ok", "model": plain, "cartridges": sum(e.available for e in listing),
-                "unavailable": sum(not e.available for e in listing), "load": engine.load(),
-                "max_queue": limits.max_queue, "batches": len(sizes),
-                "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None}
-
-    @app.get("/v1/models", response_model=ModelList)
-    async def models(request: Request):
-        authorise(request)
-        await asyncio.to_thread(catalog.refresh)
-        cards = [ModelCard(id=plain, lcc={"available": True, "cartridge": None})]
-        cards += [ModelCard(id=e.name, lcc=e.summary()) for e in catalog.listing()]
-        return ModelList(data=cards)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        authorise(request)
-        body = await read_body(request)
-        try:
-            req = ChatRequest.model_validate_json(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ()))
-            raise ApiError(400, f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed')}"[:300],
-                           code="invalid_request") from None
-        key, buffer = await asyncio.to_thread(resolve, req.model)
+    def prepare(req: ChatRequest, first: int) -> Prepared:
+        """The request ready for the engine, its prompt starting at position `first`: the
+        tokenising and the stop strings' set-up (in a worker thread), every limit checked."""
         prompt = prompt_of(req)
         max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
@@ -257,15 +332,59 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > limits.max_stop:
             raise ApiError(400, f"at most {limits.max_stop} stop sequences")
-        first = buffer.first_query_position if buffer is not None else len(loaded.prompter.context_ids(None))
         try:
             check_window(loaded, first + len(prompt), max_tokens, what="the prompt")
         except WindowError as exc:
             raise ApiError(400, exc.message, code="context_length_exceeded") from None
+        temperature = req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0
+        return Prepared(prompt, StopStrings(stops), max_tokens, temperature)
+
+    async def until_disconnect(request: Request) -> None:
+        """Returns when the client has gone (the body is read: the next message is the end)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def collect(job: Job) -> tuple[str, str, int]:
+        text = ""
+        while True:
+            event = await job.events.get()
+            if event[0] == "delta":
+                text += event[1]
+            elif event[0] == "end":
+                return text, event[1], event[2]
+            else:
+                raise ApiError(503, event[1], "server_error")
+
+    @app.get("/health")
+    async def health():
+        sizes = list(engine.batch_sizes)
+        return {"status": "ok", "model": plain, **catalog.counts(), "load": engine.load(),
+                "max_queue": limits.max_queue, "batches": len(sizes),
+                "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
+                "cache_bytes": buffers.bytes}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(request: Request):
+        authorise(request)
+        await refreshed()
+        cards = [ModelCard(id=plain, lcc={"available": True, "cartridge": None})]
+        cards += [ModelCard(id=e.name, lcc=e.summary()) for e in catalog.listing()]
+        return ModelList(data=cards)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        authorise(request)
+        req = parse(await read_body(request))
+        if req.model != plain:
+            await refreshed(req.model.split("+")[:limits.max_parts + 1])
+        readied: list[Prepared] = []
+        key, buffer = await asyncio.to_thread(resolve, req.model, lambda first: readied.append(prepare(req, first)))
+        ready = readied[0]
+        prompt = ready.prompt
         if buffer is None:
             prompt = loaded.prompter.context_ids(None) + prompt  # the plain model: its own system turn
-        job = Job(key, buffer, prompt, max_tokens, req.temperature, req.seed, stops, asyncio.get_running_loop(),
-                  asyncio.Queue())
+        job = Job(key, buffer, prompt, ready.max_tokens, ready.temperature, req.seed, ready.stop,
+                  asyncio.get_running_loop(), asyncio.Queue())
         try:
             engine.submit(job)
         except QueueFull as exc:
@@ -274,26 +393,20 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
         prompt_tokens = len(prompt) + (buffer.slots if buffer is not None else 0)
 
         if not req.stream:
-            text, reason, completion = "", "stop", 0
+            # Starlette does not cancel a handler whose client left: watch for it, so that the
+            # engine stops decoding for a client that gave up as soon as it has.
+            answer = asyncio.ensure_future(collect(job))
+            gone = asyncio.ensure_future(until_disconnect(request))
             try:
-                while True:
-                    try:
-                        event = await asyncio.wait_for(job.events.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        # Starlette does not cancel a handler whose client left; look, so
-                        # that a client that gave up frees its place as a streaming one does.
-                        if await request.is_disconnected():
-                            return JSONResponse({}, status_code=499)
-                        continue
-                    if event[0] == "delta":
-                        text += event[1]
-                    elif event[0] == "end":
-                        reason, completion = event[1], event[2]
-                        break
-                    else:
-                        raise ApiError(503, event[1], "server_error")
+                done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                gone.cancel()
+                if not answer.done():
+                    answer.cancel()
                 engine.cancel(job)
+            if answer not in done:
+                raise ClientGone()
+            text, reason, completion = answer.result()
             return ChatResponse(id=rid, created=created, model=req.model,
                                 choices=[Choice(message=ChoiceMessage(content=text), finish_reason=reason)],
                                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
@@ -321,10 +434,5 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
                 engine.cancel(job)
 
         return EventSourceResponse(events(), ping=15)
-
-    @app.exception_handler(LccError)
-    async def _lcc_error(request, exc: LccError):
-        return JSONResponse({"error": {"message": exc.message, "type": "invalid_request_error", "param": None,
-                                       "code": None}}, status_code=400)
 
     return app

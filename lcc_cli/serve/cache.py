@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 
 def buffer_bytes(buffer) -> int:
@@ -44,11 +44,14 @@ class BufferCache:
                 hit = self._hit(key)
             if hit is not None:
                 return hit
-            value = build()
+            try:
+                value = build()
+            finally:
+                with self._lock:
+                    self._building.pop(key, None)
             with self._lock:
                 self.builds += 1
                 self._keep(key, value)
-                self._building.pop(key, None)
             return value
 
     def retain(self, alive: Callable[[Hashable], bool]) -> None:
@@ -57,7 +60,7 @@ class BufferCache:
             for key in [k for k in self._items if not alive(k)]:
                 self._drop(key)
 
-    def keys(self) -> list:
+    def held_keys(self) -> list:
         with self._lock:
             return list(self._items)
 

@@ -9,6 +9,9 @@ request's own asyncio queue. A job whose client left is skipped and frees its pl
 once; a batch whose clients all left stops decoding.
 
 At most `max_queue` jobs wait or run at a time; `submit` refuses more (the app answers 429).
+A job's stop strings arrive ready to match (`runtime.text.StopStrings`, built while the request
+was parsed): their set-up is linear in their length, but four of 240,000 characters still take
+0.05-0.1 s, time the engine thread would take from every other request.
 """
 
 from __future__ import annotations
@@ -26,15 +29,15 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    # the cartridge set by name and file signature (() for the plain model): only jobs with
-    # one key share a batch
+    # the cartridges' contents (their digests, in order; () for the plain model): only jobs
+    # with one key share a batch
     key: tuple
     buffer: object | None  # buffer.Buffer on the model's device and dtype
     prompt: list[int]
     max_tokens: int
     temperature: float
     seed: int
-    stop: list[str]
+    stop: object  # runtime.text.StopStrings for this request alone (it keeps matching state)
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # ("delta", text) ... then ("end", finish_reason, completion_tokens) or ("error", msg)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -53,6 +56,7 @@ class Engine:
         self._active: set[int] = set()  # ids of jobs waiting or running whose clients are still there
         self._cv = threading.Condition()
         self._stopping = False
+        self._running = False  # a batch is decoding (tests)
         self.batch_sizes: list[int] = []  # rows of every decode run (tests and /health)
         self._thread = threading.Thread(target=self._loop, name="lcc-engine", daemon=True)
         self._thread.start()
@@ -81,6 +85,11 @@ class Engine:
         with self._cv:
             return len(self._active)
 
+    def busy(self) -> bool:
+        """A batch is decoding now."""
+        with self._cv:
+            return self._running
+
     def stop(self) -> None:
         """Cancel what waits, let the running batch finish, end the thread."""
         with self._cv:
@@ -100,6 +109,7 @@ class Engine:
                 self._cv.wait()
             if self._stopping and not self._pending:
                 return None
+            self._running = True
             first = self._pending.pop(0)
             group = [first]
             if first.temperature <= 0:
@@ -125,6 +135,7 @@ class Engine:
                         job.send("error", f"decoding failed: {type(exc).__name__}: {exc}".splitlines()[0][:300])
             finally:
                 with self._cv:
+                    self._running = False
                     for job in group:
                         self._active.discard(id(job))
 
@@ -143,8 +154,11 @@ class Engine:
         first = head.buffer.first_query_position if head.buffer is not None else 0
         generator = torch.Generator().manual_seed(head.seed)
 
-        streams = [TextStream(tok, p.stop_ids, lambda piece, job=job: job.send("delta", piece), job.stop, trim=True)
-                   for job in group]
+        streams = []
+        for job in group:
+            stream = TextStream(tok, p.stop_ids, lambda piece, job=job: job.send("delta", piece), trim=True)
+            stream.stops = job.stop  # built off this thread (module docstring)
+            streams.append(stream)
 
         def on_step(tokens: list[list[int]], done: list[bool]) -> bool:
             for job, stream, row, ended in zip(group, streams, tokens, done):

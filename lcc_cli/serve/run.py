@@ -1,4 +1,10 @@
-"""Start and stop the server: the model once, the catalog, the engine, the app, uvicorn."""
+"""Start and stop the server: the model once, the catalog, the engine, the app, uvicorn.
+
+uvicorn runs with the guarded h11 protocol (protocol.py: header timeout, a connection cap
+that idle sockets cannot fill) and without its own `limit_concurrency`, which counted idle
+sockets against every request. Lines the server logs name files by their name in the
+folder with control characters escaped: a file name cannot forge a log line.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from ..errors import UsageError
 from .app import Limits, create_app
 from .catalog import Catalog
 from .engine import Engine
+from .guard import Access
+from .protocol import protocol_class
 
 
 def is_loopback(host: str) -> bool:
@@ -20,7 +28,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build(loaded, paths: list[Path], limits: Limits, api_key: str | None = None):
+def printable(text: str) -> str:
+    """`text` on one line: control characters (newlines included) written as escapes."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
+
+
+def build(loaded, paths: list[Path], limits: Limits, api_key: str | None = None, access: Access | None = None):
     """(app, catalog, engine) for these folders and files."""
     folders, files = [], []
     for path in map(Path, paths):
@@ -32,7 +45,25 @@ def build(loaded, paths: list[Path], limits: Limits, api_key: str | None = None)
             raise UsageError(f"nothing to serve at {path}: not a folder or a cartridge")
     catalog = Catalog(loaded, folders, files)
     engine = Engine(loaded, max_batch=limits.max_batch, max_queue=limits.max_queue)
-    return create_app(loaded, catalog, engine, limits, api_key), catalog, engine
+    return create_app(loaded, catalog, engine, limits, api_key, access or Access()), catalog, engine
+
+
+def server_config(app, host: str, port: int, limits: Limits, **extra):
+    """uvicorn's Config for the app: the guarded protocol, no limit_concurrency."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, http=protocol_class(limits.header_timeout, limits.max_connections),
+                          timeout_graceful_shutdown=30, **{"log_level": "warning", **extra})
+
+
+def announce(catalog: Catalog, loaded, host: str, port: int, progress) -> None:
+    """What is served, and why each file that is not is unavailable."""
+    listing = catalog.listing()
+    for entry in listing:
+        if not entry.available:
+            progress.status(printable(f"unavailable: {entry.name} ({entry.reason})"))
+    progress.status(printable(f"serving {sum(e.available for e in listing)} cartridges and {loaded.model_id} "
+                              f"on http://{host}:{port}/v1"))
 
 
 def _exit_zero_server(config):
@@ -57,20 +88,12 @@ def _exit_zero_server(config):
     return Server(config)
 
 
-def serve(loaded, paths: list[Path], host: str, port: int, limits: Limits, api_key: str | None, progress) -> None:
+def serve(loaded, paths: list[Path], host: str, port: int, limits: Limits, api_key: str | None, progress,
+          access: Access | None = None) -> None:
     """Serve until SIGINT or SIGTERM; in-flight requests finish (30 s at most), then return."""
-    import uvicorn
-
-    app, catalog, engine = build(loaded, paths, limits, api_key)
-    listing = catalog.listing()
-    for entry in listing:
-        if not entry.available:
-            progress.status(f"unavailable: {entry.name} ({entry.reason})")
-    progress.status(f"serving {sum(e.available for e in listing)} cartridges and {loaded.model_id} "
-                    f"on http://{host}:{port}/v1")
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
-                            limit_concurrency=limits.max_queue * 2 + 16)
-    server = _exit_zero_server(config)
+    app, catalog, engine = build(loaded, paths, limits, api_key, access)
+    announce(catalog, loaded, host, port, progress)
+    server = _exit_zero_server(server_config(app, host, port, limits))
     try:
         server.run()
     except SystemExit:  # uvicorn's own exit when it cannot bind
@@ -78,3 +101,4 @@ def serve(loaded, paths: list[Path], host: str, port: int, limits: Limits, api_k
                          field="port") from None
     finally:
         engine.stop()
+        catalog.close()
