@@ -4,8 +4,11 @@ FastAPI (with pydantic models for every request and response) under uvicorn, the
 well-kept ASGI pair; server-sent events through sse-starlette. Endpoints:
 
 - POST /v1/chat/completions: `model` names a cartridge (its file stem), several composed
-  with `+` ("a+b", laid out as `lcc ask A B` lays them; at most `max_parts`), or the plain
-  model's name for no cartridge. messages, max_tokens, temperature, seed, stop, stream.
+  with `+` ("a+b", laid out as `lcc ask A B` lays them; at most `max_parts`), `library` for
+  the served folder asked as one (its indexed cartridges, through DIR/.lcc-index.sqlite), or
+  the plain model's name for no cartridge. messages, max_tokens, temperature, seed, stop,
+  stream. For indexed cartridges and the library, the last user message chooses the pages
+  read, and the response's extra field `lcc.pages` says which (cartridge, page, text).
 - GET /v1/models: the plain model and every cartridge, with its manifest summary, or the
   reason it is unavailable.
 - GET /health: counts the catalog already holds; it never waits for a file.
@@ -31,10 +34,10 @@ from typing import Literal, Optional, Union
 from fastapi import Request  # at module level: FastAPI resolves handler annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import LccError, WindowError
+from ..errors import LccError, UsageError, WindowError
 from ..runtime.text import StopStrings, check_window
 from .cache import BufferCache
-from .catalog import Catalog, composed_first
+from .catalog import LIBRARY, Catalog, composed_first
 from .engine import Engine, Job, QueueFull
 from .guard import Access, Guard, error_body
 from .prompt import chat_ids
@@ -115,6 +118,7 @@ class ChatResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    lcc: Optional[dict] = None  # indexed cartridges and the library: {"pages": [...]} the answer read
 
 
 class Delta(BaseModel):
@@ -134,6 +138,7 @@ class ChatChunk(BaseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
+    lcc: Optional[dict] = None  # on the last chunk, as in ChatResponse
 
 
 class ModelCard(BaseModel):
@@ -170,6 +175,107 @@ class Prepared:
     temperature: float
 
 
+class PagedCartridges:
+    """Indexed cartridges for the server: one `Paged` memory per set of cartridges (by their
+    digests), its files held open, the few most recent kept; each request's pages read from
+    them by range, under that memory's lock (it remembers its last choice)."""
+
+    KEEP = 16
+
+    def __init__(self, loaded, catalog: Catalog):
+        import threading
+        from collections import OrderedDict
+
+        self.loaded, self.catalog = loaded, catalog
+        self._memories: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def view(self, key: tuple, entries: list, question: str, admit):
+        memory, lock = self._memory(key, entries)
+        with lock:
+            try:
+                buffer = memory.view(question)
+            except LccError as exc:  # a file changed or damaged under us: never served
+                with self._lock:
+                    self._memories.pop(key, None)
+                raise ApiError(503, f"{exc.message}: try again", "server_error", "model_changed") from None
+            admit(buffer.first_query_position)
+            return (key, memory.key(question)), buffer, memory.read_pages(question)
+
+    def _memory(self, key, entries):
+        import threading
+
+        from ..runtime.memory.paged import Paged, Source
+
+        with self._lock:
+            if key in self._memories:
+                self._memories.move_to_end(key)
+                return self._memories[key]
+        try:
+            held = {e.facts.digest: self.catalog.held(e) for e in entries}
+        except (LccError, OSError):
+            raise ApiError(503, "a cartridge changed on disk: try again", "server_error", "model_changed") from None
+        memory = Paged(self.loaded, [Source(e.found.shown, held[e.facts.digest]) for e in entries])
+        with self._lock:
+            self._memories[key] = (memory, threading.Lock())
+            while len(self._memories) > self.KEEP:
+                self._memories.popitem(last=False)
+            return self._memories[key]
+
+
+class ServedLibrary:
+    """The first served folder asked as one (model name `library`): its index brought up to
+    date before every request (a cartridge dropped in is searchable at once; one listing and a
+    stat per file when nothing changed), then a `LibraryMemory` chooses and reads the pages."""
+
+    def __init__(self, loaded, folder):
+        import threading
+
+        self.loaded, self.folder = loaded, folder
+        self._lock = threading.Lock()
+        self._library = None
+        self._memory = None
+
+    def _ready(self):
+        from ..library.index import Library
+        from ..runtime.memory import check_model
+        from ..runtime.memory.library import LibraryMemory
+
+        if self._library is None:
+            self._library = Library(self.folder)
+        self._library.refresh()
+        if self._memory is None:
+            self._memory = LibraryMemory(self.loaded, self._library,
+                                         check=lambda s: check_model(s.handle, self.loaded, s.name))
+        self._memory._chosen.clear()  # the index may have changed: choose afresh
+        return self._memory
+
+    def view(self, question: str, admit):
+        with self._lock:
+            try:
+                memory = self._ready()
+                buffer = memory.view(question)
+            except LccError as exc:
+                raise ApiError(404 if isinstance(exc, UsageError) else 503, exc.message,
+                               code="model_unavailable") from None
+            admit(buffer.first_query_position)
+            checksums = tuple(sorted({memory._checksums[p.source] for p, _ in memory.choose(question)}))
+            return ("library", checksums, memory.key(question)), buffer, memory.read_pages(question)
+
+    def summary(self) -> dict:
+        with self._lock:
+            try:
+                from ..library.index import Library
+
+                self._library = self._library or Library(self.folder)
+                self._library.refresh()
+                carts = self._library.cartridges()
+            except LccError as exc:
+                return {"available": False, "reason": exc.message, "library": True}
+        return {"available": bool(carts), "library": True, "cartridges": len(carts),
+                "pages": sum(c["pages"] or 0 for c in carts), "tokens": sum(c["tokens"] or 0 for c in carts)}
+
+
 def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key: str | None = None,
                access: Access | None = None):
     from fastapi import FastAPI
@@ -182,6 +288,8 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
     app.add_middleware(Guard, access=access or Access())
     plain = loaded.model_id
     buffers = BufferCache(limits.cache_bytes)  # composed, converted buffers by their cartridges' digests
+    paged = PagedCartridges(loaded, catalog)  # indexed cartridges, held open, each question its own pages
+    libraries = [ServedLibrary(loaded, folder) for folder in catalog.folders[:1]]
     app.state.buffers, app.state.catalog = buffers, catalog
 
     @app.exception_handler(ApiError)
@@ -257,15 +365,19 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
         live = catalog.digests()
         buffers.retain(lambda key: all(d in live for d in key))
 
-    def resolve(name: str, admit: Callable[[int], None]):
-        """(key, buffer or None) for a request's model name; 404 for anything not served.
-        `admit(position)` gets where the prompt would start, known from the manifests before
-        any tensor is built, and raises if the request cannot be served there (its window
-        included). The key names the cartridges' contents, so a cartridge replaced while requests
-        wait never shares a batch (or a buffer) with its old version. Runs in worker threads."""
+    def resolve(name: str, admit: Callable[[int], None], question: str):
+        """(key, buffer or None, pages or None) for a request's model name; 404 for anything
+        not served. `admit(position)` gets where the prompt would start, known from the
+        manifests (for indexed cartridges, from the pages `question` chose) before anything
+        larger is built, and raises if the request cannot be served there (its window
+        included). The key names the cartridges' contents (and the pages chosen), so a
+        cartridge replaced while requests wait never shares a batch (or a buffer) with its old
+        version. Runs in worker threads."""
         if name == plain:
             admit(len(loaded.prompter.context_ids(None)))
-            return (), None
+            return (), None, None
+        if name == LIBRARY and libraries:
+            return libraries[0].view(question, admit)
         parts = name.split("+")
         if len(parts) > limits.max_parts:
             raise ApiError(400, f"{len(parts)} cartridges in one model name; at most {limits.max_parts}",
@@ -279,8 +391,13 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
                                "model_verifying")
             if not entry.available:
                 raise ApiError(404, f"cartridge {part!r} is unavailable: {entry.reason}", code="model_unavailable")
-        admit(composed_first([e.facts for e in entries]))
         key = tuple(e.facts.digest for e in entries)
+        if any(e.facts.indexed for e in entries):
+            if not all(e.facts.indexed for e in entries):
+                raise ApiError(400, "indexed cartridges are read page by page and cannot be composed with ones that "
+                                    "are not", code="model_unavailable")
+            return paged.view(key, entries, question, admit)
+        admit(composed_first([e.facts for e in entries]))
 
         def build():
             from ..runtime.memory import Whole, compose
@@ -295,7 +412,7 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
                                        "model_changed") from None
             return Whole(compose([carts[e.facts.digest] for e in entries]), loaded).view("")
 
-        return key, buffers.get_or_build(key, build)
+        return key, buffers.get_or_build(key, build), None
 
     def prompt_of(req: ChatRequest) -> list[int]:
         if len(req.messages) > limits.max_messages:
@@ -368,6 +485,8 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
         authorise(request)
         await refreshed()
         cards = [ModelCard(id=plain, lcc={"available": True, "cartridge": None})]
+        if libraries:
+            cards.append(ModelCard(id=LIBRARY, lcc=await asyncio.to_thread(libraries[0].summary)))
         cards += [ModelCard(id=e.name, lcc=e.summary()) for e in catalog.listing()]
         return ModelList(data=cards)
 
@@ -375,10 +494,13 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
     async def chat(request: Request):
         authorise(request)
         req = parse(await read_body(request))
-        if req.model != plain:
+        if req.model not in (plain, LIBRARY):
             await refreshed(req.model.split("+")[:limits.max_parts + 1])
         readied: list[Prepared] = []
-        key, buffer = await asyncio.to_thread(resolve, req.model, lambda first: readied.append(prepare(req, first)))
+        question = next((m.text for m in reversed(req.messages) if m.role == "user"), "")
+        key, buffer, pages = await asyncio.to_thread(resolve, req.model, lambda first: readied.append(prepare(req, first)),
+                                                     question)
+        extra = {"pages": pages} if pages is not None else None
         ready = readied[0]
         prompt = ready.prompt
         if buffer is None:
@@ -407,14 +529,16 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
             if answer not in done:
                 raise ClientGone()
             text, reason, completion = answer.result()
-            return ChatResponse(id=rid, created=created, model=req.model,
-                                choices=[Choice(message=ChoiceMessage(content=text), finish_reason=reason)],
-                                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                                            total_tokens=prompt_tokens + completion))
+            reply = ChatResponse(id=rid, created=created, model=req.model,
+                                 choices=[Choice(message=ChoiceMessage(content=text), finish_reason=reason)],
+                                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                                             total_tokens=prompt_tokens + completion), lcc=extra)
+            return JSONResponse(reply.model_dump(exclude_none=True))
 
         def chunk(delta: Delta, reason: str | None = None) -> str:
             return ChatChunk(id=rid, created=created, model=req.model,
-                             choices=[ChunkChoice(delta=delta, finish_reason=reason)]).model_dump_json(exclude_none=True)
+                             choices=[ChunkChoice(delta=delta, finish_reason=reason)],
+                             lcc=extra if reason is not None else None).model_dump_json(exclude_none=True)
 
         async def events():
             try:

@@ -39,6 +39,7 @@ from ..errors import CartridgeError, LccError
 
 LINK = "a symbolic link (links in a served folder are not followed)"
 NOT_REGULAR = "not a regular file"
+LIBRARY = "library"  # the model name of the served folder asked as one (runtime/memory/library.py)
 PLUS = "its name holds '+', which joins cartridges in a model name: rename the file to serve it"
 READ_STEP = 64  # blocks decoded at a time while a file is verified: memory stays bounded
 
@@ -64,6 +65,7 @@ class Facts:
     low: int  # the lowest position of an entry
     first: int  # where the first token read after it goes
     summary: dict
+    indexed: bool = False  # each question reads its own pages (runtime/memory/paged.py)
 
 
 @dataclass(frozen=True)
@@ -224,9 +226,10 @@ class Catalog:
             return Found(name, path, shown, signature, NOT_REGULAR)
         if "+" in name:
             return Found(name, path, shown, signature, PLUS)
-        if name == self.loaded.model_id:
-            return Found(name, path, shown, signature, "it has the plain model's name, which a request for it "
-                                                       "would get instead: rename the file to serve it")
+        if name in (self.loaded.model_id, LIBRARY):
+            return Found(name, path, shown, signature, f"it has the {'plain model' if name != LIBRARY else 'library'}'s "
+                                                       f"name, which a request for it would get instead: rename the "
+                                                       f"file to serve it")
         return Found(name, path, shown, signature)
 
     # --- the verifier thread -------------------------------------------------------------------
@@ -262,17 +265,69 @@ class Catalog:
             return Entry(f.name, f, reason=f"unreadable ({type(exc).__name__})")
 
     def _check_model(self, cart, shown: str) -> Facts:
-        from ..format.checks import check_compatible, check_fingerprint
+        from ..runtime.memory import check_model
 
         m, positions = cart.manifest, cart.positions
         low, first = (int(positions.min()), int(positions.max()) + 1) if len(positions) else (0, 0)
-        check_compatible(m["model"], self.loaded.facts, first, shown)
-        check_fingerprint(m["model"], self.loaded.model_id, self.loaded.fingerprint, shown)
+        check_model(cart, self.loaded, shown)  # an indexed one: its gist, and each window it was encoded in
         source = m.get("source") or {}
         summary = {"slots": len(positions), "source": source.get("name"), "tokens": source.get("token_count"),
                    "ratio": source.get("ratio"), "segments": len(m["buffer"]["segments"]),
                    "created": m.get("created"), "compiler": (m.get("compiler") or {}).get("name")}
-        return Facts(_digest(cart), len(positions), low, first, summary)
+        index = m.get("index")
+        if index:
+            summary.update(indexed=True, pages=len(index["pages"]), storage=m["buffer"]["dtype"],
+                           budget=-(-int(source.get("token_count") or 0) // int(source.get("ratio") or 16)))
+        return Facts(_digest(cart), len(positions), low, first, summary, bool(index))
+
+    def held(self, entry: Entry) -> Held:
+        """A verified indexed cartridge kept open for ranged reads (a question reads its pages
+        only), its digest checked against the one verified."""
+        held = Held(entry.found.path, entry.found.shown)
+        if _digest(held.file) != entry.facts.digest:
+            held.close()
+            self._requeue(entry)
+            raise CartridgeError(f"{entry.found.shown} changed since it was verified")
+        return held
+
+
+class Held:
+    """A cartridge file held open: its descriptor (opened without following a link) stays open
+    for as long as this object lives, and every ranged read goes through it (/proc/self/fd/N),
+    so a file swapped for a link or another file after it was opened is never read instead."""
+
+    def __init__(self, path: Path, shown: str):
+        from ..format.cartridge import CartridgeFile
+
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(path, flags)
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise CartridgeError(f"{shown}: {NOT_REGULAR}")
+            through = Path(f"/proc/self/fd/{self.fd}")
+            if not through.exists():  # no /proc: the bytes, read once
+                with os.fdopen(os.dup(self.fd), "rb") as f:
+                    through = f.read()
+            self.file = CartridgeFile(through, shown)
+        except BaseException:
+            self.close()
+            raise
+        self.manifest, self.meta = self.file.manifest, self.file.meta
+
+    def read(self, start: int, stop: int):
+        return self.file.read(start, stop)
+
+    @property
+    def index(self) -> dict:
+        return self.file.index
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.close()
 
 
 def composed_first(facts: list[Facts]) -> int:

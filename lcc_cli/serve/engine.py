@@ -1,9 +1,10 @@
 """The one thread that runs the model for the server, and its batching policy.
 
 Requests become `Job`s in one queue. The engine takes the oldest job and, if it decodes
-greedily, every other queued greedy job for the same cartridge set (up to `max_batch`), and
-decodes them together: the reader's decoding loop already takes several prompts after one
-shared buffer. A sampled job (temperature > 0) runs alone, so that its seed alone decides
+greedily, every other queued greedy job for the same cartridge set, or for any buffer without
+attention biases (up to `max_batch`), and decodes them together: the reader's decoding loop
+takes several prompts after one shared buffer, or after one buffer each (an indexed
+cartridge's questions read different pages; shorter rows are padded and masked). A sampled job (temperature > 0) runs alone, so that its seed alone decides
 its text. Text goes back to each request as it is produced (for streaming) through the
 request's own asyncio queue. A job whose client left is skipped and frees its place at
 once; a batch whose clients all left stops decoding.
@@ -116,7 +117,7 @@ class Engine:
                 for job in list(self._pending):
                     if len(group) >= self.max_batch:
                         break
-                    if job.key == first.key and job.temperature <= 0:
+                    if job.temperature <= 0 and _batchable(first, job):
                         group.append(job)
                         self._pending.remove(job)
             return group
@@ -150,8 +151,13 @@ class Engine:
         self.batch_sizes.append(len(group))
         p, tok = self.loaded.prompter, self.loaded.tokenizer
         head = group[0]
-        prefix = head.buffer.cache_layers() if head.buffer is not None else None
-        first = head.buffer.first_query_position if head.buffer is not None else 0
+        if head.buffer is None:
+            prefix, first = None, 0
+        elif all(j.key == head.key for j in group):
+            prefix, first = head.buffer.cache_layers(), head.buffer.first_query_position
+        else:  # rows that read different entries (each request its own pages): one prefix each
+            prefix = [j.buffer.cache_layers() for j in group]
+            first = [j.buffer.first_query_position for j in group]
         generator = torch.Generator().manual_seed(head.seed)
 
         streams = []
@@ -188,3 +194,12 @@ class Engine:
             if not job.finished:
                 job.finished = True
                 job.send("end", "length", job.tokens)
+
+
+def _batchable(a: Job, b: Job) -> bool:
+    """Greedy jobs decode together when they read the same entries, or when both read buffers
+    without attention biases (then each row gets its own prefix, padded and masked)."""
+    if a.key == b.key:
+        return True
+    return (a.buffer is not None and b.buffer is not None and a.buffer.bias is None and b.buffer.bias is None
+            and a.buffer.device == b.buffer.device)

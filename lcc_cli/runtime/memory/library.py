@@ -62,9 +62,10 @@ class LibraryMemory(Paged):
     # --- sources, opened on demand and checked against the index ----------------------------
 
     def source(self, ident: str) -> Source:
-        if ident in self._open:
+        held = self._open.get(ident)
+        if held is not None and held.handle.meta.get("lcc_checksum") == self._checksums.get(ident):
             self._open.move_to_end(ident)
-            return self._open[ident]
+            return held  # still the cartridge the index last named
         try:
             handle = open_cartridge(self.library.folder / ident)
         except LccError as exc:
@@ -131,17 +132,21 @@ class LibraryMemory(Paged):
         return self._retry(build)
 
     def _retry(self, work):
-        """Run `work`; if a cartridge changed since it was indexed, re-index and run it again."""
+        """Run `work`; if a cartridge changed since it was indexed (Stale: its checksum is not the
+        indexed one) or while it was read (a CartridgeError from a block), index the library again
+        and choose again: the old index's idea of a cartridge is never read."""
         for attempt in (0, 1, 2):
             try:
                 return work()
-            except Stale as stale:
-                name = str(stale)
-                self._open.pop(name, None)
+            except (Stale, CartridgeError) as exc:
+                if attempt == 2:
+                    if isinstance(exc, Stale):
+                        raise CartridgeError(f"{exc} keeps changing while it is read") from None
+                    raise
+                if isinstance(exc, Stale):
+                    self.library.forget(str(exc))  # even one changed in place with its time stamp restored
+                self._open.clear()
                 self._chosen.clear()
                 self._view, self._always, self._first = None, None, None
-                self.library.forget(name)  # even one changed in place with its time stamp restored
                 self.library.refresh()
-                if attempt == 2:
-                    raise CartridgeError(f"{name} keeps changing while it is read") from None
         raise AssertionError("unreachable")

@@ -50,9 +50,8 @@ class Source:
         if self.index is None:
             raise UsageError(f"{name} is not an indexed cartridge; it cannot be read beside indexed ones",
                              hint="compile it with --index, or ask it on its own")
-        from ...format.cartridge import CartridgeFile
-
-        self.tensors = (handle.index if isinstance(handle, CartridgeFile) else handle.index_tensors) or {}
+        # a file read by range (CartridgeFile, or one the server holds open) or a Cartridge in memory
+        self.tensors = (handle.index if hasattr(handle, "read") else handle.index_tensors) or {}
         self.gist_entries = sum(s["slots"] for s in self.manifest["buffer"]["segments"])
 
     @property

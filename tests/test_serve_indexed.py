@@ -1,0 +1,119 @@
+"""`lcc serve` with indexed cartridges and a library: per-request pages, named in the response."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import run_opts
+from lcc_cli import api
+from lcc_cli.config import AskConfig, ReadConfig
+
+QUESTION = "When was the lighthouse completed by Ada Pellinger?"
+TEXTS = {
+    "harbor": "The lighthouse stands on a granite spur at the edge of the bay. It was completed in 1868 by the "
+              "engineer Ada Pellinger. The tower is 41 metres tall.",
+    "mill": "The old mill grinds wheat for the village bakery. Its wheel turns on the river Aske. The miller is "
+            "Rosa Hild.",
+}
+
+
+def _indexed(folder, tmp_path, tiny_model_dir, name, text):
+    (tmp_path / f"{name}.txt").write_text(text)
+    api.compile_file(tmp_path / f"{name}.txt", folder / f"{name}.lcc", {"ratio": 4.0, "index": True, "gist": False},
+                     compiler="truncate", run=run_opts(tiny_model_dir), force=True)
+    return folder / f"{name}.lcc"
+
+
+@pytest.fixture
+def server(tmp_path, tiny_model_dir):
+    from test_serve import Running
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    for name, text in TEXTS.items():
+        _indexed(folder, tmp_path, tiny_model_dir, name, text)
+    loaded = api.load(run_opts(tiny_model_dir))
+    running = Running(loaded, [folder])
+    yield running, folder, loaded
+    running.stop()
+
+
+def _chat(server, model, question, **extra):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": question}], **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_an_indexed_cartridge_reads_the_pages_its_question_chose(server):
+    running, folder, loaded = server
+    got = _chat(running, "harbor", QUESTION)
+    assert [p["text"] for p in got["lcc"]["pages"]] == ["It was completed in 1868 by the engineer Ada Pellinger."]
+    want = api.ask([QUESTION], [folder / "harbor.lcc"], cfg=AskConfig(max_new_tokens=8), loaded=loaded)[0]
+    assert got["choices"][0]["message"]["content"] == want.text
+    models = httpx.get(running.url + "/v1/models", timeout=30).json()["data"]
+    card = next(m for m in models if m["id"] == "harbor")["lcc"]
+    assert card["indexed"] is True and card["pages"] == 3
+    library = next(m for m in models if m["id"] == "library")["lcc"]
+    assert library["library"] is True and library["cartridges"] == 2 and library["pages"] == 6
+    plain = _chat(running, loaded.model_id, QUESTION)
+    assert "lcc" not in plain  # no pages: the plain model read none
+
+
+def test_streaming_names_the_pages_on_its_last_chunk(server):
+    running, _, _ = server
+    with httpx.stream("POST", running.url + "/v1/chat/completions", timeout=60,
+                      json={"model": "library", "max_tokens": 4, "stream": True,
+                            "messages": [{"role": "user", "content": "Who is the miller Rosa Hild?"}]}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    import json
+
+    last = json.loads(lines[-1][6:])
+    assert last["choices"][0]["finish_reason"] and last["lcc"]["pages"][0]["cartridge"] == "mill.lcc"
+
+
+def test_the_library_sees_a_new_cartridge_and_never_a_replaced_one(server, tmp_path, tiny_model_dir):
+    running, folder, _ = server
+    got = _chat(running, "library", "Who is the miller Rosa Hild?")
+    assert [(p["cartridge"], p["text"]) for p in got["lcc"]["pages"]] == [("mill.lcc", "The miller is Rosa Hild.")]
+    _indexed(folder, tmp_path, tiny_model_dir, "quarry", "The quarry opened in 1902 under the mason Tomas Reyes.")
+    got = _chat(running, "library", "Which mason is Tomas Reyes?")  # dropped in: indexed on this request
+    assert got["lcc"]["pages"][0]["cartridge"] == "quarry.lcc"
+    other = tmp_path / "other"
+    other.mkdir()
+    _indexed(other, tmp_path, tiny_model_dir, "mill", "The new mill saws timber. The miller now is Ines Dorn.")
+    shutil.copyfile(other / "mill.lcc", folder / "mill.lcc")  # replaced under the running server
+    got = _chat(running, "library", "Who is the miller now?")
+    texts = [p["text"] for p in got["lcc"]["pages"]]
+    assert "The miller now is Ines Dorn." in texts and "The miller is Rosa Hild." not in texts
+
+
+def test_requests_that_chose_different_pages_decode_in_one_batch(server, monkeypatch):
+    running, folder, loaded = server
+    engine = running.engine
+    questions = [QUESTION, "How tall is the tower, 41 metres?", "What stands on the granite spur at the bay?"]
+    want = {q: api.ask([q], [folder / "harbor.lcc"], cfg=AskConfig(max_new_tokens=8), loaded=loaded,
+                       read=ReadConfig())[0].text for q in questions}
+    gate, real = threading.Event(), engine._run
+    monkeypatch.setattr(engine, "_run", lambda group: (gate.wait(30), real(group)))
+    before = list(engine.batch_sizes)
+    got = {}
+    threads = [threading.Thread(target=lambda q=q: got.__setitem__(q, _chat(running, "harbor", q)))
+               for q in questions]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 20
+    while engine.load() < len(questions) and time.time() < deadline:
+        time.sleep(0.02)
+    gate.set()
+    for t in threads:
+        t.join()
+    assert len({tuple(p["text"] for p in g["lcc"]["pages"]) for g in got.values()}) == 3  # three different page sets
+    assert {q: g["choices"][0]["message"]["content"] for q, g in got.items()} == want
+    sizes = engine.batch_sizes[len(before):]
+    assert max(sizes) >= 2, sizes
