@@ -146,14 +146,20 @@ class CompileConfig(_FromDict):
     cloze_per_step: int = 4
     # Longest segment compiled at once. Longer documents are split.
     segment_tokens: int = 1024
-    # Indexed cartridges (compile/index.py): also store the document's own KV in pages that each
-    # question chooses from at ask time. `gist`: keep the compiled buffer beside the pages.
-    index: bool = False
-    gist: bool = True
+    # Indexed cartridges (compile/index.py): the document's own KV in pages that each question
+    # chooses from at ask time; `gist`: the compiled buffer kept beside the pages. None decides
+    # by the compiler asked for (compile/choice.py): `auto` gives pages alone, which answered
+    # best (README); a compiler named on purpose gives its buffer, or with `index`, its gist.
+    index: Optional[bool] = None
+    gist: Optional[bool] = None
     pages: PageKind = "sentence"
     page_tokens: int = 32  # fixed pages
-    # How keys and values are stored (format/storage.py); None: the compute dtype.
+    # How keys and values are stored (format/storage.py); None: the compute dtype, or for an
+    # indexed cartridge int8 (level with bfloat16 on both benches at half the bytes: README).
     kv_dtype: Optional[str] = None
+    # Each page's mean key, for `ask --selector attention` (384 bytes a token of the embedded
+    # model in float16); off by default: BM25 over the pages' text chose better (README).
+    key_summaries: bool = False
     # Documents past the model's window (or this many positions) are encoded window by window;
     # each later window re-reads (`overlap`) or carries as KV (`prefix`) the tokens before it.
     window_tokens: Optional[int] = None
@@ -181,6 +187,8 @@ class CompileConfig(_FromDict):
                    getattr(self, name))
         _check(isinstance(self.segment_tokens, int) and self.segment_tokens >= 16, "segment_tokens", "at least 16",
                self.segment_tokens)
+        for name in ("index", "gist"):
+            _check(getattr(self, name) in (None, True, False), name, "true or false", getattr(self, name))
         _check(self.pages in typing.get_args(PageKind), "pages", "sentence or fixed", self.pages)
         _check(isinstance(self.page_tokens, int) and 1 <= self.page_tokens <= 4096, "page_tokens",
                "between 1 and 4096", self.page_tokens)

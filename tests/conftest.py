@@ -95,7 +95,9 @@ def run_opts(model_dir, **extra):
 def fast_config(**overrides):
     from lcc_cli.config import CompileConfig
 
-    base = dict(ratio=8, steps=3, lr=1e-2, kl_pool=4, kl_per_step=2, response_tokens=4, segment_tokens=256)
+    # a compiled buffer (not an indexed cartridge): what most tests exercise
+    base = dict(ratio=8, steps=3, lr=1e-2, kl_pool=4, kl_per_step=2, response_tokens=4, segment_tokens=256,
+                index=False)
     base.update(overrides)
     return CompileConfig(**base)
 

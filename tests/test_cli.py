@@ -42,7 +42,7 @@ def test_help_does_not_import_torch():
 
 def test_compile_inspect_verify_ask(tiny_model_dir, doc_file, tmp_path):
     out = tmp_path / "doc.lcc"
-    result = run("compile", doc_file, "-o", out, "--model", tiny_model_dir, *FAST)
+    result = run("compile", doc_file, "-o", out, "--model", tiny_model_dir, "--no-index", *FAST)
     assert result.exit_code == 0, result.stderr
     assert out.is_file() and "wrote" in result.stdout
 

@@ -25,8 +25,9 @@ def _compile(tmp_path, tiny_model_dir, name="doc", text=TEXT, **settings):
     src = tmp_path / f"{name}.txt"
     src.write_text(text)
     out = tmp_path / f"{name}.lcc"
-    api.compile_file(src, out, {"ratio": 4.0, "index": True, "gist": False, **settings}, compiler="truncate",
-                     run=run_opts(tiny_model_dir))
+    # float32 and key summaries unless a test asks otherwise: exact comparisons, every selector
+    settings = {"ratio": 4.0, "index": True, "gist": False, "kv_dtype": "float32", "key_summaries": True, **settings}
+    api.compile_file(src, out, settings, compiler="truncate", run=run_opts(tiny_model_dir))
     return out
 
 
@@ -237,3 +238,20 @@ def test_batch_compile_in_worker_processes_and_resume_make_indexed_cartridges(tm
         assert torch.equal(x[:, gist:], y[:, gist:])  # the pages: the same prefill, bit for bit
         torch.testing.assert_close(x[:, :gist], y[:, :gist], rtol=0, atol=1e-5)  # the gist, re-laid: float rounding
     assert again.manifest["index"] == reference.manifest["index"]
+
+
+def test_the_default_indexed_cartridge_is_int8_without_key_summaries(tmp_path, tiny_model_dir, tiny_loaded):
+    (tmp_path / "d.txt").write_text(TEXT)
+    result = CliRunner().invoke(app, ["compile", str(tmp_path / "d.txt"), "-o", str(tmp_path / "d.lcc"), "--model",
+                                      str(tiny_model_dir), "--ratio", "4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    f = open_cartridge(tmp_path / "d.lcc")
+    assert f.manifest["buffer"]["layout"] == "indexed" and f.manifest["buffer"]["dtype"] == "int8"
+    assert not f.manifest["buffer"]["segments"] and "index.key_mean" not in f.index
+    memory = open_memory([f], tiny_loaded, read=ReadConfig(selector="attention"))
+    with pytest.raises(Exception, match="key summaries"):
+        memory.view("q")
+    named = CliRunner().invoke(app, ["compile", str(tmp_path / "d.txt"), "-o", str(tmp_path / "am.lcc"), "--model",
+                                     str(tiny_model_dir), "--ratio", "4", "--compiler", "am"])
+    assert named.exit_code == 0 and "index" not in load_cartridge(tmp_path / "am.lcc").manifest  # a compiler asked for
+

@@ -21,8 +21,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "harbor.md"
 def test_real_model_compile_then_ask(tmp_path):
     runner = CliRunner()
     out = tmp_path / "harbor.lcc"
-    result = runner.invoke(app, ["compile", str(EXAMPLE), "--ratio", "16", "--steps", "3", "-o", str(out),
-                                 "--json"])
+    result = runner.invoke(app, ["compile", str(EXAMPLE), "--ratio", "16", "--steps", "3", "--no-index", "-o",
+                                 str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["model"] == "smollm2-135m"
@@ -45,3 +45,24 @@ def test_real_model_compile_then_ask(tmp_path):
     full = json.loads(runner.invoke(app, ["ask", "--context", str(EXAMPLE), "When was the lighthouse completed?",
                                           "--json"]).stdout)
     assert "1868" in full["answer"]  # the real model reads the document: the baseline works
+
+
+@pytest.mark.slow
+def test_real_model_default_compile_is_indexed_and_reads_the_right_page(tmp_path):
+    """The default compile (pages, int8): verify passes, and a question reads the page that
+    holds its answer and answers from it."""
+    runner = CliRunner()
+    out = tmp_path / "harbor.lcc"
+    result = runner.invoke(app, ["compile", str(EXAMPLE), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["index"]["pages"] >= 8 and summary["index"]["dtype"] == "int8"
+    assert summary["index"]["bytes_per_token"] < 13_000
+    verify = runner.invoke(app, ["verify", str(out), "--json"])
+    assert verify.exit_code == 0, verify.stdout
+    answer = json.loads(runner.invoke(app, ["ask", str(out), "Who designed the lighthouse?", "--ratio", "8",
+                                            "--json"]).stdout)
+    assert answer["mode"] == "indexed" and answer["answer"].strip()
+    assert any("Ada Pellinger" in p["text"] for p in answer["pages"])
+    assert answer["kv_positions"] < 80  # the header, a few pages, the end of the turn: not the document
+

@@ -52,8 +52,20 @@ def settle(loaded, compiler, cfg, quality: str = "balanced") -> tuple[CompilerSp
     m = method_of(spec)
     if not isinstance(cfg, CompileConfig):
         cfg = compile_config(spec.name, quality, **(cfg or {}))
+    cfg = _indexed_or_not(cfg, compiler in (None, "auto"))
     if m.fit is not None:
         cfg = m.fit(cfg, loaded.facts.max_positions)
     if m.check is not None:
         m.check(loaded, cfg)
     return spec, cfg
+
+
+def _indexed_or_not(cfg: CompileConfig, auto: bool) -> CompileConfig:
+    """`index` and `gist` left open (None) are decided here: with `--compiler auto`, an indexed
+    cartridge of pages alone (measured best: README, bench/results/indexed-*); with a compiler
+    named on purpose, that compiler's buffer (and, with --index, that buffer as the gist)."""
+    from dataclasses import replace
+
+    index = auto if cfg.index is None else cfg.index
+    gist = (not auto) if cfg.gist is None else cfg.gist
+    return replace(cfg, index=index, gist=gist)

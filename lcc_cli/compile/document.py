@@ -44,6 +44,7 @@ def text_segments(loaded, text: str, cfg: CompileConfig) -> list[TextSegment]:
         raise UsageError(f"segment_tokens {cfg.segment_tokens} does not fit the model's {limit}-position "
                          f"window during training", hint=f"use at most about {fit}", field="segment_tokens")
     if cfg.index and not cfg.gist:
+        slot_count(len(loaded.prompter.context_ids(text)), cfg.ratio)  # its budget: at least one entry of text
         return []  # the document's own KV alone: nothing to compile segment by segment
     texts = split_text(text, token_spans_of(loaded.tokenizer), cfg.segment_tokens)
     for t in texts:
@@ -221,6 +222,9 @@ def assemble(loaded, doc: Document, results: list[SegmentResult], cfg: CompileCo
     return Cartridge(m, Buffer.laid_out([r.buffer for r in results], loaded.rope))
 
 
+INDEX_STORAGE = "int8"  # an indexed cartridge's default storage (CompileConfig.kv_dtype)
+
+
 def assemble_indexed(loaded, doc: Document, results: list[SegmentResult], cfg: CompileConfig, compiler_info: dict,
                      idx) -> Cartridge:
     """An indexed cartridge: the gist (the compiled segments, if any, laid out from 0) and then
@@ -239,7 +243,7 @@ def assemble_indexed(loaded, doc: Document, results: list[SegmentResult], cfg: C
                "index": {"seconds": round(idx.seconds, 3), "pages": len(index["pages"]),
                          "windows": len(index["windows"])}}
     m = mf.build(model=model, segments=rows, source=source, compile=cfg.to_dict(), compiler=compiler_info,
-                 metrics=metrics, version=__version__, storage_dtype=cfg.kv_dtype or loaded.facts.dtype, index=index)
+                 metrics=metrics, version=__version__, storage_dtype=cfg.kv_dtype or INDEX_STORAGE, index=index)
     parts = [Buffer.laid_out([r.buffer for r in results], loaded.rope)] if results else []
     return Cartridge(m, Buffer.concat(parts + [idx.buffer]), idx.tensors)
 

@@ -12,9 +12,10 @@ need, the KV of every document token, and says how to find it:
    the previous window's last entries as KV (`prefix`). Only each window's own tokens are kept.
 2. The document's tokens are cut into pages: sentences (the `retrieve` baseline's splitter,
    mapped to tokens by the tokenizer's offsets) or fixed runs of `page_tokens`.
-3. Each page keeps its text (for BM25) and the mean of its keys before RoPE (for selection by
-   the question's own attention, as Quest and InfLLM summarise pages), and every entry its token
-   id (for re-encoding a page's first tokens after the pages chosen before it, as EPIC does).
+3. Each page keeps its text (for BM25) and, with `key_summaries`, the mean of its keys before
+   RoPE (for selection by the question's own attention, as Quest and InfLLM summarise pages);
+   every entry keeps its token id (for re-encoding a page's first tokens after the pages chosen
+   before it, as EPIC does).
 
 Entries are stored at the positions they were encoded at; a question's pages are re-laid at
 consecutive positions when it reads them (keys re-rotated exactly). One prefill of compute.
@@ -62,13 +63,13 @@ def build_index(loaded, text: str, cfg: CompileConfig) -> IndexResult:
         page_text = text[chars[first][0]:chars[last - 1][1]].strip()  # what the page's entries hold
         # the windows partition the turn's tokens, so a token's index is its entry's
         pages.append({"start": header + first, "entries": last - first, "text": page_text})
-    summaries = _key_means(buffer, pages, loaded.rope)
     n = buffer.slots
     index = {"windows": regions, "pages": pages, "always": [[0, header], [n - tail, n]] if tail else [[0, header]],
              "doc_tokens": len(doc), "page_kind": cfg.pages, "window_mode": cfg.window_mode,
-             "window_overlap": cfg.window_overlap, "summaries": ["key_mean"]}
-    tensors = {"index.token_ids": torch.tensor([ids[i] for i in range(len(ids))], dtype=torch.int32),
-               "index.key_mean": summaries.to(torch.float16)}
+             "window_overlap": cfg.window_overlap, "summaries": ["key_mean"] if cfg.key_summaries else []}
+    tensors = {"index.token_ids": torch.tensor(ids, dtype=torch.int32)}
+    if cfg.key_summaries:
+        tensors["index.key_mean"] = _key_means(buffer, pages, loaded.rope).to(torch.float16)
     return IndexResult(buffer, index, tensors, len(ids), time.perf_counter() - started)
 
 

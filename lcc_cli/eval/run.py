@@ -86,12 +86,16 @@ def _method_key(m: Method) -> list:
     weights = read_compiler_manifest(Path(m.spec.path))["tensor_sha256"] if m.spec.path else None
     defaults = CompileConfig()
     settings = {k: v for k, v in m.settings.items() if not (k in _LATER_FIELDS and v == getattr(defaults, k))}
+    if not settings.get("index"):  # a compiled buffer: what only indexed cartridges read changes nothing
+        settings = {k: v for k, v in settings.items() if k not in _INDEX_FIELDS}
     return [m.label, m.spec.name, weights, settings] + ([m.read] if m.read else [])
 
 
+_INDEX_FIELDS = ("index", "gist", "pages", "page_tokens", "window_tokens", "window_mode", "window_overlap",
+                 "key_summaries")
 # only direct KV refinement, biases and indexed cartridges read them
 _LATER_FIELDS = ("kv_lr", "bias", "self_check", "index", "gist", "pages", "page_tokens", "kv_dtype", "window_tokens",
-                 "window_mode", "window_overlap")
+                 "window_mode", "window_overlap", "key_summaries")
 
 
 def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
