@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test bench example compiler data clean
+.PHONY: install test bench bench-indexed example compiler data clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,19 @@ test:
 
 # The quality/cost frontier (about 1.5 h on 2 CPU cores; finished documents are kept, so an
 # interrupted run resumes), then the side-by-side measurements.
-bench:
+bench: data
 	$(PY) -m lcc_cli eval ../shared/data/squad_dev_sample.jsonl --config bench/bench.toml --out bench/results
 	$(PY) -m lcc_cli eval ../shared/data/squad_long_dev.jsonl --config bench/long.toml --out bench/results/long
+	$(MAKE) bench-indexed
 	$(PY) bench/measure.py all --out bench/results
+
+# Indexed cartridges and libraries (issues 29-30; about 5 h on 2 CPU cores): both SQuAD benches,
+# FairytaleQA train stories, window-by-window encoding; then bench/measure.py indexed and library.
+bench-indexed: data
+	$(PY) -m lcc_cli eval ../shared/data/squad_long_dev.jsonl --config bench/indexed.toml --out bench/results/indexed-long
+	$(PY) -m lcc_cli eval ../shared/data/squad_dev_sample.jsonl --config bench/indexed.toml --out bench/results/indexed-para
+	$(PY) -m lcc_cli eval build/fairytale/fairytale_train.jsonl --config bench/indexed-stories.toml --out bench/results/indexed-stories
+	$(PY) -m lcc_cli eval ../shared/data/squad_long_dev.jsonl --config bench/indexed-windows.toml --out bench/results/indexed-windows
 
 # Training data: SQuAD v1.1 train (18,329 paragraphs, 887 long windows; no article shared with
 # either bench) from a snapshot of rajpurkar/SQuAD-explorer (3 s; every page checked by sha256).
