@@ -1,5 +1,8 @@
 """Settings for compile, ask and eval, why each default is what it is, and their validation.
 
+(Longer than the other modules on purpose: every setting, its default and the measurement
+behind it stay in one file that `lcc --help` can read without torch.)
+
 Each dataclass checks itself in `__post_init__`, so a bad value fails the same way whether it
 came from a flag, a TOML file or a manifest. Errors name the field (`ratio`); the CLI turns
 that into the flag (`--ratio`). Nothing here imports torch: `lcc --help` reads these classes.

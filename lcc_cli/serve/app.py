@@ -34,12 +34,14 @@ from typing import Literal, Optional, Union
 from fastapi import Request  # at module level: FastAPI resolves handler annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import LccError, UsageError, WindowError
+from ..errors import LccError, WindowError
 from ..runtime.text import StopStrings, check_window
 from .cache import BufferCache
 from .catalog import LIBRARY, Catalog, composed_first
 from .engine import Engine, Job, QueueFull
 from .guard import Access, Guard, error_body
+from .errors import ApiError, ClientGone
+from .memories import PagedCartridges, ServedLibrary
 from .prompt import chat_ids
 
 MIN_TEMPERATURE = 1e-5  # below it, sampling divides logits into inf and NaN: decoded greedily instead
@@ -154,17 +156,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 close: bool = False):
-        self.status, self.message, self.kind, self.code = status, message, kind, code
-        self.close = close  # the body was not read to its end: the connection cannot carry another request
-
-
-class ClientGone(Exception):
-    """The client disconnected: nothing is left to answer."""
-
-
 @dataclass
 class Prepared:
     """A parsed request made ready for the engine, off the event loop."""
@@ -173,107 +164,6 @@ class Prepared:
     stop: StopStrings
     max_tokens: int
     temperature: float
-
-
-class PagedCartridges:
-    """Indexed cartridges for the server: one `Paged` memory per set of cartridges (by their
-    digests), its files held open, the few most recent kept; each request's pages read from
-    them by range, under that memory's lock (it remembers its last choice)."""
-
-    KEEP = 16
-
-    def __init__(self, loaded, catalog: Catalog):
-        import threading
-        from collections import OrderedDict
-
-        self.loaded, self.catalog = loaded, catalog
-        self._memories: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def view(self, key: tuple, entries: list, question: str, admit):
-        memory, lock = self._memory(key, entries)
-        with lock:
-            try:
-                buffer = memory.view(question)
-            except LccError as exc:  # a file changed or damaged under us: never served
-                with self._lock:
-                    self._memories.pop(key, None)
-                raise ApiError(503, f"{exc.message}: try again", "server_error", "model_changed") from None
-            admit(buffer.first_query_position)
-            return (key, memory.key(question)), buffer, memory.read_pages(question)
-
-    def _memory(self, key, entries):
-        import threading
-
-        from ..runtime.memory.paged import Paged, Source
-
-        with self._lock:
-            if key in self._memories:
-                self._memories.move_to_end(key)
-                return self._memories[key]
-        try:
-            held = {e.facts.digest: self.catalog.held(e) for e in entries}
-        except (LccError, OSError):
-            raise ApiError(503, "a cartridge changed on disk: try again", "server_error", "model_changed") from None
-        memory = Paged(self.loaded, [Source(e.found.shown, held[e.facts.digest]) for e in entries])
-        with self._lock:
-            self._memories[key] = (memory, threading.Lock())
-            while len(self._memories) > self.KEEP:
-                self._memories.popitem(last=False)
-            return self._memories[key]
-
-
-class ServedLibrary:
-    """The first served folder asked as one (model name `library`): its index brought up to
-    date before every request (a cartridge dropped in is searchable at once; one listing and a
-    stat per file when nothing changed), then a `LibraryMemory` chooses and reads the pages."""
-
-    def __init__(self, loaded, folder):
-        import threading
-
-        self.loaded, self.folder = loaded, folder
-        self._lock = threading.Lock()
-        self._library = None
-        self._memory = None
-
-    def _ready(self):
-        from ..library.index import Library
-        from ..runtime.memory import check_model
-        from ..runtime.memory.library import LibraryMemory
-
-        if self._library is None:
-            self._library = Library(self.folder)
-        self._library.refresh()
-        if self._memory is None:
-            self._memory = LibraryMemory(self.loaded, self._library,
-                                         check=lambda s: check_model(s.handle, self.loaded, s.name))
-        self._memory._chosen.clear()  # the index may have changed: choose afresh
-        return self._memory
-
-    def view(self, question: str, admit):
-        with self._lock:
-            try:
-                memory = self._ready()
-                buffer = memory.view(question)
-            except LccError as exc:
-                raise ApiError(404 if isinstance(exc, UsageError) else 503, exc.message,
-                               code="model_unavailable") from None
-            admit(buffer.first_query_position)
-            checksums = tuple(sorted({memory._checksums[p.source] for p, _ in memory.choose(question)}))
-            return ("library", checksums, memory.key(question)), buffer, memory.read_pages(question)
-
-    def summary(self) -> dict:
-        with self._lock:
-            try:
-                from ..library.index import Library
-
-                self._library = self._library or Library(self.folder)
-                self._library.refresh()
-                carts = self._library.cartridges()
-            except LccError as exc:
-                return {"available": False, "reason": exc.message, "library": True}
-        return {"available": bool(carts), "library": True, "cartridges": len(carts),
-                "pages": sum(c["pages"] or 0 for c in carts), "tokens": sum(c["tokens"] or 0 for c in carts)}
 
 
 def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key: str | None = None,
