@@ -160,3 +160,16 @@ def test_a_folder_with_no_indexed_cartridge_says_so(tmp_path, tiny_model_dir, co
     assert r.exit_code == 0 and "skipped plain.lcc" in r.stderr and "not an indexed" in r.stderr
     r = CliRunner().invoke(app, ["ask", str(folder), "q?", "--model", str(tiny_model_dir)])
     assert r.exit_code == 2 and "no indexed cartridges" in r.stderr
+
+
+def test_chat_and_questions_files_read_the_library_too(tmp_path, tiny_model_dir):
+    folder = _library(tmp_path, tiny_model_dir)
+    chat = CliRunner().invoke(app, ["chat", str(folder), "--model", str(tiny_model_dir), "--max-new-tokens", "3",
+                                    "--budget", "12", "--show-pages"], input="Who is the miller Rosa Hild?\nexit\n")
+    assert chat.exit_code == 0 and "ready (library)" in chat.stderr and "mill.lcc" in chat.stdout
+    (tmp_path / "qs.txt").write_text("Who is the miller Rosa Hild?\nWhich mason, Tomas Reyes?\n")
+    r = CliRunner().invoke(app, ["ask", str(folder), "--questions", str(tmp_path / "qs.txt"), "--model",
+                                 str(tiny_model_dir), "--max-new-tokens", "3", "--budget", "12"])
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["pages"][0]["cartridge"] for row in rows] == ["mill.lcc", "quarry.lcc"]
