@@ -226,7 +226,7 @@ class AskConfig(_FromDict):
 
 @dataclass
 class ReadConfig(_FromDict):
-    """How a question reads an indexed cartridge (runtime/memory.py `Paged`): which pages, how
+    """How a question reads an indexed cartridge (runtime/memory/paged.py `Paged`): which pages, how
     many, laid out how. Ask-time settings: the same cartridge answers under any of them."""
 
     # Entries of pages (and gist) a question reads; None: the compile's ratio of the document.
@@ -269,7 +269,7 @@ class EvalSettings(_FromDict):
     # (bench/paired.py pairs two results files).
     baselines: bool = True
     # Also answer multi-segment cartridges reading only the `route` segments each question's
-    # attention favours (runtime/memory.py): condition `cartridge_routed`.
+    # attention favours (runtime/memory/): condition `cartridge_routed`.
     route: int | None = None
     general_probes: bool = True
     # Also answer each article's questions from its paragraphs' cartridges composed together

@@ -255,3 +255,28 @@ def test_the_default_indexed_cartridge_is_int8_without_key_summaries(tmp_path, t
                                      str(tiny_model_dir), "--ratio", "4", "--compiler", "am"])
     assert named.exit_code == 0 and "index" not in load_cartridge(tmp_path / "am.lcc").manifest  # a compiler asked for
 
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda m, t: m["index"].__setitem__("always", []), "index.always"),
+    (lambda m, t: m["source"].__setitem__("ratio", "x"), "source.ratio"),
+    (lambda m, t: m["index"]["pages"][0].__setitem__("entries", 10**6), "index pages"),
+    (lambda m, t: m["buffer"].__setitem__("layout", "consecutive"), "segments|index"),
+    (lambda m, t: t.__setitem__("index.extra", torch.zeros(0, 10**6, 10**6)), "not one lcc knows"),
+    (lambda m, t: t.__setitem__("index.key_mean", t["index.key_mean"][:1]), "index.key_mean"),
+])
+def test_a_lying_index_is_refused_before_it_is_used(indexed, tmp_path, edit, fragment):
+    """Re-signed (the checksums are unkeyed): every index field and tensor is checked."""
+    from safetensors import safe_open
+
+    from lcc_cli.errors import CartridgeError
+    from lcc_cli.format import cartridge as fmt
+
+    with safe_open(str(indexed), "pt") as f:
+        manifest = json.loads(f.metadata()["lcc_manifest"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(manifest, tensors)
+    bad = tmp_path / "bad.lcc"
+    bad.write_bytes(fmt.seal(manifest, fmt.reblock(manifest, tensors)))
+    with pytest.raises(CartridgeError, match=fragment):
+        open_cartridge(bad)

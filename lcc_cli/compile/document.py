@@ -159,7 +159,10 @@ def _finish(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict)
         who = compiler_info.get("file") or compiler_info.get("name", "the compiler")
         raise CompilerFileError(f"compiler {who} produced an unusable buffer for {task.doc.name} "
                                 f"({exc.message.split(': ', 1)[-1]}); nothing was written") from None
-    if cfg.self_check:
+    if cfg.self_check and cfg.index:  # its entries are read page by page, never as one buffer
+        cart.manifest["metrics"]["self_check"] = {"questions": 0, "agreement": None,
+                                                  "skipped": "an indexed cartridge: each question reads its own pages"}
+    elif cfg.self_check:
         from ..runtime.selfcheck import self_check
 
         started = time.perf_counter()

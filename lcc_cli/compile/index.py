@@ -1,5 +1,5 @@
 """The indexed part of a cartridge: the document's own KV from the frozen model, in pages that
-a question chooses at ask time (runtime/memory.py `Paged`).
+a question chooses at ask time (runtime/memory/paged.py `Paged`).
 
 A buffer compiled before the question is known cannot hold the few sentences that answer it
 (issue 29: every query-agnostic cartridge answered 0.05-0.07 of long-document questions at 16x,
@@ -108,6 +108,8 @@ def _plan(n: int, header: int, tail: int, limit: int, overlap: int) -> list[tupl
             out.append((first, n, reread))
             return out
         end = min(first + room, n - tail)
+        if end <= first:
+            raise InputError(f"the end of the turn ({tail} tokens) does not fit a {limit}-position window")
         out.append((first, end, reread))
         first = end
 

@@ -6,7 +6,7 @@ Conditions, all with the same prompt layout, decoding settings and scorer:
   truncate   the first K document tokens in the prompt, K = the cartridge's slots (same KV budget)
   retrieve   the question's best BM25 sentences of the document, K tokens at most (eval/retrieve.py)
   cartridge_routed  (with `route`) a multi-segment cartridge read through only the segments each
-             question's attention favours (runtime/memory.py)
+             question's attention favours (runtime/memory/)
   cartridge  a compiled cartridge, for each method (compiler + settings) at each ratio
 
 A method may run on every `stride`-th document only (an expensive one, e.g. from scratch);

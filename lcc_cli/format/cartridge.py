@@ -90,8 +90,6 @@ def check_tensor_entries(raw: RawFile, m: dict, name: str) -> None:
     want = expected_tensors(storage, t, layers, heads, d, blocks, bool(buf.get("bias")))
     entries = {k: v for k, v in raw.header.items() if k != "__metadata__"}
     index = {k: v for k, v in entries.items() if k.startswith(INDEX_PREFIX)}
-    if index and not layout_of(m, name).indexed:
-        raise CartridgeError(f"{name}: index tensors in a cartridge that is not indexed")
     unexpected = sorted(set(entries) - set(want) - set(index))
     if unexpected:
         raise CartridgeError(f"{name}: tensors the manifest does not announce: "
@@ -101,11 +99,17 @@ def check_tensor_entries(raw: RawFile, m: dict, name: str) -> None:
         if entry is None:
             raise CartridgeError(f"{name}: tensor {key} is missing")
         _check_entry(entry, key, dtype, shape, name)
+    allowed = {}
+    if layout_of(m, name).indexed:
+        gist = sum(s["slots"] for s in buf["segments"])
+        allowed = {"index.token_ids": ("I32", [t - gist]),
+                   "index.key_mean": ("F16", [len(m["index"]["pages"]), layers, heads, d])}
     for key, entry in index.items():
-        if entry.get("dtype") not in ("F16", "F32", "I32") or not isinstance(entry.get("shape"), list) or any(
-                not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in entry["shape"]):
-            raise CartridgeError(f"{name}: index tensor {key[:40]!r} has an unusable dtype or shape")
-        _check_entry(entry, key, entry["dtype"], entry["shape"], name)
+        if key not in allowed:
+            raise CartridgeError(f"{name}: index tensor {key[:40]!r} is not one lcc knows")
+        _check_entry(entry, key, *allowed[key], name)
+    if allowed and "index.token_ids" not in index:
+        raise CartridgeError(f"{name}: tensor index.token_ids is missing")
 
 
 def expected_tensors(storage: str, t: int, layers: int, heads: int, d: int, blocks: int, bias: bool) -> dict:
@@ -285,6 +289,36 @@ def open_cartridge(path: str | Path, allow_partial: bool = False) -> CartridgeFi
     if not path.is_file():
         raise CartridgeError(f"{path} is not a regular file (a directory, device or pipe?)")
     return CartridgeFile(path, path.name, allow_partial)
+
+
+def open_held(path: str | Path, name: str | None = None, allow_partial: bool = False) -> CartridgeFile:
+    """A cartridge opened without following a link, its descriptor held open for as long as the
+    CartridgeFile lives: every ranged read goes through it (/proc/self/fd/N), so a file swapped
+    for a link or for another file after it was opened is never read instead. (Where there is
+    no /proc, its bytes are read once.)"""
+    import os
+    import stat
+    import weakref
+
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)  # O_NONBLOCK: a FIFO cannot hang the open
+    except OSError as exc:
+        raise CartridgeError(f"cannot open {name or path.name}: {exc.strerror}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CartridgeError(f"{name or path.name} is not a regular file")
+        through = Path(f"/proc/self/fd/{fd}")
+        if not through.exists():
+            with os.fdopen(os.dup(fd), "rb") as f:
+                through = f.read()
+        held = CartridgeFile(through, name or path.name, allow_partial)
+    except BaseException:
+        os.close(fd)
+        raise
+    weakref.finalize(held, os.close, fd)
+    return held
 
 
 def parse(source: Path | bytes, name: str, allow_partial: bool = False) -> Cartridge:

@@ -64,6 +64,6 @@ def layout_of(m: dict, name: str = "cartridge") -> Layout:
 def positions(m: dict) -> torch.Tensor:
     """The RoPE position of every stored entry, in cache order (a validated manifest)."""
     parts = [torch.arange(s["position_start"], s["position_start"] + s["slots"]) for s in m["buffer"]["segments"]]
-    for w in (m.get("index") or {}).get("windows", []):
+    for w in (m["index"]["windows"] if layout_of(m).indexed else []):
         parts.append(torch.arange(w["position_start"], w["position_start"] + w["entries"]))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)

@@ -121,6 +121,8 @@ def validate(m: object, name: str = "cartridge") -> None:
     if not segments and not layout.indexed:
         raise CartridgeError(f"{name}: manifest lists no segments")
     gist = sum(s["slots"] for s in segments)
+    if ("index" in m) != layout.indexed:
+        raise CartridgeError(f"{name}: an `index` belongs with layout 'indexed', and only there")
     windows = _validate_index(m, gist, name) if layout.indexed else []
     if buf["total_slots"] != gist + sum(w["entries"] for w in windows):
         raise CartridgeError(f"{name}: segment slots do not add up to total_slots")
@@ -168,19 +170,39 @@ def _validate_index(m: dict, gist: int, name: str) -> list[dict]:
     pages = index["pages"]
     if len(pages) > MAX_PAGES:
         raise CartridgeError(f"{name}: index.pages lists {len(pages):,} pages; at most {MAX_PAGES:,}")
-    last = gist
+    ends = [w["entry_start"] + w["entries"] for w in windows]
+    last, w = gist, 0
     for p in pages:
         _require(p, {"start": int, "entries": int, "text": str}, name, "index.pages")
         _bounded(p["entries"], 1, MAX_SLOTS, name, "index.pages.entries")
         if p["start"] < last or p["start"] + p["entries"] > entry:
             raise CartridgeError(f"{name}: index pages overlap, are out of order or lie outside the document's entries")
+        while ends[w] <= p["start"]:
+            w += 1
+        if p["start"] + p["entries"] > ends[w]:  # re-laid, its entries would not keep their distances
+            raise CartridgeError(f"{name}: an index page spans two windows")
         if len(p["text"]) > MAX_PAGE_TEXT:
             raise CartridgeError(f"{name}: an index page's text is over {MAX_PAGE_TEXT:,} characters")
         last = p["start"] + p["entries"]
-    for r in index["always"]:
+    always = index["always"]
+    if not 1 <= len(always) <= 2:
+        raise CartridgeError(f"{name}: index.always must hold the header's range and the end of the turn's")
+    previous = gist
+    for r in always:
         if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
-                or not gist <= r[0] < r[1] <= entry):
-            raise CartridgeError(f"{name}: index.always must be [start, stop] entry ranges of the document's entries")
+                or not previous <= r[0] < r[1] <= entry):
+            raise CartridgeError(f"{name}: index.always must be ordered [start, stop] entry ranges of the document's "
+                                 f"entries")
+        previous = r[1]
+    if always[0][0] != gist:
+        raise CartridgeError(f"{name}: index.always must start with the header, at the first index entry")
+    source = m["source"]
+    tokens, ratio = source.get("token_count"), source.get("ratio")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= MAX_POSITION:
+        raise CartridgeError(f"{name}: source.token_count of an indexed cartridge must be a count of tokens")
+    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)
+                              or not math.isfinite(ratio) or not 1 <= ratio <= 1e6):
+        raise CartridgeError(f"{name}: source.ratio must be a number of at least 1")
     return windows
 
 

@@ -4,7 +4,8 @@ SQLite's FTS5 full-text index ranks pages with its built-in `bm25()`; no inverte
 own. The index is derived data: `refresh` rebuilds what changed from the cartridges themselves.
 
 - A cartridge is known by its content, not its time stamp: its `lcc_checksum` (a sha256 over
-  its manifest and the digest of every tensor block, read from the header alone; format v3).
+  its manifest and the digest of every tensor block; opening a v3 file reads its header, block
+  table and index tensors, not its blocks).
   A file whose size, time or inode changed is opened and its checksum compared; only a
   changed checksum re-indexes it. A file replaced with the same checksum is the same
   cartridge.
@@ -12,7 +13,8 @@ own. The index is derived data: `refresh` rebuilds what changed from the cartrid
   or the new one, never half of one, and two lcc processes updating at once take turns (the
   second waits on SQLite's lock; `busy_timeout`). WAL mode lets readers search while a writer
   works.
-- A page found here is read from its cartridge only after the cartridge's checksum is checked
+- A page found here is read from its cartridge (opened without following links) only after the
+  cartridge's checksum is checked
   against the one indexed (library memory does it), so no index state can serve a page from a
   cartridge that changed since it was indexed.
 
@@ -32,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CartridgeError, LccError, UsageError
+from ..errors import CartridgeError, LccError, ResourceError, UsageError
 
 INDEX_NAME = ".lcc-index.sqlite"
 SCHEMA_VERSION = 1
@@ -83,7 +85,8 @@ class RefreshResult:
 
 
 class Library:
-    """A folder of cartridges and the index beside it."""
+    """A folder of cartridges and the index beside it. One connection: a process that uses a
+    Library from several threads (the server) holds its own lock around every call."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -91,6 +94,8 @@ class Library:
             raise UsageError(f"{self.folder} is not a folder of cartridges")
         self.path = self.folder / INDEX_NAME
         self._db: sqlite3.Connection | None = None
+        # files that are not indexed cartridges, by (size, mtime, inode): not opened again until they change
+        self._refused: dict[str, tuple] = {}
 
     # --- the database ------------------------------------------------------------------------
 
@@ -102,24 +107,22 @@ class Library:
 
     def _connect(self) -> sqlite3.Connection:
         for attempt in (0, 1):
+            db = None
             try:
                 db = sqlite3.connect(self.path, timeout=BUSY_MS / 1000, isolation_level=None,
                                      check_same_thread=False)
                 db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA foreign_keys = ON")
-                if self._version(db) == SCHEMA_VERSION:
-                    return db
-                self._create(db)
+                if self._version(db) != SCHEMA_VERSION:
+                    self._create(db)
                 return db
-            except sqlite3.DatabaseError as exc:  # not a database, or damaged: it is derived data
-                try:
+            except sqlite3.DatabaseError as exc:
+                if db is not None:
                     db.close()
-                except Exception:
-                    pass
-                if attempt:
-                    raise CartridgeError(f"cannot use the library index {self.path.name}: {exc}") from exc
-                self._discard()
+                if not _damaged(exc) or attempt:
+                    raise _index_error(exc, self.path) from exc
+                self._discard()  # not a database, or a damaged one: it is derived data
             except OSError as exc:
                 raise UsageError(f"cannot open the library index in {self.folder}: {exc.strerror}") from exc
         raise AssertionError("unreachable")
@@ -130,11 +133,11 @@ class Library:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         except sqlite3.OperationalError:
             return None
-        return int(row[0]) if row and str(row[0]).isdigit() else None
+        return int(row[0]) if row and str(row[0]).isdecimal() else None
 
     def _create(self, db: sqlite3.Connection) -> None:
         """(Re)create every table in one transaction: another process sees the old index or this one."""
-        db.execute("BEGIN IMMEDIATE")
+        _begin(db, self.path)
         try:
             if self._version(db) == SCHEMA_VERSION:  # another process made it while we waited
                 db.execute("COMMIT")
@@ -146,7 +149,7 @@ class Library:
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def _discard(self) -> None:
@@ -156,14 +159,17 @@ class Library:
     def rebuild(self) -> None:
         """Start from an empty index (one transaction: readers see the old one until it commits)."""
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        _begin(db, self.path)
         try:
             db.execute("DELETE FROM page_text")
             db.execute("DELETE FROM pages")
             db.execute("DELETE FROM cartridges")
             db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(db)
+            raise _index_error(exc, self.path) from exc
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def close(self) -> None:
@@ -198,21 +204,31 @@ class Library:
         refresh keeps everything it finished."""
         started = time.perf_counter()
         db = self.db
-        known = {row[0]: row[1:] for row in db.execute("SELECT name, checksum, size, mtime_ns, inode FROM cartridges")}
+        try:
+            known = {row[0]: row[1:] for row in db.execute("SELECT name, checksum, size, mtime_ns, inode FROM "
+                                                           "cartridges")}
+        except sqlite3.Error as exc:
+            raise _index_error(exc, self.path) from exc
         found = self.files()
         added, replaced, removed, unreadable = [], [], [], {}
         for name in sorted(set(known) - set(found)):
             self._write(lambda: self._delete(name), name)
             removed.append(name)
-        todo = [n for n in sorted(found) if n not in known
-                or (found[n].st_size, found[n].st_mtime_ns, found[n].st_ino) != tuple(known[n][1:])]
+        def stat_of(name):
+            return found[name].st_size, found[name].st_mtime_ns, found[name].st_ino
+
+        todo = [n for n in sorted(found) if (n not in known or stat_of(n) != tuple(known[n][1:]))
+                and self._refused.get(n, (None,))[0] != stat_of(n)]
+        unreadable.update({n: reason for n, (st, reason) in self._refused.items() if n in found and st == stat_of(n)})
         for n, name in enumerate(todo):
             if progress is not None:
                 progress(n, len(todo), name)
             try:
                 cart = _open_header(self.folder / name)
-            except LccError as exc:
-                unreadable[name] = exc.message
+            except Exception as exc:  # one bad file never stops the rest of the library
+                reason = exc.message if isinstance(exc, LccError) else f"unreadable ({type(exc).__name__})"
+                unreadable[name] = reason
+                self._refused[name] = (stat_of(name), reason)  # not opened again until it changes
                 if name in known:  # it changed into something unreadable: its pages must go
                     self._write(lambda: self._delete(name), name)
                     removed.append(name)
@@ -229,15 +245,15 @@ class Library:
 
     def _write(self, work, name: str) -> None:
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        _begin(db, self.path)
         try:
             work()
             db.execute("COMMIT")
         except sqlite3.Error as exc:
-            db.execute("ROLLBACK")
-            raise CartridgeError(f"cannot update the library index for {name}: {exc}") from exc
+            _rollback(db)
+            raise _index_error(exc, self.path, f" (updating {name})") from exc
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def _delete(self, name: str) -> None:
@@ -268,11 +284,14 @@ class Library:
         query = fts_query(question)
         if not query:
             return []
-        rows = self.db.execute(
-            "SELECT p.id, c.name, c.checksum, p.number, p.start, p.entries, t.text, bm25(page_text) AS score "
-            "FROM page_text t JOIN pages p ON p.id = t.rowid JOIN cartridges c ON c.id = p.cartridge "
-            "WHERE page_text MATCH ? AND (? IS NULL OR c.fingerprint = ?) ORDER BY score, p.id LIMIT ?",
-            (query, fingerprint, fingerprint, limit)).fetchall()
+        try:
+            rows = self.db.execute(
+                "SELECT p.id, c.name, c.checksum, p.number, p.start, p.entries, t.text, bm25(page_text) AS score "
+                "FROM page_text t JOIN pages p ON p.id = t.rowid JOIN cartridges c ON c.id = p.cartridge "
+                "WHERE page_text MATCH ? AND (? IS NULL OR c.fingerprint = ?) ORDER BY score, p.id LIMIT ?",
+                (query, fingerprint, fingerprint, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise _index_error(exc, self.path) from exc
         return [Hit(*row) for row in rows]
 
     def cartridges(self) -> list[dict]:
@@ -305,3 +324,39 @@ def _open_header(path: Path) -> dict:
     return {"checksum": f.meta["lcc_checksum"], "source": m["source"].get("name"),
             "tokens": m["source"].get("token_count"), "pages": m["index"]["pages"],
             "fingerprint": m["model"]["fingerprint"]}
+
+
+# SQLite's primary result codes for a file that is not a database, or a damaged one
+_SQLITE_CORRUPT, _SQLITE_NOTADB, _SQLITE_FULL = 11, 26, 13
+
+
+def _damaged(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def _index_error(exc: sqlite3.Error, path: Path, where: str = "") -> LccError:
+    """A typed error for a database failure: busy (another lcc holds it past the timeout) or a
+    full disk are resources; anything else names the index, which `lcc index DIR --rebuild`
+    (or deleting the file) makes again."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == _SQLITE_FULL:
+        return ResourceError(f"no space left for the library index {path.name}{where}")
+    if "locked" in str(exc) or "busy" in str(exc):
+        return ResourceError(f"the library index {path.name} is busy (another lcc is updating it){where}",
+                             hint="try again when it is done")
+    return CartridgeError(f"the library index {path.name} cannot be used{where}: {exc}",
+                          hint="run `lcc index DIR --rebuild`, or delete the file: it is rebuilt from the cartridges")
+
+
+def _begin(db: sqlite3.Connection, path: Path) -> None:
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise _index_error(exc, path) from exc
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """SQLite has already rolled back after some failures (a full disk): only what is open."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")

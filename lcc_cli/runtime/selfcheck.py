@@ -16,6 +16,7 @@ from ..config import AskConfig
 from .cache import prefill
 from .decode import decode
 from .reader import answer
+from .text import answer_text
 
 # Each asks for a different kind of fact, so that a few questions do not all land on the
 # document's first sentence.
@@ -55,8 +56,7 @@ def self_check(loaded, text: str, buffer: Buffer, questions: int, max_new_tokens
         asked = decode(loaded.model, kv, len(context), prompts, 40, p.stop_ids)
     texts = []
     for a in asked:
-        line = loaded.tokenizer.decode([t for t in a.tokens if t not in p.stop_ids],
-                                       skip_special_tokens=True).strip().splitlines()
+        line = answer_text(loaded.tokenizer, a.tokens, p.stop_ids)[1].strip().splitlines()
         texts.append((line[0] if line else "").strip()[:300] or "What is the document about?")
     cfg = AskConfig(max_new_tokens=max_new_tokens)
     with_doc = answer(loaded, texts, document=text, cfg=cfg, batch=True)

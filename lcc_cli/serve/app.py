@@ -254,6 +254,7 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
             await asyncio.sleep(0.02)
         live = catalog.digests()
         buffers.retain(lambda key: all(d in live for d in key))
+        paged.retain(live)
 
     def resolve(name: str, admit: Callable[[int], None], question: str):
         """(key, buffer or None, pages or None) for a request's model name; 404 for anything
@@ -396,7 +397,7 @@ def create_app(loaded, catalog: Catalog, engine: Engine, limits: Limits, api_key
         if buffer is None:
             prompt = loaded.prompter.context_ids(None) + prompt  # the plain model: its own system turn
         job = Job(key, buffer, prompt, ready.max_tokens, ready.temperature, req.seed, ready.stop,
-                  asyncio.get_running_loop(), asyncio.Queue())
+                  asyncio.get_running_loop(), asyncio.Queue(), paged=pages is not None)
         try:
             engine.submit(job)
         except QueueFull as exc:

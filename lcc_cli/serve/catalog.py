@@ -266,6 +266,7 @@ class Catalog:
 
     def _check_model(self, cart, shown: str) -> Facts:
         from ..runtime.memory import check_model
+        from ..runtime.memory.paged import default_budget
 
         m, positions = cart.manifest, cart.positions
         low, first = (int(positions.min()), int(positions.max()) + 1) if len(positions) else (0, 0)
@@ -277,57 +278,19 @@ class Catalog:
         index = m.get("index")
         if index:
             summary.update(indexed=True, pages=len(index["pages"]), storage=m["buffer"]["dtype"],
-                           budget=-(-int(source.get("token_count") or 0) // int(source.get("ratio") or 16)))
+                           budget=default_budget(source["token_count"], source.get("ratio") or 16.0))
         return Facts(_digest(cart), len(positions), low, first, summary, bool(index))
 
-    def held(self, entry: Entry) -> Held:
-        """A verified indexed cartridge kept open for ranged reads (a question reads its pages
-        only), its digest checked against the one verified."""
-        held = Held(entry.found.path, entry.found.shown)
-        if _digest(held.file) != entry.facts.digest:
-            held.close()
+    def held(self, entry: Entry):
+        """A verified indexed cartridge kept open for ranged reads (format.cartridge.open_held:
+        a question reads its pages only), its digest checked against the one verified."""
+        from ..format.cartridge import open_held
+
+        held = open_held(entry.found.path, entry.found.shown)
+        if _digest(held) != entry.facts.digest:
             self._requeue(entry)
             raise CartridgeError(f"{entry.found.shown} changed since it was verified")
         return held
-
-
-class Held:
-    """A cartridge file held open: its descriptor (opened without following a link) stays open
-    for as long as this object lives, and every ranged read goes through it (/proc/self/fd/N),
-    so a file swapped for a link or another file after it was opened is never read instead."""
-
-    def __init__(self, path: Path, shown: str):
-        from ..format.cartridge import CartridgeFile
-
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(path, flags)
-        try:
-            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-                raise CartridgeError(f"{shown}: {NOT_REGULAR}")
-            through = Path(f"/proc/self/fd/{self.fd}")
-            if not through.exists():  # no /proc: the bytes, read once
-                with os.fdopen(os.dup(self.fd), "rb") as f:
-                    through = f.read()
-            self.file = CartridgeFile(through, shown)
-        except BaseException:
-            self.close()
-            raise
-        self.manifest, self.meta = self.file.manifest, self.file.meta
-
-    def read(self, start: int, stop: int):
-        return self.file.read(start, stop)
-
-    @property
-    def index(self) -> dict:
-        return self.file.index
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __del__(self):
-        self.close()
 
 
 def composed_first(facts: list[Facts]) -> int:

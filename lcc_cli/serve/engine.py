@@ -1,8 +1,8 @@
 """The one thread that runs the model for the server, and its batching policy.
 
 Requests become `Job`s in one queue. The engine takes the oldest job and, if it decodes
-greedily, every other queued greedy job for the same cartridge set, or for any buffer without
-attention biases (up to `max_batch`), and decodes them together: the reader's decoding loop
+greedily, every other queued greedy job for the same cartridge set, or (for indexed
+cartridges and the library) any other job whose pages were chosen per question (up to `max_batch`), and decodes them together: the reader's decoding loop
 takes several prompts after one shared buffer, or after one buffer each (an indexed
 cartridge's questions read different pages; shorter rows are padded and masked). A sampled job (temperature > 0) runs alone, so that its seed alone decides
 its text. Text goes back to each request as it is produced (for streaming) through the
@@ -42,6 +42,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # ("delta", text) ... then ("end", finish_reason, completion_tokens) or ("error", msg)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    paged: bool = False  # its buffer holds the pages its question chose (indexed cartridges, the library)
     # engine-side state
     finished: bool = False
     tokens: int = 0
@@ -201,5 +202,7 @@ def _batchable(a: Job, b: Job) -> bool:
     without attention biases (then each row gets its own prefix, padded and masked)."""
     if a.key == b.key:
         return True
-    return (a.buffer is not None and b.buffer is not None and a.buffer.bias is None and b.buffer.bias is None
+    # only buffers chosen per question (a budget's worth of pages): padding a whole large
+    # cartridge to the longest row would cost memory the cache budget does not count
+    return (a.paged and b.paged and a.buffer.bias is None and b.buffer.bias is None
             and a.buffer.device == b.buffer.device)

@@ -23,6 +23,12 @@ class PagedCartridges:
         self._memories: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
+    def retain(self, live: set[str]) -> None:
+        """Drop the memories (and close the files) of cartridges no longer served."""
+        with self._lock:
+            for key in [k for k in self._memories if not all(d in live for d in k)]:
+                del self._memories[key]
+
     def view(self, key: tuple, entries: list, question: str, admit):
         memory, lock = self._memory(key, entries)
         with lock:
@@ -80,7 +86,7 @@ class ServedLibrary:
         if self._memory is None:
             self._memory = LibraryMemory(self.loaded, self._library,
                                          check=lambda s: check_model(s.handle, self.loaded, s.name))
-        self._memory._chosen.clear()  # the index may have changed: choose afresh
+        self._memory.forget_choices()  # the index may have changed: choose (and read) afresh
         return self._memory
 
     def view(self, question: str, admit):
@@ -92,8 +98,7 @@ class ServedLibrary:
                 raise ApiError(404 if isinstance(exc, UsageError) else 503, exc.message,
                                code="model_unavailable") from None
             admit(buffer.first_query_position)
-            checksums = tuple(sorted({memory._checksums[p.source] for p, _ in memory.choose(question)}))
-            return ("library", checksums, memory.key(question)), buffer, memory.read_pages(question)
+            return ("library", memory.checksums(question), memory.key(question)), buffer, memory.read_pages(question)
 
     def summary(self) -> dict:
         with self._lock:

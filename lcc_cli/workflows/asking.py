@@ -12,7 +12,7 @@ from .common import load
 
 
 class Reader:
-    """Cartridges (runtime/memory.py), or a document, and the model, loaded once for many
+    """Cartridges (runtime/memory/), or a document, and the model, loaded once for many
     questions."""
 
     def __init__(self, cartridges: list[Path] = (), context: Path | None = None, run: RunOptions | None = None,

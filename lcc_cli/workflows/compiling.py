@@ -178,7 +178,7 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
     Partial files follow the single-file rules: --resume continues them, --force drops them."""
 
     from ..compile.document import compile_all
-    from ..format.cartridge import load_cartridge
+    from ..format.cartridge import open_cartridge
 
     started = time.perf_counter()
     run = run or RunOptions()
@@ -211,7 +211,7 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
         try:
             doc = read_document(source, max_bytes=max_bytes)
             if output.exists() and not force:
-                if _same_compile(load_cartridge(output).manifest, loaded, doc, cfg, info):
+                if _same_compile(open_cartridge(output).manifest, loaded, doc, cfg, info):  # its header alone
                     item.status, item.reason = "skipped", "up to date"
                     continue
                 raise UsageError(f"{output.name} exists, made from another source or settings",

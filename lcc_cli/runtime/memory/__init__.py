@@ -32,7 +32,7 @@ from ...buffer import Buffer
 from ...errors import ModelMismatchError
 from ...config import ReadConfig
 from ...errors import UsageError
-from ...format.cartridge import Cartridge, CartridgeFile, load_cartridge, open_cartridge
+from ...format.cartridge import Cartridge, CartridgeFile, open_cartridge
 from ...format.layouts import layout_of
 from ...format.checks import check_compatible, check_fingerprint
 
@@ -41,7 +41,7 @@ DEFAULT_LAYOUT: Layout = "consecutive"
 
 
 class Memory(Protocol):
-    mode: str  # what `ask --json` reports: "cartridge"
+    mode: str  # what `ask --json` reports: "cartridge", "indexed" or "library"
 
     def view(self, question: str) -> Buffer:
         """The entries `question` reads, on the model's device and dtype."""
@@ -57,11 +57,6 @@ def open_cartridges(paths: list[Path]) -> list[CartridgeFile]:
     return [open_cartridge(p) for p in paths]
 
 
-def read_cartridges(paths: list[Path]) -> list[Cartridge]:
-    """Every cartridge read whole and checked (integrity, every value)."""
-    return [load_cartridge(p) for p in paths]
-
-
 def check_model(cart: Cartridge | CartridgeFile, loaded, name: str, force: bool = False) -> None:
     """Shapes, RoPE and window must fit the model (even with force); the fingerprint must be
     the model's unless forced."""
@@ -73,6 +68,11 @@ def check_model(cart: Cartridge | CartridgeFile, loaded, name: str, force: bool 
         limit = loaded.facts.max_positions
         if limit and any(w["position_start"] + w["entries"] > limit for w in m["index"]["windows"]):
             raise ModelMismatchError(f"{name}: its pages were encoded past the model's {limit}-position window")
+        tensors = getattr(cart, "index", None) if hasattr(cart, "read") else getattr(cart, "index_tensors", None)
+        ids = (tensors or {}).get("index.token_ids")
+        vocab = getattr(loaded.model.config, "vocab_size", None)
+        if ids is not None and ids.numel() and vocab and int(ids.max()) >= vocab:  # repair would embed them
+            raise ModelMismatchError(f"{name}: its token ids run past the model's {vocab}-token vocabulary")
     check_compatible(m["model"], loaded.facts, end, name)
     check_fingerprint(m["model"], loaded.model_id, loaded.fingerprint, name, force)
 

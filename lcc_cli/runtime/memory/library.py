@@ -18,7 +18,7 @@ from collections import OrderedDict
 from ...buffer import Buffer
 from ...config import ReadConfig
 from ...errors import CartridgeError, LccError, UsageError
-from ...format.cartridge import open_cartridge
+from ...format.cartridge import open_held
 from .paged import Page, Paged, Source
 from .select import attention_scores, fused, question_queries
 
@@ -66,9 +66,11 @@ class LibraryMemory(Paged):
         if held is not None and held.handle.meta.get("lcc_checksum") == self._checksums.get(ident):
             self._open.move_to_end(ident)
             return held  # still the cartridge the index last named
+        if "/" in ident or ident.startswith(".") or not ident.endswith(".lcc"):  # a name from the index file
+            raise Stale(ident)
         try:
-            handle = open_cartridge(self.library.folder / ident)
-        except LccError as exc:
+            handle = open_held(self.library.folder / ident, ident)  # never through a link
+        except (LccError, OSError) as exc:
             raise Stale(ident) from exc
         if handle.meta.get("lcc_checksum") != self._checksums.get(ident):
             raise Stale(ident)
@@ -80,14 +82,9 @@ class LibraryMemory(Paged):
             self._open.popitem(last=False)
         return source
 
-    def always(self) -> tuple[Buffer, Buffer]:
-        """The header and end of the turn: the same for every cartridge of one model (taken
-        from the first cartridge a question read)."""
-        if self._always is None:
-            s = self.source(self._first)
-            (a, b), (c, d) = s.index["always"][0], s.index["always"][-1]
-            self._always = s.read(a, b), (s.read(c, d) if (c, d) != (a, b) else s.read(b, b))
-        return self._always
+    def first_source(self) -> str:
+        return self._first  # the first cartridge a question read: its header and end of turn
+
 
     # --- choosing ---------------------------------------------------------------------------
 
@@ -110,12 +107,23 @@ class LibraryMemory(Paged):
     def _candidate_attention(self, question: str, pages: list[Page]) -> list[float]:
         import torch
 
+        if any("index.key_mean" not in self.source(p.source).tensors for p in pages):
+            raise UsageError("the library's cartridges store no key summaries; use --selector bm25", field="selector")
         summaries = torch.stack([self.source(p.source).tensors["index.key_mean"][p.number] for p in pages])
         self._first = self._first or pages[0].source
         head, tail = self.always()
         context = Buffer.laid_out([head, tail], self.loaded.rope).to(self.loaded.device, self.loaded.dtype)
         return attention_scores(question_queries(self.loaded, context, question), summaries,
                                 self.loaded.facts.head_dim)
+
+    def forget_choices(self) -> None:
+        self._chosen.clear()
+        self._view, self._always, self._first = None, None, None
+
+    def checksums(self, question: str) -> tuple[str, ...]:
+        """The checksums of the cartridges `question` reads (part of a batch key: a cartridge
+        replaced under the same name never shares a batch with its old self)."""
+        return tuple(sorted({self._checksums[p.source] for p, _ in self.choose(question)}))
 
     def choose(self, question: str):
         return self._retry(lambda: super(LibraryMemory, self).choose(question))
@@ -146,7 +154,6 @@ class LibraryMemory(Paged):
                 if isinstance(exc, Stale):
                     self.library.forget(str(exc))  # even one changed in place with its time stamp restored
                 self._open.clear()
-                self._chosen.clear()
-                self._view, self._always, self._first = None, None, None
+                self.forget_choices()
                 self.library.refresh()
         raise AssertionError("unreachable")

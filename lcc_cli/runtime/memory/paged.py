@@ -30,6 +30,12 @@ from ...errors import CartridgeError, UsageError
 from .select import BM25, attention_scores, fused, question_queries
 
 
+def default_budget(tokens: int, ratio: float) -> int:
+    """Entries a question reads of a document of `tokens` at `ratio`: as many as a cartridge of
+    that ratio holds."""
+    return max(1, math.ceil(tokens / ratio))
+
+
 @dataclass(frozen=True)
 class Page:
     source: int  # which cartridge
@@ -89,7 +95,8 @@ class Paged:
         self._always: tuple[Buffer, Buffer] | None = None
         self._chosen: dict[str, tuple] = {}
         self._view: tuple[Hashable, Buffer] | None = None
-        self.gist = self._gist() if self.cfg.gist else []
+        # a gist is read before the header, consecutively: gaps keep pages where they were encoded, so no gist
+        self.gist = self._gist() if self.cfg.gist and self.cfg.layout != "gaps" else []
         self.budget = self._budget()
 
     # --- what a question reads ---------------------------------------------------------------
@@ -99,7 +106,7 @@ class Paged:
         each cartridge's own compile ratio), as a cartridge of that ratio would hold."""
         if self.cfg.budget is not None:
             return self.cfg.budget
-        return sum(math.ceil(s.doc_tokens / (self.cfg.ratio or s.ratio)) for s in self.sources)
+        return sum(default_budget(s.doc_tokens, self.cfg.ratio or s.ratio) for s in self.sources)
 
     def _gist(self) -> list[Buffer]:
         return [s.read(0, s.gist_entries) for s in self.sources if s.gist_entries]
@@ -108,10 +115,13 @@ class Paged:
         """The header and the end of the turn (the first cartridge's: the same for every
         cartridge of one model)."""
         if self._always is None:
-            s = self.sources[0]
+            s = self.source(self.first_source())
             (a, b), (c, d) = s.index["always"][0], s.index["always"][-1]
             self._always = s.read(a, b), (s.read(c, d) if (c, d) != (a, b) else s.read(b, b))
         return self._always
+
+    def first_source(self):
+        return 0
 
     def scores(self, question: str) -> list[float]:
         if self.cfg.selector == "bm25":
@@ -211,6 +221,7 @@ class Paged:
     def _repair(self, buffer: Buffer, key, first_page: int) -> Buffer:
         """Re-encode the first `repair` tokens of every chosen page after everything laid before
         it, and put their new KV in place of the stored one."""
+        from ..bias import slot_biases
         from ..cache import cache_layers, forward, make_cache
 
         keys, values = [k.clone() for k in buffer.keys], [v.clone() for v in buffer.values]
@@ -224,10 +235,12 @@ class Paged:
                     continue
                 offset = page.start - self.source(page.source).gist_entries
                 tokens = ids[offset: offset + r].long().tolist()
-                prefix = Buffer([k[:, :at] for k in keys], [v[:, :at] for v in values], buffer.positions[:at])
+                bias = [b[:, :at] for b in buffer.bias] if buffer.bias is not None else None
+                prefix = Buffer([k[:, :at] for k in keys], [v[:, :at] for v in values], buffer.positions[:at], bias)
                 cache = make_cache(prefix.cache_layers())
-                forward(self.loaded.model, cache, int(buffer.positions[at]),
-                        input_ids=torch.tensor([tokens], device=self.loaded.device), logits_to_keep=1)
+                with slot_biases(self.loaded.model, prefix.bias):  # a gist's biases, as the question reads them
+                    forward(self.loaded.model, cache, int(buffer.positions[at]),
+                            input_ids=torch.tensor([tokens], device=self.loaded.device), logits_to_keep=1)
                 for layer, (k, v) in enumerate(cache_layers(cache)):
                     keys[layer][:, at:at + r] = k[0, :, -r:]
                     values[layer][:, at:at + r] = v[0, :, -r:]
