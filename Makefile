@@ -64,8 +64,8 @@ compiler: $(SQUAD)/squad_train.jsonl
 	$(VENV)/bin/lcc train-compiler $(SQUAD)/squad_train.jsonl $(SQUAD)/squad_train_long.jsonl -o build/compiler.safetensors --threads 2 $(RESUME) $(if $(RESUME),,--force)
 
 example:
-	$(VENV)/bin/lcc compile examples/harbor.md --quality best -o /tmp/harbor.lcc --force
-	$(VENV)/bin/lcc ask /tmp/harbor.lcc "Who designed the lighthouse?"
+	$(VENV)/bin/lcc compile examples/harbor.md --ratio 8 -o /tmp/harbor.lcc --force
+	$(VENV)/bin/lcc ask /tmp/harbor.lcc "Who designed the lighthouse?" --show-pages
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -280,3 +280,30 @@ def test_a_lying_index_is_refused_before_it_is_used(indexed, tmp_path, edit, fra
     bad.write_bytes(fmt.seal(manifest, fmt.reblock(manifest, tensors)))
     with pytest.raises(CartridgeError, match=fragment):
         open_cartridge(bad)
+
+
+def test_a_page_cut_at_the_budget_shows_only_the_part_read(tmp_path, tiny_model_dir, tiny_loaded):
+    path = _compile(tmp_path, tiny_model_dir)
+    memory = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=4))
+    page = memory.read_pages("When was the lighthouse completed by Ada Pellinger?")[0]
+    assert page["entries"] == 4 < page["page_entries"]
+    whole = "It was completed in 1868 by the engineer Ada Pellinger."
+    assert page["text"] and whole.startswith(page["text"].strip()) and len(page["text"]) < len(whole)
+    result = CliRunner().invoke(app, ["ask", str(path), "When was the lighthouse completed by Ada Pellinger?",
+                                      "--model", str(tiny_model_dir), "--budget", "4", "--show-pages",
+                                      "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.stderr
+    assert f"first 4 of {page['page_entries']} entries" in result.output
+
+
+def test_the_manifest_records_what_ran_and_what_was_stored(tmp_path, tiny_model_dir):
+    # pages alone: no compiler ran, so none is named; the default storage is recorded as int8
+    src = tmp_path / "doc.txt"
+    src.write_text(TEXT)
+    api.compile_file(src, tmp_path / "pages.lcc", {"ratio": 4.0}, run=run_opts(tiny_model_dir))
+    m = open_cartridge(tmp_path / "pages.lcc").manifest
+    assert m["compiler"]["name"] == "pages" and m["compile"]["kv_dtype"] == "int8" == m["buffer"]["dtype"]
+    # with a gist, the compiler that made it is named
+    api.compile_file(src, tmp_path / "gist.lcc", {"ratio": 4.0, "index": True, "gist": True}, compiler="truncate",
+                     run=run_opts(tiny_model_dir))
+    assert open_cartridge(tmp_path / "gist.lcc").manifest["compiler"]["name"] == "truncate"

@@ -54,8 +54,9 @@ def test_a_compiled_folder_is_a_library_asked_as_one(tmp_path, tiny_model_dir):
     assert {c["name"] for c in lib.cartridges()} == {"harbor.lcc", "quarry.lcc", "mill.lcc"}
     got = _ask(folder, tiny_model_dir, "Who is the miller Rosa Hild?")
     assert got["mode"] == "library"
-    assert [(p["cartridge"], p["source"], p["text"]) for p in got["pages"]] == [
-        ("mill.lcc", "mill.txt", "The miller is Rosa Hild.")]
+    # the best page, its part that the budget holds
+    assert [(p["cartridge"], p["source"]) for p in got["pages"]] == [("mill.lcc", "mill.txt")]
+    assert "The miller is Rosa Hild.".startswith(got["pages"][0]["text"]) and "miller" in got["pages"][0]["text"]
     got = _ask(folder, tiny_model_dir, "Which mason, Tomas Reyes, opened the quarry?", budget=30)
     assert all(p["cartridge"] == "quarry.lcc" for p in got["pages"]) and got["pages"]
 
@@ -101,7 +102,8 @@ def test_a_page_is_never_read_from_a_cartridge_changed_since_it_was_indexed(tmp_
     os.utime(folder / "mill.lcc", ns=(st.st_atime_ns, st.st_mtime_ns))  # and its old time stamp
     memory.view("Who is the miller?")
     pages = memory.read_pages("Who is the miller?")
-    assert [p["text"] for p in pages] == ["The miller now is Ines Dorn."]  # re-indexed, then read
+    # re-indexed, then read (the page's part that the budget holds)
+    assert len(pages) == 1 and "The miller now is Ines Dorn.".startswith(pages[0]["text"]) and "now" in pages[0]["text"]
 
 
 def test_an_interrupted_update_leaves_the_old_index(tmp_path, tiny_model_dir, monkeypatch):

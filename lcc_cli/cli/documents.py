@@ -285,7 +285,7 @@ def _print_pages(pages: list[dict] | None) -> None:
         err.print("lcc: --show-pages: these cartridges are not indexed (every entry was read)", markup=False)
         return
     for p in pages:
-        out.print(f"[{clean(p['cartridge'])} p{p['page']}, {p['entries']} entries] {clean(p['text'])}",
+        out.print(f"[{clean(p['cartridge'])} p{p['page']}, {_entries(p)}] {clean(p['text'])}",
                   markup=False, highlight=False)
 
 
@@ -362,3 +362,8 @@ def verify(
     failed = report.first_failure
     if failed:
         raise VerifyFailed(f"check '{failed.name}' failed: {failed.detail}")
+
+
+def _entries(page: dict) -> str:
+    total = page.get("page_entries", page["entries"])
+    return f"{page['entries']} entries" if page["entries"] >= total else f"first {page['entries']} of {total} entries"

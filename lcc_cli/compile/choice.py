@@ -66,6 +66,9 @@ def _indexed_or_not(cfg: CompileConfig, auto: bool) -> CompileConfig:
     named on purpose, that compiler's buffer (and, with --index, that buffer as the gist)."""
     from dataclasses import replace
 
+    from .document import INDEX_STORAGE
+
     index = auto if cfg.index is None else cfg.index
     gist = (not auto) if cfg.gist is None else cfg.gist
-    return replace(cfg, index=index, gist=gist)
+    kv_dtype = cfg.kv_dtype or (INDEX_STORAGE if index else None)  # the manifest records what was stored
+    return replace(cfg, index=index, gist=gist, kv_dtype=kv_dtype)

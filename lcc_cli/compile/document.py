@@ -226,6 +226,13 @@ def assemble(loaded, doc: Document, results: list[SegmentResult], cfg: CompileCo
 
 
 INDEX_STORAGE = "int8"  # an indexed cartridge's default storage (CompileConfig.kv_dtype)
+PAGES_ONLY = {"name": "pages", "note": "the document's own KV in pages; no compiler ran"}
+
+
+def recorded_compiler(cfg: CompileConfig, compiler_info: dict) -> dict:
+    """What a manifest says compiled it: an indexed cartridge without a gist ran no compiler,
+    so it does not name the one that was resolved."""
+    return PAGES_ONLY if cfg.index and not cfg.gist else compiler_info
 
 
 def assemble_indexed(loaded, doc: Document, results: list[SegmentResult], cfg: CompileConfig, compiler_info: dict,
@@ -245,8 +252,9 @@ def assemble_indexed(loaded, doc: Document, results: list[SegmentResult], cfg: C
     metrics = {"seconds": round(seconds, 3), "segments": [r.metrics for r in results],
                "index": {"seconds": round(idx.seconds, 3), "pages": len(index["pages"]),
                          "windows": len(index["windows"])}}
-    m = mf.build(model=model, segments=rows, source=source, compile=cfg.to_dict(), compiler=compiler_info,
-                 metrics=metrics, version=__version__, storage_dtype=cfg.kv_dtype or INDEX_STORAGE, index=index)
+    m = mf.build(model=model, segments=rows, source=source, compile=cfg.to_dict(),
+                 compiler=recorded_compiler(cfg, compiler_info), metrics=metrics, version=__version__,
+                 storage_dtype=cfg.kv_dtype or INDEX_STORAGE, index=index)
     parts = [Buffer.laid_out([r.buffer for r in results], loaded.rope)] if results else []
     return Cartridge(m, Buffer.concat(parts + [idx.buffer]), idx.tensors)
 

@@ -177,7 +177,7 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
     skipped; one bad document fails alone, with its reason, and never costs the others theirs.
     Partial files follow the single-file rules: --resume continues them, --force drops them."""
 
-    from ..compile.document import compile_all
+    from ..compile.document import compile_all, recorded_compiler
     from ..format.cartridge import open_cartridge
 
     started = time.perf_counter()
@@ -198,7 +198,7 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
     loaded = load(run)
     spec, cfg = settle(loaded, compiler, cfg, quality)
     method = build_compiler(spec, loaded)
-    info = method.describe()
+    info = recorded_compiler(cfg, method.describe())
     items = [BatchItem(folder, None, "failed", f"cannot list this folder: {reason}") for folder, reason in unlisted]
     tasks, owners = [], []
     outputs = output_names(files, out_dir)

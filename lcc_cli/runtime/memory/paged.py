@@ -212,8 +212,13 @@ class Paged:
         out = []
         for page, n in self.choose(question):
             source = self.source(page.source)
+            text = page.text
+            ids = source.tensors.get("index.token_ids")
+            if n < page.entries and ids is not None:  # the best page cut at the budget: the part read
+                text = self.loaded.prompter.tokenizer.decode(ids[page.start:page.start + n].tolist()).strip()
             out.append({"cartridge": source.name, "source": source.manifest["source"].get("name"),
-                        "page": page.number, "start": page.start, "entries": n, "text": page.text})
+                        "page": page.number, "start": page.start, "entries": n, "page_entries": page.entries,
+                        "text": text})
         return out
 
     # --- EPIC-style repair ----------------------------------------------------------------
