@@ -620,17 +620,15 @@ def render(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", nargs="?", default="all", choices=["questions", "backends", "contention", "sizes", "train", "serve", "indexed", "library",
-                                 "all"])
+    names = ["questions", "backends", "contention", "sizes", "train", "serve", "indexed", "library"]
+    parser.add_argument("what", nargs="*", default=["all"], choices=[*names, "all"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "measurements.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    todo = ["questions", "backends", "contention", "sizes", "train", "serve", "indexed", "library"] \
-        if args.what == "all" \
-        else [args.what]
+    todo = names if "all" in args.what else args.what
     with tempfile.TemporaryDirectory() as tmp:
         for name in todo:
             print(f"measuring {name}…", flush=True)
