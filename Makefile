@@ -26,13 +26,13 @@ bench: data
 	$(MAKE) bench-indexed
 	$(PY) bench/measure.py questions backends contention sizes train serve --out bench/results
 
-# Indexed cartridges and libraries (issues 29-30; about 2.5 h on 2 CPU cores): the defaults against
+# Indexed cartridges and libraries (issues 29-30; about 2 h on 2 CPU cores): the defaults against
 # the baselines on both SQuAD benches and FairytaleQA train stories, window-by-window encoding;
 # then bench/measure.py indexed and library. bench/indexed.toml (about 2.5 h more on the long
 # bench) adds the alternatives: gaps, attention and fusion selectors, repair, fixed pages, a gist.
 bench-indexed: data
 	$(PY) -m lcc_cli eval ../shared/data/squad_long_dev.jsonl --config bench/indexed-core.toml --out bench/results/indexed-long
-	$(PY) -m lcc_cli eval ../shared/data/squad_dev_sample.jsonl --config bench/indexed-core.toml --out bench/results/indexed-para
+	$(PY) -m lcc_cli eval ../shared/data/squad_dev_sample.jsonl --config bench/indexed-para.toml --out bench/results/indexed-para
 	$(PY) -m lcc_cli eval build/fairytale/fairytale_train.jsonl --config bench/indexed-stories-core.toml --out bench/results/indexed-stories
 	$(PY) -m lcc_cli eval ../shared/data/squad_long_dev.jsonl --config bench/indexed-windows.toml --out bench/results/indexed-windows
 	$(PY) bench/measure.py indexed library --out bench/results

@@ -20,7 +20,7 @@ own. The index is derived data: `refresh` rebuilds what changed from the cartrid
 
 Tables: `cartridges` (one row per file: name, checksum, stat, source, tokens, pages),
 `pages` (cartridge, page number, entry range), `page_text` (FTS5 over each page's text, rowid =
-the page's id). A database that is damaged, of another schema version, or not a database at
+the page's id), `cartridge_text` (FTS5 over each cartridge's whole text, rowid = its id). A database that is damaged, of another schema version, or not a database at
 all is rebuilt from the cartridges.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 from ..errors import CartridgeError, LccError, ResourceError, UsageError
 
 INDEX_NAME = ".lcc-index.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cartridge_text, each cartridge's whole text for its share of a page's score
 BUSY_MS = 30_000  # how long a second lcc waits for another's update before giving up
 _WORD = re.compile(r"\w+")
 MAX_QUERY_TERMS = 64
@@ -53,6 +53,7 @@ CREATE TABLE pages(
     number INTEGER NOT NULL, start INTEGER NOT NULL, entries INTEGER NOT NULL);
 CREATE INDEX pages_by_cartridge ON pages(cartridge);
 CREATE VIRTUAL TABLE page_text USING fts5(text, tokenize = 'unicode61 remove_diacritics 2');
+CREATE VIRTUAL TABLE cartridge_text USING fts5(text, tokenize = 'unicode61 remove_diacritics 2');
 """
 
 
@@ -65,7 +66,7 @@ class Hit:
     start: int
     entries: int
     text: str
-    score: float  # bm25(): lower is better, as SQLite reports it
+    score: float  # the page's bm25() plus its cartridge's: lower is better, as SQLite reports it
 
 
 @dataclass
@@ -142,7 +143,7 @@ class Library:
             if self._version(db) == SCHEMA_VERSION:  # another process made it while we waited
                 db.execute("COMMIT")
                 return
-            for table in ("page_text", "pages", "cartridges", "meta"):
+            for table in ("cartridge_text", "page_text", "pages", "cartridges", "meta"):
                 db.execute(f"DROP TABLE IF EXISTS {table}")
             for statement in filter(str.strip, SCHEMA.split(";")):  # not executescript: it would commit
                 db.execute(statement)
@@ -162,6 +163,7 @@ class Library:
         _begin(db, self.path)
         try:
             db.execute("DELETE FROM page_text")
+            db.execute("DELETE FROM cartridge_text")
             db.execute("DELETE FROM pages")
             db.execute("DELETE FROM cartridges")
             db.execute("COMMIT")
@@ -261,6 +263,7 @@ class Library:
         db = self.db
         db.execute("DELETE FROM page_text WHERE rowid IN (SELECT p.id FROM pages p JOIN cartridges c "
                    "ON c.id = p.cartridge WHERE c.name = ?)", (name,))
+        db.execute("DELETE FROM cartridge_text WHERE rowid IN (SELECT id FROM cartridges WHERE name = ?)", (name,))
         db.execute("DELETE FROM cartridges WHERE name = ?", (name,))
 
     def _put(self, name: str, cart: dict, st: os.stat_result) -> None:
@@ -275,21 +278,30 @@ class Library:
             pid = db.execute("INSERT INTO pages(cartridge, number, start, entries) VALUES (?, ?, ?, ?)",
                              (cid, number, page["start"], page["entries"])).lastrowid
             db.execute("INSERT INTO page_text(rowid, text) VALUES (?, ?)", (pid, page["text"]))
+        db.execute("INSERT INTO cartridge_text(rowid, text) VALUES (?, ?)",
+                   (cid, "\n".join(page["text"] for page in cart["pages"])))
 
     # --- searching ------------------------------------------------------------------------------
 
     def search(self, question: str, limit: int = 64, fingerprint: str | None = None) -> list[Hit]:
-        """The best `limit` pages for `question` by FTS5's bm25(), best first (of cartridges made
-        for the model with `fingerprint`, when given)."""
+        """The best `limit` pages for `question`, best first (of cartridges made for the model with
+        `fingerprint`, when given): FTS5's bm25() of the page plus that of its cartridge's whole
+        text, so that of two pages that match alike, the one whose document is about the
+        question wins (in a folder of one article's paragraphs, a sibling's sentence otherwise
+        beat the question's own paragraph for 18% of questions; 13.5% with it)."""
         query = fts_query(question)
         if not query:
             return []
         try:
             rows = self.db.execute(
-                "SELECT p.id, c.name, c.checksum, p.number, p.start, p.entries, t.text, bm25(page_text) AS score "
+                "WITH docs AS (SELECT rowid AS cid, bm25(cartridge_text) AS ds FROM cartridge_text "
+                "WHERE cartridge_text MATCH ?) "
+                "SELECT p.id, c.name, c.checksum, p.number, p.start, p.entries, t.text, "
+                "bm25(page_text) + COALESCE(d.ds, 0) AS score "
                 "FROM page_text t JOIN pages p ON p.id = t.rowid JOIN cartridges c ON c.id = p.cartridge "
+                "LEFT JOIN docs d ON d.cid = c.id "
                 "WHERE page_text MATCH ? AND (? IS NULL OR c.fingerprint = ?) ORDER BY score, p.id LIMIT ?",
-                (query, fingerprint, fingerprint, limit)).fetchall()
+                (query, query, fingerprint, fingerprint, limit)).fetchall()
         except sqlite3.Error as exc:
             raise _index_error(exc, self.path) from exc
         return [Hit(*row) for row in rows]
