@@ -161,7 +161,8 @@ def test_auto_takes_the_tables_any_model_method_for_a_model_without_a_compiler(t
         assert entry["prefill_equivalents"] <= t["budgets"][quality] or quality == "fast"
         assert api.resolve_compiler(tiny, "auto", quality).name == entry["compiler"] != "optimise"
     assert api.resolve_compiler(tiny, "none").name == "optimise"
-    result = api.compile_file(doc_file, tmp_path / "o.lcc", {"ratio": 8}, run=run_opts(tiny_model_dir))
+    # a compiled cartridge (--no-index): an indexed one of pages alone runs no compiler
+    result = api.compile_file(doc_file, tmp_path / "o.lcc", {"ratio": 8, "index": False}, run=run_opts(tiny_model_dir))
     assert result.compiler["name"] == row["balanced"]["compiler"]
     m = load_cartridge(tmp_path / "o.lcc").manifest
     assert all(m["compile"][k] == v for k, v in row["balanced"]["settings"].items() if k != "segment_tokens")
