@@ -175,3 +175,18 @@ def test_chat_and_questions_files_read_the_library_too(tmp_path, tiny_model_dir)
     assert r.exit_code == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["pages"][0]["cartridge"] for row in rows] == ["mill.lcc", "quarry.lcc"]
+
+
+def test_of_two_pages_that_match_alike_the_one_whose_document_is_about_the_question_wins(tmp_path, tiny_model_dir):
+    same = "The keeper lit the lamp at dusk."
+    folder = _library(tmp_path, tiny_model_dir, {
+        "a_bakery": f"The bakery sells rye bread every morning. {same}",
+        "b_lighthouse": f"The lighthouse tower guards the harbour rocks. {same} The tower lamp burned oil."})
+    lib = Library(folder)
+    hits = [h for h in lib.search("Which keeper lit the tower lamp at dusk?") if h.text == same]
+    assert [h.cartridge for h in hits] == ["b_lighthouse.lcc", "a_bakery.lcc"]
+    # each cartridge's whole text leaves with it
+    (folder / "b_lighthouse.lcc").unlink()
+    lib.refresh()
+    assert lib.db.execute("SELECT count(*) FROM cartridge_text").fetchone()[0] == 1
+    assert {h.cartridge for h in lib.search("Which keeper lit the tower lamp at dusk?")} == {"a_bakery.lcc"}

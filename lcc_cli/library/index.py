@@ -20,8 +20,9 @@ own. The index is derived data: `refresh` rebuilds what changed from the cartrid
 
 Tables: `cartridges` (one row per file: name, checksum, stat, source, tokens, pages),
 `pages` (cartridge, page number, entry range), `page_text` (FTS5 over each page's text, rowid =
-the page's id), `cartridge_text` (FTS5 over each cartridge's whole text, rowid = its id). A database that is damaged, of another schema version, or not a database at
-all is rebuilt from the cartridges.
+the page's id), `cartridge_text` (FTS5 over each cartridge's whole text, rowid = its id). A
+database that is damaged, of another schema version, or not a database at all is rebuilt from
+the cartridges.
 """
 
 from __future__ import annotations
