@@ -154,6 +154,8 @@ def test_a_document_past_the_window_is_encoded_window_by_window(tmp_path, tiny_m
     pages = f.manifest["index"]["pages"]
     assert all(any(w["entry_start"] <= p["start"] and p["start"] + p["entries"] <= w["entry_start"] + w["entries"]
                    for w in windows) for p in pages)  # no page spans two windows
+    from lcc_cli.eval.retrieve import chunks_of
+    assert len(pages) == len(chunks_of(text))  # windows end where sentences start: none is cut in two
     memory = open_memory([f], tiny_loaded, read=ReadConfig(budget=40))
     view = memory.view("When was the lighthouse completed?")
     assert view.positions.tolist() == list(range(view.slots))

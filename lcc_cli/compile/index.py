@@ -23,6 +23,7 @@ consecutive positions when it reads them (keys re-rotated exactly). One prefill 
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 
@@ -49,11 +50,13 @@ def build_index(loaded, text: str, cfg: CompileConfig) -> IndexResult:
     ids, header, tail, offsets, doc_start = _context(loaded, text)
     doc = range(header, len(ids) - tail)  # token indices of the document
     limit = min(cfg.window_tokens or 10**9, loaded.facts.max_positions or 10**9)
-    windows = _plan(len(ids), header, tail, limit, cfg.window_overlap)
+    chars = [(s - doc_start, e - doc_start) for s, e in offsets[header:len(ids) - tail]]
+    # windows end where sentences start, so that a sentence is not cut in two pages
+    starts = [header + first for first, _, _ in _sentence_pages(text, chars, [])] if cfg.pages == "sentence" else []
+    windows = _plan(len(ids), header, tail, limit, cfg.window_overlap, starts)
     keys, values, positions, regions = _encode(loaded, ids, header, tail, windows, cfg)
     buffer = Buffer(keys, values, positions)
     bounds = [w[1] - header for w in windows[:-1]]  # a page never spans two windows
-    chars = [(s - doc_start, e - doc_start) for s, e in offsets[header:len(ids) - tail]]
     if cfg.pages == "sentence":
         spans = _sentence_pages(text, chars, bounds)
     else:
@@ -91,11 +94,13 @@ def _context(loaded, text: str):
     return ids, header, tail, offsets, doc_start
 
 
-def _plan(n: int, header: int, tail: int, limit: int, overlap: int) -> list[tuple[int, int, int]]:
+def _plan(n: int, header: int, tail: int, limit: int, overlap: int,
+          starts: list[int] = ()) -> list[tuple[int, int, int]]:
     """Windows over the context turn's n tokens, as (first, last, reread): each window's own
     tokens first..last-1, after `reread` document tokens before them (and the header) that it
     encodes again for context. The first window starts at 0 with the header; the last ends at n
-    with the end of the turn; each fits `limit` positions."""
+    with the end of the turn; each fits `limit` positions. A window ends at the last of
+    `starts` (sentence starts, ascending token indices) in its second half, if one is there."""
     overlap = min(overlap, max(0, (limit - header - tail) // 4))  # a window's own tokens are most of it
     out, first = [], 0
     while True:
@@ -108,6 +113,9 @@ def _plan(n: int, header: int, tail: int, limit: int, overlap: int) -> list[tupl
             out.append((first, n, reread))
             return out
         end = min(first + room, n - tail)
+        cut = bisect.bisect_right(starts, end) - 1
+        if end < n - tail and cut >= 0 and starts[cut] > first + room // 2:
+            end = starts[cut]
         if end <= first:
             raise InputError(f"the end of the turn ({tail} tokens) does not fit a {limit}-position window")
         out.append((first, end, reread))
