@@ -64,7 +64,7 @@ def compile_cmd(
                                                       "--selector attention (about 3% more bytes)."),
     window_tokens: Optional[int] = typer.Option(None, "--window-tokens",
                                                 help="With --index: encode the document in windows of this many "
-                                                     "positions (default: the model's window)."),
+                                                     "positions (default 512; at most the model's window)."),
     window_mode: Optional[str] = typer.Option(None, "--window-mode", help="With --index: each later window re-reads "
                                                                           "the tokens before it (overlap) or "
                                                                           "carries them as KV (prefix)."),
