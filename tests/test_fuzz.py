@@ -199,7 +199,7 @@ def test_random_adapter_configs_import_cleanly_or_fail_typed(tiny_loaded, compil
     shutil.rmtree(d)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_edited_lcc_manifests_in_an_adapter_import_cleanly_or_fail_typed(tiny_loaded, compiled, tmp_path_factory,
                                                                         data):
