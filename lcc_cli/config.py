@@ -166,7 +166,7 @@ class CompileConfig(_FromDict):
     # The document is encoded window by window, windows of this many positions (None: the
     # model's window); each later window re-reads (`overlap`) or carries as KV (`prefix`) the
     # tokens before it. 512-position prefix windows answered long-document questions better
-    # than one window for the whole document (+0.067 contains, 180 q, 16x; README, issue 29):
+    # than one window for the whole document (+0.078 contains, 180 q, 16x; README, issue 29):
     # a page encoded after a few hundred tokens reads more like retrieved text than one encoded
     # after thousands.
     window_tokens: Optional[int] = 512

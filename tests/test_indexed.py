@@ -12,6 +12,7 @@ from conftest import DOC, run_opts
 from lcc_cli import api
 from lcc_cli.cli import app
 from lcc_cli.config import ReadConfig
+from lcc_cli.eval.retrieve import chunks_of
 from lcc_cli.format.cartridge import load_cartridge, open_cartridge
 from lcc_cli.runtime.memory import open_memory
 from lcc_cli.runtime.memory.paged import Paged, Source
@@ -154,7 +155,6 @@ def test_a_document_past_the_window_is_encoded_window_by_window(tmp_path, tiny_m
     pages = f.manifest["index"]["pages"]
     assert all(any(w["entry_start"] <= p["start"] and p["start"] + p["entries"] <= w["entry_start"] + w["entries"]
                    for w in windows) for p in pages)  # no page spans two windows
-    from lcc_cli.eval.retrieve import chunks_of
     assert len(pages) == len(chunks_of(text))  # windows end where sentences start: none is cut in two
     memory = open_memory([f], tiny_loaded, read=ReadConfig(budget=40))
     view = memory.view("When was the lighthouse completed?")

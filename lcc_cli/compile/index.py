@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -95,7 +96,7 @@ def _context(loaded, text: str):
 
 
 def _plan(n: int, header: int, tail: int, limit: int, overlap: int,
-          starts: list[int] = ()) -> list[tuple[int, int, int]]:
+          starts: Sequence[int] = ()) -> list[tuple[int, int, int]]:
     """Windows over the context turn's n tokens, as (first, last, reread): each window's own
     tokens first..last-1, after `reread` document tokens before them (and the header) that it
     encodes again for context. The first window starts at 0 with the header; the last ends at n
