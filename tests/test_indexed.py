@@ -90,6 +90,50 @@ def test_at_a_budget_of_the_whole_document_it_answers_as_the_document_in_the_pro
                                atol=1e-4)
 
 
+def _repaired_page_by_page(loaded, buffer, key, first_page, repair, ids):
+    """EPIC as the paper runs it, one page after another: the reference for the one-pass repair."""
+    from lcc_cli.buffer import Buffer
+    from lcc_cli.runtime.cache import cache_layers, forward, make_cache
+
+    keys, values, at = [k.clone() for k in buffer.keys], [v.clone() for v in buffer.values], first_page
+    for page, n in key:
+        r = min(repair, n)
+        prefix = Buffer([k[:, :at] for k in keys], [v[:, :at] for v in values], buffer.positions[:at])
+        cache = make_cache(prefix.cache_layers())
+        with torch.no_grad():
+            forward(loaded.model, cache, int(buffer.positions[at]),
+                    input_ids=torch.tensor([ids[page.start:page.start + r].tolist()]))
+        for layer, (k, v) in enumerate(cache_layers(cache)):
+            keys[layer][:, at:at + r], values[layer][:, at:at + r] = k[0, :, -r:], v[0, :, -r:]
+        at += n
+    return keys, values
+
+
+@pytest.mark.parametrize("repair", [2, 256])
+def test_repair_reencodes_each_page_after_the_pages_before_it(indexed, tiny_loaded, repair):
+    """Two pages that were not neighbours, read together: the one-pass repair gives what
+    re-encoding page after page gives, and repairing whole pages gives their text prefilled."""
+    question = "When did Ada Pellinger complete it? Does the harbour have a stone quay?"
+    plain = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=44))
+    key = plain.choose(question)
+    assert len(key) == 2 and key[0][0].start + key[0][1] < key[1][0].start
+    view = plain.view(question)
+    ids = open_cartridge(indexed).index["index.token_ids"]
+    (h0, h1), _ = open_cartridge(indexed).manifest["index"]["always"]
+    repaired = open_memory([open_cartridge(indexed)], tiny_loaded,
+                           read=ReadConfig(budget=44, repair=repair)).view(question)
+    keys, values = _repaired_page_by_page(tiny_loaded, view, key, h1 - h0, repair, ids)
+    for got, want in zip(repaired.keys + repaired.values, keys + values):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(repaired.keys[1], view.keys[1])  # the repair changed something
+    if repair >= max(n for _, n in key):
+        from lcc_cli.runtime.cache import prefill
+
+        text = ids[h0:h1].tolist() + [t for page, n in key for t in ids[page.start:page.start + n].tolist()]
+        layers, _ = prefill(tiny_loaded.model, text)
+        torch.testing.assert_close(repaired.keys[1][:, :len(text)], layers[1][0][0], rtol=1e-4, atol=1e-4)
+
+
 def test_a_question_reads_its_own_pages_and_no_others(tmp_path, tiny_model_dir, tiny_loaded):
     filler = " ".join(f"Boat number {i} is painted blue and sails at noon." for i in range(25))
     path = _compile(tmp_path, tiny_model_dir, text=filler + " " + TEXT + " " + filler)

@@ -225,29 +225,38 @@ class Paged:
 
     def _repair(self, buffer: Buffer, key, first_page: int) -> Buffer:
         """Re-encode the first `repair` tokens of every chosen page after everything laid before
-        it, and put their new KV in place of the stored one."""
-        from ..bias import slot_biases
-        from ..cache import cache_layers, forward, make_cache
+        it, and put their new KV in place of the stored one.
 
-        keys, values = [k.clone() for k in buffer.keys], [v.clone() for v in buffer.values]
-        at = first_page
-        with torch.inference_mode():
-            for page, n in key:
-                ids = self.source(page.source).tensors.get("index.token_ids")
-                r = min(self.cfg.repair, n)
-                if ids is None or r == 0:
-                    at += n
-                    continue
+        One forward pass for all pages, not one per page: the repaired tokens go in as one
+        sequence over the whole view, and a mask lets each see exactly what a page-by-page pass
+        would (every stored entry at an earlier position, except the stored copies of repaired
+        tokens, and the repaired tokens at earlier positions), so the result is the same."""
+        from ..bias import slot_biases
+        from ..cache import cache_layers, forward_rows, make_cache
+
+        at, where, tokens = first_page, [], []
+        for page, n in key:
+            ids = self.source(page.source).tensors.get("index.token_ids")
+            r = min(self.cfg.repair, n)
+            if ids is not None and r:
                 offset = page.start - self.source(page.source).gist_entries
-                tokens = ids[offset: offset + r].long().tolist()
-                bias = [b[:, :at] for b in buffer.bias] if buffer.bias is not None else None
-                prefix = Buffer([k[:, :at] for k in keys], [v[:, :at] for v in values], buffer.positions[:at], bias)
-                cache = make_cache(prefix.cache_layers())
-                with slot_biases(self.loaded.model, prefix.bias):  # a gist's biases, as the question reads them
-                    forward(self.loaded.model, cache, int(buffer.positions[at]),
-                            input_ids=torch.tensor([tokens], device=self.loaded.device), logits_to_keep=1)
-                for layer, (k, v) in enumerate(cache_layers(cache)):
-                    keys[layer][:, at:at + r] = k[0, :, -r:]
-                    values[layer][:, at:at + r] = v[0, :, -r:]
-                at += n
+                tokens += ids[offset: offset + r].long().tolist()
+                where += range(at, at + r)
+            at += n
+        if not where:
+            return buffer
+        device = self.loaded.device
+        index = torch.tensor(where)
+        positions = buffer.positions[index]
+        stored = buffer.positions[None, :] < positions[:, None]  # [Q, T]: entries laid before each token
+        stored[:, index] = False  # a repaired token's stored copy is what it replaces
+        mask = torch.cat([stored, positions[None, :] <= positions[:, None]], dim=1)
+        cache = make_cache(buffer.cache_layers())
+        with torch.inference_mode(), slot_biases(self.loaded.model, buffer.bias):
+            forward_rows(self.loaded.model, cache, positions[None].to(device), mask[None, None].to(device),
+                         input_ids=torch.tensor([tokens], device=device), logits_to_keep=1)
+        keys, values = [k.clone() for k in buffer.keys], [v.clone() for v in buffer.values]
+        for layer, (k, v) in enumerate(cache_layers(cache)):
+            keys[layer][:, index] = k[0, :, buffer.slots:]
+            values[layer][:, index] = v[0, :, buffer.slots:]
         return Buffer(keys, values, buffer.positions, buffer.bias)
