@@ -114,14 +114,14 @@ def test_repair_reencodes_each_page_after_the_pages_before_it(indexed, tiny_load
     """Two pages that were not neighbours, read together: the one-pass repair gives what
     re-encoding page after page gives, and repairing whole pages gives their text prefilled."""
     question = "When did Ada Pellinger complete it? Does the harbour have a stone quay?"
-    plain = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=44))
+    plain = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=44, reencode=0))
     key = plain.choose(question)
     assert len(key) == 2 and key[0][0].start + key[0][1] < key[1][0].start
     view = plain.view(question)
     ids = open_cartridge(indexed).index["index.token_ids"]
     (h0, h1), _ = open_cartridge(indexed).manifest["index"]["always"]
     repaired = open_memory([open_cartridge(indexed)], tiny_loaded,
-                           read=ReadConfig(budget=44, repair=repair)).view(question)
+                           read=ReadConfig(budget=44, repair=repair, reencode=0)).view(question)
     keys, values = _repaired_page_by_page(tiny_loaded, view, key, h1 - h0, repair, ids)
     for got, want in zip(repaired.keys + repaired.values, keys + values):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -132,6 +132,20 @@ def test_repair_reencodes_each_page_after_the_pages_before_it(indexed, tiny_load
         text = ids[h0:h1].tolist() + [t for page, n in key for t in ids[page.start:page.start + n].tolist()]
         layers, _ = prefill(tiny_loaded.model, text)
         torch.testing.assert_close(repaired.keys[1][:, :len(text)], layers[1][0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_short_read_is_reencoded_whole_and_a_long_one_is_read_as_stored(indexed, tiny_loaded):
+    question = "When did Ada Pellinger complete it? Does the harbour have a stone quay?"
+
+    def view(**read):
+        return open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=44, **read)).view(question)
+
+    whole = view(repair=256, reencode=0)
+    for got, want in zip(view().keys + view().values, whole.keys + whole.values):  # 44 entries <= 64: re-encoded
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    stored = view(reencode=0)
+    assert not torch.allclose(view(reencode=43).keys[1], whole.keys[1])  # 44 > 43: as stored
+    torch.testing.assert_close(view(reencode=43).keys[1], stored.keys[1])
 
 
 def test_a_question_reads_its_own_pages_and_no_others(tmp_path, tiny_model_dir, tiny_loaded):

@@ -55,6 +55,9 @@ SelectorOpt = typer.Option("bm25", "--selector", help="Indexed cartridges: how a
                                                       "key summaries) | fusion.")
 RepairOpt = typer.Option(0, "--repair", metavar="N", help="Indexed cartridges: re-encode each page's first N tokens "
                                                           "after the pages before it (slower first token).")
+ReencodeOpt = typer.Option(64, "--reencode", metavar="N", help="Indexed cartridges: re-encode the chosen pages "
+                                                               "whole when they hold at most N entries together "
+                                                               "(a short read answers better so; 0 = never).")
 ShowPagesOpt = typer.Option(False, "--show-pages", help="Indexed cartridges: print the pages each answer read, "
                                                         "with their text.")
 

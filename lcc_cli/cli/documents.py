@@ -11,8 +11,8 @@ from rich.table import Table
 from ..config import AskConfig, CompileConfig, ReadConfig
 from ..errors import UsageError, VerifyFailed
 from .app import (BudgetOpt, ContextOpt, DeviceOpt, DtypeOpt, ForceReadOpt, JsonOpt, MaxTokensOpt, ModelOpt,
-                  ReadRatioOpt, RepairOpt, SelectorOpt, ShowPagesOpt, TemperatureOpt, ThreadsOpt, _errors, _progress,
-                  _run, app, err, out)
+                  ReadRatioOpt, ReencodeOpt, RepairOpt, SelectorOpt, ShowPagesOpt, TemperatureOpt, ThreadsOpt,
+                  _errors, _progress, _run, app, err, out)
 from .render import clean, compiler_rows, inspect_rows, markup_safe, print_json, print_json_line
 
 
@@ -177,6 +177,7 @@ def ask(
     ratio: Optional[float] = ReadRatioOpt,
     selector: str = SelectorOpt,
     repair: int = RepairOpt,
+    reencode: int = ReencodeOpt,
     show_pages: bool = ShowPagesOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -206,7 +207,7 @@ def ask(
     else:
         cartridges, asked = args, api.read_questions(questions)
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair)
+    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode)
     reader = api.Reader([Path(c) for c in cartridges], context, _run(model, device, threads, dtype), force, read=read)
     reader.check(asked, cfg)  # every question, before the first answer is printed
     if questions is not None:
@@ -234,6 +235,7 @@ def chat(
     ratio: Optional[float] = ReadRatioOpt,
     selector: str = SelectorOpt,
     repair: int = RepairOpt,
+    reencode: int = ReencodeOpt,
     show_pages: bool = ShowPagesOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -247,7 +249,7 @@ def chat(
     from .. import api
 
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair)
+    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode)
     err.print("loading…", highlight=False)
     reader = api.Reader(list(cartridges or []), context, _run(model, device, threads, dtype), force, read=read)
     err.print(f"ready ({reader.mode}); ask a question, or Ctrl-D to quit", highlight=False)

@@ -13,7 +13,9 @@ their original positions, with gaps between them, answered 0.07 against 0.28 re-
 re-rotated exactly (buffer.Rope), so each page keeps its internal distances.
 
 `repair` re-encodes each chosen page's first tokens after the entries laid before it (EPIC,
-arXiv 2410.15332): the page was encoded beside sentences that are no longer there.
+arXiv 2410.15332): the page was encoded beside sentences that are no longer there. `reencode`
+re-encodes the chosen pages whole when they are few tokens in all (a paragraph's budget): then
+that costs little, and it answered as well as retrieval where stored pages fell short (README).
 """
 
 from __future__ import annotations
@@ -181,8 +183,9 @@ class Paged:
         else:
             buffer = Buffer.laid_out([*self.gist, head, *pages, tail], self.loaded.rope)
         buffer = buffer.to(self.loaded.device, self.loaded.dtype)
-        if self.cfg.repair:
-            buffer = self._repair(buffer, key, head.slots + sum(g.slots for g in self.gist))
+        per_page = self._repair_tokens(key)
+        if per_page:
+            buffer = self._repair(buffer, key, head.slots + sum(g.slots for g in self.gist), per_page)
         self._view = (key, buffer)
         return buffer
 
@@ -223,9 +226,16 @@ class Paged:
 
     # --- EPIC-style repair ----------------------------------------------------------------
 
-    def _repair(self, buffer: Buffer, key, first_page: int) -> Buffer:
-        """Re-encode the first `repair` tokens of every chosen page after everything laid before
-        it, and put their new KV in place of the stored one.
+    def _repair_tokens(self, key) -> int:
+        """Tokens of each chosen page to re-encode: all of them when the pages hold at most
+        `reencode` entries together, else the first `repair`."""
+        if self.cfg.layout != "gaps" and 0 < sum(n for _, n in key) <= self.cfg.reencode:
+            return max(n for _, n in key)
+        return self.cfg.repair
+
+    def _repair(self, buffer: Buffer, key, first_page: int, per_page: int) -> Buffer:
+        """Re-encode the first `per_page` tokens of every chosen page after everything laid
+        before it, and put their new KV in place of the stored one.
 
         One forward pass for all pages, not one per page: the repaired tokens go in as one
         sequence over the whole view, and a mask lets each see exactly what a page-by-page pass
@@ -237,7 +247,7 @@ class Paged:
         at, where, tokens = first_page, [], []
         for page, n in key:
             ids = self.source(page.source).tensors.get("index.token_ids")
-            r = min(self.cfg.repair, n)
+            r = min(per_page, n)
             if ids is not None and r:
                 offset = page.start - self.source(page.source).gist_entries
                 tokens += ids[offset: offset + r].long().tolist()
