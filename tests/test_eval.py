@@ -216,6 +216,19 @@ def test_settings_added_later_stay_out_of_the_cache_key_at_their_defaults():
     assert _method_key(a) == _method_key(b) != _method_key(c)
 
 
+def test_a_read_default_that_changed_keeps_old_indexed_results_out_of_the_cache():
+    """Indexed results cached before `reencode` existed read every page as stored: they must
+    not stand for the new default."""
+    from lcc_cli.compile.base import CompilerSpec
+    from lcc_cli.eval.run import Method, _method_key
+
+    old = ["m", "truncate", None, {"index": True}]  # the key such a method had before
+    assert _method_key(Method("m", CompilerSpec("truncate"), {"index": True})) != old
+    assert _method_key(Method("m", CompilerSpec("truncate"), {"index": True}, read={"reencode": 0})) == [
+        *old, {"reencode": 0}]
+    assert _method_key(Method("m", CompilerSpec("truncate"), {})) == ["m", "truncate", None, {}]
+
+
 def test_a_method_is_paired_with_the_baseline_run_at_its_own_budget():
     """Two methods keep different numbers of entries at one ratio, so truncate ran twice;
     each method must be compared with the run at its own budget, not whichever came last."""

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..compile.base import CompilerSpec
-from ..config import CompileConfig, EvalSettings
+from ..config import CompileConfig, EvalSettings, ReadConfig
 from ..format.cartridge import Cartridge, load_cartridge
 from ..format.compiler_file import read_compiler_manifest
 from ..format.fsio import atomic_write
@@ -88,7 +88,15 @@ def _method_key(m: Method) -> list:
     settings = {k: v for k, v in m.settings.items() if not (k in _LATER_FIELDS and v == getattr(defaults, k))}
     if not settings.get("index"):  # a compiled buffer: what only indexed cartridges read changes nothing
         settings = {k: v for k, v in settings.items() if k not in _INDEX_FIELDS}
-    return [m.label, m.spec.name, weights, settings] + ([m.read] if m.read else [])
+    read = dict(m.read)
+    if settings.get("index"):
+        # read settings whose default changed after results were cached, at their new default:
+        # results cached before the change read otherwise, so they must not match
+        read |= {k: v for k, v in vars(ReadConfig.from_dict(m.read)).items() if k in _READ_CHANGED and v != 0}
+    return [m.label, m.spec.name, weights, settings] + ([read] if read else [])
+
+
+_READ_CHANGED = ("reencode",)  # was 0 (never) before it was a setting
 
 
 _INDEX_FIELDS = ("index", "gist", "pages", "page_tokens", "window_tokens", "window_mode", "window_overlap",
@@ -278,7 +286,6 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
 
 def _paged(loaded, cart, ratio: float, method: Method):
     """An indexed cartridge read as `lcc ask --ratio RATIO` reads it, with the method's read settings."""
-    from ..config import ReadConfig
     from ..runtime.memory.paged import Paged, Source
 
     return Paged(loaded, [Source("cartridge", cart)], ReadConfig.from_dict({"ratio": ratio, **method.read}))
