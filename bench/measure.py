@@ -290,6 +290,7 @@ def measure_train(tmp: Path) -> dict:
 
 LONG = ROOT.parent / "shared" / "data" / "squad_long_dev.jsonl"
 TRAIN = ROOT.parent / "shared" / "data" / "squad_train_pool.jsonl"
+PARAGRAPHS = ROOT.parent / "shared" / "data" / "squad_dev_sample.jsonl"
 
 
 REPAIRS = (4, 16)  # ask-time repair (EPIC): each chosen page's first N tokens re-encoded
@@ -351,8 +352,43 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
            **{f"repair_{r} / retrieve": round(p50[f"indexed int8 repair {r}"] / p50["retrieve"], 3) for r in REPAIRS},
            "bytes_per_token": {k: round(statistics.mean(v)) for k, v in sizes.items()},
            "compile_pe_int8": round(statistics.median(compiles), 2)}
+    out["paragraphs"] = _paragraph_reads(tmp, loaded)
     out["long_document"] = _fifty_thousand(tmp)
     return out
+
+
+def _paragraph_reads(tmp: Path, loaded, documents: int = 8, per_doc: int = 4) -> dict:
+    """Paragraphs at 8x (about 27 entries, under `reencode`'s 64): time to the first token with
+    the chosen pages re-encoded whole (the default there), read as stored, and `retrieve`,
+    each question under all three in turn."""
+    import random
+    import statistics
+
+    from lcc_cli import api
+    from lcc_cli.config import AskConfig, ReadConfig
+    from lcc_cli.eval.retrieve import retrieve
+    from lcc_cli.runtime.reader import answer
+
+    one = AskConfig(max_new_tokens=1)
+    rows = [json.loads(line) for line in PARAGRAPHS.read_text().splitlines()][:documents]
+    times: dict[str, list[float]] = {"retrieve": [], "indexed, re-encoded (default)": [], "indexed, as stored": []}
+    for n, row in enumerate(rows):
+        src, cart = tmp / f"para{n}.txt", tmp / f"para{n}.lcc"
+        src.write_text(row["context"])
+        api.compile_file(src, cart, {"ratio": 8.0, "index": True, "gist": False}, compiler="truncate",
+                         run=api.RunOptions())
+        readers = {"indexed, re-encoded (default)": api.Reader([cart], loaded=loaded, read=ReadConfig()),
+                   "indexed, as stored": api.Reader([cart], loaded=loaded, read=ReadConfig(reencode=0))}
+        budget = readers["indexed, as stored"].memory.budget
+        for q in (q["q"] for q in random.Random(n).sample(row["questions"], min(per_doc, len(row["questions"])))):
+            started = time.perf_counter()
+            text = retrieve(row["context"], q, budget, lambda t: len(loaded.prompter.encode(t)))
+            chosen = time.perf_counter() - started
+            times["retrieve"].append(chosen + answer(loaded, [q], document=text, cfg=one)[0].seconds_to_first_token)
+            for name, reader in readers.items():
+                times[name].append(reader.ask(q, one).seconds_to_first_token)
+    return {"documents": len(rows), "questions": len(times["retrieve"]),
+            "ttft_p50_s": {k: round(statistics.median(v), 3) for k, v in times.items()}}
 
 
 def _fifty_thousand(tmp: Path) -> dict:
@@ -596,6 +632,11 @@ def render(results: dict) -> str:
                   "Bytes per document token (file size / context tokens): " + ", ".join(
                       f"{k} {v:,}" for k, v in x["bytes_per_token"].items()) + f". Compile (int8): "
                   f"{x['compile_pe_int8']} prefills of the same document.", ""]
+        para = x.get("paragraphs")
+        if para:
+            lines += [f"Paragraphs at 8x ({para['questions']} questions of the first {para['documents']} paragraphs of "
+                      f"the shared sample; about 27 entries, so re-encoded whole by default): first token (p50) "
+                      + ", ".join(f"{k} {v} s" for k, v in para["ttft_p50_s"].items()) + ".", ""]
         d = x.get("long_document")
         if d:
             lines += [f"A {d['tokens']:,}-token document: compiled in {d['compile_s']} s ({d['windows']} windows), "
