@@ -368,4 +368,6 @@ def verify(
 
 def _entries(page: dict) -> str:
     total = page.get("page_entries", page["entries"])
-    return f"{page['entries']} entries" if page["entries"] >= total else f"first {page['entries']} of {total} entries"
+    shown = f"{page['entries']} entries" if page["entries"] >= total else f"first {page['entries']} of {total} entries"
+    done = page.get("reencoded", 0)
+    return shown + (", re-encoded" if done >= page["entries"] else f", first {done} re-encoded" if done else "")

@@ -212,8 +212,9 @@ class Paged:
 
     def read_pages(self, question: str) -> list[dict]:
         """What `--show-pages` prints: each page the question read, with its cartridge and text."""
-        out = []
-        for page, n in self.choose(question):
+        out, key = [], self.choose(question)
+        per_page = self._repair_tokens(key)
+        for page, n in key:
             source = self.source(page.source)
             text = page.text
             ids = source.tensors.get("index.token_ids")
@@ -221,6 +222,7 @@ class Paged:
                 text = self.loaded.prompter.tokenizer.decode(ids[page.start:page.start + n].tolist()).strip()
             out.append({"cartridge": source.name, "source": source.manifest["source"].get("name"),
                         "page": page.number, "start": page.start, "entries": n, "page_entries": page.entries,
+                        "reencoded": min(per_page, n) if source.tensors.get("index.token_ids") is not None else 0,
                         "text": text})
         return out
 
