@@ -243,8 +243,8 @@ class ReadConfig(_FromDict):
     # Re-encode each chosen page's first `repair` tokens after the pages before it (EPIC).
     repair: int = 0
     # Re-encode the chosen pages whole, after the header, when they hold at most this many
-    # entries together (0: never). Measured on paragraphs at 8x (27 entries): +0.08 "contains",
-    # level with retrieval; see README "Indexed cartridges".
+    # entries together (0: never). Measured on paragraphs at 8x (27 entries): +0.08 "contains" on
+    # the dev sample (137 q), -0.02 on 200 train paragraphs; see README "Indexed cartridges".
     reencode: int = 64
     gist: bool = True  # read the cartridge's compiled gist too, when it has one
 
