@@ -105,6 +105,8 @@ def _edited(manifest: dict, data, keep=lambda path: True) -> dict:
         try:
             for key in path[:-1]:
                 target = target[key]
+            if isinstance(target, dict) and not isinstance(path[-1], str):
+                continue  # an earlier edit made a list a dict: JSON has no such key
             if data.draw(st.booleans()):
                 target[path[-1]] = data.draw(VALUES)
             else:  # a field left out is as likely as a wrong one
