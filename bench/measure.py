@@ -305,7 +305,6 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lcc_cli import api
     from lcc_cli.config import AskConfig, ReadConfig
-    from lcc_cli.eval.retrieve import retrieve
     from lcc_cli.runtime.reader import answer
 
     loaded = api.load(api.RunOptions())
@@ -336,15 +335,8 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
         budget = readers["indexed int8"].memory.budget
         questions = random.Random(n).sample(row["questions"], min(per_doc, len(row["questions"])))
         for q in (q["q"] for q in questions):
-            started = time.perf_counter()
-            a = answer(loaded, [q], document=row["context"], cfg=one)[0]
-            times["full"].append(a.seconds_to_first_token)
-            started = time.perf_counter()
-            text = retrieve(row["context"], q, budget, lambda t: len(loaded.prompter.encode(t)))
-            chosen = time.perf_counter() - started
-            times["retrieve"].append(chosen + answer(loaded, [q], document=text, cfg=one)[0].seconds_to_first_token)
-            for name, reader in readers.items():
-                times[name].append(reader.ask(q, one).seconds_to_first_token)
+            times["full"].append(answer(loaded, [q], document=row["context"], cfg=one)[0].seconds_to_first_token)
+            _time_reads(loaded, row["context"], q, budget, readers, times)
     p50 = {k: round(statistics.median(v), 3) for k, v in times.items()}
     out = {"documents": len(rows), "questions": len(times["full"]), "ttft_p50_s": p50,
            "indexed_int8 / retrieve": round(p50["indexed int8"] / p50["retrieve"], 3),
@@ -357,6 +349,22 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
     return out
 
 
+def _time_reads(loaded, document: str, question: str, budget: int, readers: dict, times: dict) -> None:
+    """One token for `question` under `retrieve` (choosing its sentences counted) and then each
+    reader, one after another, so that all see the machine at the same moment."""
+    from lcc_cli.config import AskConfig
+    from lcc_cli.eval.retrieve import retrieve
+    from lcc_cli.runtime.reader import answer
+
+    one = AskConfig(max_new_tokens=1)
+    started = time.perf_counter()
+    text = retrieve(document, question, budget, lambda t: len(loaded.prompter.encode(t)))
+    chosen = time.perf_counter() - started
+    times["retrieve"].append(chosen + answer(loaded, [question], document=text, cfg=one)[0].seconds_to_first_token)
+    for name, reader in readers.items():
+        times[name].append(reader.ask(question, one).seconds_to_first_token)
+
+
 def _paragraph_reads(tmp: Path, loaded, documents: int = 8, per_doc: int = 4) -> dict:
     """Paragraphs at 8x (about 27 entries, under `reencode`'s 64): time to the first token with
     the chosen pages re-encoded whole (the default there), read as stored, and `retrieve`,
@@ -365,11 +373,8 @@ def _paragraph_reads(tmp: Path, loaded, documents: int = 8, per_doc: int = 4) ->
     import statistics
 
     from lcc_cli import api
-    from lcc_cli.config import AskConfig, ReadConfig
-    from lcc_cli.eval.retrieve import retrieve
-    from lcc_cli.runtime.reader import answer
+    from lcc_cli.config import ReadConfig
 
-    one = AskConfig(max_new_tokens=1)
     rows = [json.loads(line) for line in PARAGRAPHS.read_text().splitlines()][:documents]
     times: dict[str, list[float]] = {"retrieve": [], "indexed, re-encoded (default)": [], "indexed, as stored": []}
     for n, row in enumerate(rows):
@@ -381,12 +386,7 @@ def _paragraph_reads(tmp: Path, loaded, documents: int = 8, per_doc: int = 4) ->
                    "indexed, as stored": api.Reader([cart], loaded=loaded, read=ReadConfig(reencode=0))}
         budget = readers["indexed, as stored"].memory.budget
         for q in (q["q"] for q in random.Random(n).sample(row["questions"], min(per_doc, len(row["questions"])))):
-            started = time.perf_counter()
-            text = retrieve(row["context"], q, budget, lambda t: len(loaded.prompter.encode(t)))
-            chosen = time.perf_counter() - started
-            times["retrieve"].append(chosen + answer(loaded, [q], document=text, cfg=one)[0].seconds_to_first_token)
-            for name, reader in readers.items():
-                times[name].append(reader.ask(q, one).seconds_to_first_token)
+            _time_reads(loaded, row["context"], q, budget, readers, times)
     return {"documents": len(rows), "questions": len(times["retrieve"]),
             "ttft_p50_s": {k: round(statistics.median(v), 3) for k, v in times.items()}}
 
@@ -517,11 +517,32 @@ def measure_library(tmp: Path) -> dict:
     return out
 
 
+def library_picks(rows: list[dict], count: int = 200) -> list[tuple[int, dict]]:
+    """(paragraph number, question): the library quality check's questions, one per paragraph."""
+    import random
+
+    picks = [(i, q) for i, r in enumerate(rows) for q in r["questions"][:1]]
+    return random.Random(1).sample(picks, min(count, len(picks)))
+
+
+def paired(a_rows: list[dict], b_rows: list[dict], metric: str, names: tuple[str, str]) -> dict:
+    """Means of `metric` over the same questions answered two ways, and b − a with a 95%
+    bootstrap interval over questions."""
+    import random
+
+    diffs = [b[metric] - a[metric] for a, b in zip(a_rows, b_rows)]
+    rng = random.Random(0)
+    boots = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(5000))
+    return {names[0]: round(sum(r[metric] for r in a_rows) / len(a_rows), 3),
+            names[1]: round(sum(r[metric] for r in b_rows) / len(b_rows), 3),
+            "diff": round(sum(diffs) / len(diffs), 3), "ci95": [round(boots[125], 3), round(boots[4875], 3)],
+            "better/worse": [sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)]}
+
+
 def _library_quality(rows: list[dict], count: int = 200) -> dict:
     """Questions whose gold paragraph is in the 1,000-cartridge library, answered from the
     library and from their own cartridge alone at the same budget (their paragraph's tokens / 8),
     paired: what searching the haystack costs."""
-    import random
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lcc_cli import api
@@ -533,8 +554,7 @@ def _library_quality(rows: list[dict], count: int = 200) -> dict:
     from lcc_cli.library.index import Library
 
     loaded = api.load(api.RunOptions())
-    picks = [(i, q) for i, r in enumerate(rows) for q in r["questions"][:1]]
-    picks = random.Random(1).sample(picks, min(count, len(picks)))
+    picks = library_picks(rows, count)
     folder = LIBRARY / str(SIZES[-1])
     ask = AskConfig(max_new_tokens=32)
     own_rows, lib_rows = [], []
@@ -554,13 +574,9 @@ def _library_quality(rows: list[dict], count: int = 200) -> dict:
             lib_rows[-1]["own_page_read"] = any(p["cartridge"] == f"p{i:04d}.lcc" for p in lib.read_pages(q["q"]))
     out = {"questions": len(own_rows)}
     for metric in ("contains", "f1"):
-        own = sum(r[metric] for r in own_rows) / len(own_rows)
-        lib = sum(r[metric] for r in lib_rows) / len(lib_rows)
-        diffs = [b[metric] - a[metric] for a, b in zip(own_rows, lib_rows)]
-        rng = random.Random(0)
-        boots = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(5000))
-        out[metric] = {"own": round(own, 3), "library": round(lib, 3), "library / own": round(lib / own, 3) if own else None,
-                       "diff": round(lib - own, 3), "ci95": [round(boots[125], 3), round(boots[4875], 3)]}
+        out[metric] = paired(own_rows, lib_rows, metric, ("own", "library"))
+        own, lib = out[metric]["own"], out[metric]["library"]
+        out[metric]["library / own"] = round(lib / own, 3) if own else None
     out["own page read"] = round(sum(r["own_page_read"] for r in lib_rows) / len(lib_rows), 3)
     return out
 

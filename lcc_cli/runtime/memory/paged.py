@@ -222,7 +222,7 @@ class Paged:
                 text = self.loaded.prompter.tokenizer.decode(ids[page.start:page.start + n].tolist()).strip()
             out.append({"cartridge": source.name, "source": source.manifest["source"].get("name"),
                         "page": page.number, "start": page.start, "entries": n, "page_entries": page.entries,
-                        "reencoded": min(per_page, n) if source.tensors.get("index.token_ids") is not None else 0,
+                        "reencoded": min(per_page, n) if ids is not None else 0,
                         "text": text})
         return out
 
