@@ -353,7 +353,7 @@ def _time_reads(loaded, document: str, question: str, budget: int, readers: dict
     """One token for `question` under `retrieve` (choosing its sentences counted) and then each
     reader, one after another, so that all see the machine at the same moment."""
     from lcc_cli.config import AskConfig
-    from lcc_cli.eval.retrieve import retrieve
+    from lcc_cli.retrieval import retrieve
     from lcc_cli.runtime.reader import answer
 
     one = AskConfig(max_new_tokens=1)
@@ -547,7 +547,7 @@ def _library_quality(rows: list[dict], count: int = 200) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lcc_cli import api
     from lcc_cli.config import AskConfig, ReadConfig
-    from lcc_cli.eval.scoring import score
+    from lcc_cli.scoring import score
     from lcc_cli.format.cartridge import open_cartridge
     from lcc_cli.runtime.memory import answer_all, open_memory
     from lcc_cli.runtime.memory.library import LibraryMemory

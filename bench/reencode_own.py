@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure  # noqa: E402
 from lcc_cli import api  # noqa: E402
 from lcc_cli.config import AskConfig, ReadConfig  # noqa: E402
-from lcc_cli.eval.scoring import score  # noqa: E402
+from lcc_cli.scoring import score  # noqa: E402
 from lcc_cli.format.cartridge import open_cartridge  # noqa: E402
 from lcc_cli.runtime.memory import answer_all, open_memory  # noqa: E402
 

@@ -125,6 +125,11 @@ class Buffer:
                       self.positions[start:stop].clone(),
                       [b[:, start:stop].clone() for b in self.bias] if self.bias is not None else None)
 
+    def take(self, index: torch.Tensor) -> Buffer:
+        """The entries at `index` (int64 [n], cache order), copied."""
+        return Buffer([k[:, index] for k in self.keys], [v[:, index] for v in self.values], self.positions[index],
+                      [b[:, index] for b in self.bias] if self.bias is not None else None)
+
     def moved(self, rope: Rope, delta: int) -> Buffer:
         """The buffer with every entry moved `delta` positions (keys re-rotated; values and
         biases belong to the entry, not its position, and are kept)."""

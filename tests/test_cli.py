@@ -287,11 +287,12 @@ def test_a_batch_of_questions_over_a_document_answers_like_one_at_a_time(tiny):
     positions as each question reading it in its own prompt."""
     from conftest import DOC
     from lcc_cli.config import AskConfig
-    from lcc_cli.runtime.reader import answer
+    from lcc_cli.runtime.reading import Row, View, answer_rows
 
     qs = ["Who designed the lighthouse?", "When?"]
     cfg = AskConfig(max_new_tokens=8)
-    one = [answer(tiny, [q], document=DOC, cfg=cfg)[0] for q in qs]
-    many = answer(tiny, qs, document=DOC, cfg=cfg, batch=True)
+    view = View.text(tiny.prompter.context_ids(DOC))
+    one = [answer_rows(tiny, [Row(view, tiny.prompter.query_ids(q), q)], cfg)[0] for q in qs]
+    many = answer_rows(tiny, [Row(view, tiny.prompter.query_ids(q), q) for q in qs], cfg, batch=True)
     assert [a.text for a in many] == [a.text for a in one]
     assert [a.prompt_tokens for a in many] == [a.prompt_tokens for a in one]

@@ -173,7 +173,7 @@ def test_a_retrained_compiler_at_the_same_path_is_not_reused(tmp_path):
 
 
 def test_retrieve_picks_the_questions_sentences_within_the_budget():
-    from lcc_cli.eval.retrieve import retrieve
+    from lcc_cli.retrieval import retrieve
 
     text = ("The harbour is on the east coast. Its wall was built in 1826 by Ada Stone.\n\n"
             "Seals rest on the granite spur. The lighthouse was automated in 1987 after a storm.")

@@ -12,7 +12,7 @@ from conftest import DOC, run_opts
 from lcc_cli import api
 from lcc_cli.cli import app
 from lcc_cli.config import ReadConfig
-from lcc_cli.eval.retrieve import chunks_of
+from lcc_cli.retrieval import chunks_of
 from lcc_cli.format.cartridge import load_cartridge, open_cartridge
 from lcc_cli.runtime.memory import open_memory
 from lcc_cli.runtime.memory.paged import Paged, Source
@@ -75,19 +75,25 @@ def test_pages_cover_the_document_and_carry_their_text(indexed, tiny_loaded):
     assert tuple(f.index["index.key_mean"].shape) == (len(pages), 2, 2, 16)
 
 
+def _kv(memory, question, loaded):
+    """What a question reads, as KV: its view with any re-encoded tokens encoded (as the
+    reading engine encodes them, in the question's pass), in position order."""
+    return memory.view(question).settled(loaded).buffer
+
+
 def test_at_a_budget_of_the_whole_document_it_answers_as_the_document_in_the_prompt(indexed, tiny_loaded):
     """Every page chosen, re-laid consecutively: the pages tile the document, so each entry is
     back at the position it was encoded at, and the question reads exactly the KV that the
     document in the prompt gives (exact re-rotation, nothing lost)."""
     memory = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=10_000))
-    view = memory.view("Who designed the lighthouse?")
+    view = _kv(memory, "Who designed the lighthouse?", tiny_loaded)
     assert view.positions.tolist() == list(range(view.slots))
     torch.testing.assert_close(_logits(tiny_loaded, view), _document_logits(tiny_loaded, TEXT), rtol=1e-4, atol=1e-4)
     # EPIC repair re-encodes each page's first tokens after the pages before it: with every
     # page in place that is the very context they were encoded in, so nothing changes
     repaired = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=10_000, repair=4))
-    torch.testing.assert_close(repaired.view("Who designed the lighthouse?").keys[1], view.keys[1], rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(_kv(repaired, "Who designed the lighthouse?", tiny_loaded).keys[1], view.keys[1],
+                               rtol=1e-4, atol=1e-4)
 
 
 def _repaired_page_by_page(loaded, buffer, key, first_page, repair, ids):
@@ -117,11 +123,11 @@ def test_repair_reencodes_each_page_after_the_pages_before_it(indexed, tiny_load
     plain = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=44, reencode=0))
     key = plain.choose(question)
     assert len(key) == 2 and key[0][0].start + key[0][1] < key[1][0].start
-    view = plain.view(question)
+    view = _kv(plain, question, tiny_loaded)
     ids = open_cartridge(indexed).index["index.token_ids"]
     (h0, h1), _ = open_cartridge(indexed).manifest["index"]["always"]
-    repaired = open_memory([open_cartridge(indexed)], tiny_loaded,
-                           read=ReadConfig(budget=44, repair=repair, reencode=0)).view(question)
+    repaired = _kv(open_memory([open_cartridge(indexed)], tiny_loaded,
+                               read=ReadConfig(budget=44, repair=repair, reencode=0)), question, tiny_loaded)
     keys, values = _repaired_page_by_page(tiny_loaded, view, key, h1 - h0, repair, ids)
     for got, want in zip(repaired.keys + repaired.values, keys + values):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -138,7 +144,8 @@ def test_a_short_read_is_reencoded_whole_and_a_long_one_is_read_as_stored(indexe
     question = "When did Ada Pellinger complete it? Does the harbour have a stone quay?"
 
     def view(**read):
-        return open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=44, **read)).view(question)
+        return _kv(open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=44, **read)), question,
+                   tiny_loaded)
 
     whole = view(repair=256, reencode=0)
     for got, want in zip(view().keys + view().values, whole.keys + whole.values):  # 44 entries <= 64: re-encoded
@@ -159,7 +166,7 @@ def test_a_question_reads_its_own_pages_and_no_others(tmp_path, tiny_model_dir, 
     opened = f.raw.bytes_read
     memory = open_memory([f], tiny_loaded, read=ReadConfig(budget=22))
     question = "When was the lighthouse completed by Ada Pellinger?"
-    view = memory.view(question)
+    view = _kv(memory, question, tiny_loaded)
     pages = memory.read_pages(question)
     assert [p["text"] for p in pages] == ["It was completed in 1868 by the engineer Ada Pellinger."]
     (h0, h1), (t0, t1) = f.manifest["index"]["always"]
@@ -179,7 +186,7 @@ def test_a_question_reads_its_own_pages_and_no_others(tmp_path, tiny_model_dir, 
 
 def test_gaps_keep_each_page_where_it_was_encoded(indexed, tiny_loaded):
     memory = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=20, layout="gaps"))
-    view = memory.view("When was the lighthouse completed by Ada Pellinger?")
+    view = _kv(memory, "When was the lighthouse completed by Ada Pellinger?", tiny_loaded)
     page = memory.read_pages("When was the lighthouse completed by Ada Pellinger?")[0]
     start = open_cartridge(indexed).manifest["index"]["pages"][page["page"]]["start"]
     assert start in view.positions.tolist() and view.positions.tolist() != list(range(view.slots))
@@ -219,7 +226,7 @@ def test_a_document_past_the_window_is_encoded_window_by_window(tmp_path, tiny_m
                    for w in windows) for p in pages)  # no page spans two windows
     assert len(pages) == len(chunks_of(text))  # windows end where sentences start: none is cut in two
     memory = open_memory([f], tiny_loaded, read=ReadConfig(budget=40))
-    view = memory.view("When was the lighthouse completed?")
+    view = _kv(memory, "When was the lighthouse completed?", tiny_loaded)
     assert view.positions.tolist() == list(range(view.slots))
     assert torch.isfinite(_logits(tiny_loaded, view)).all()
 
@@ -231,7 +238,7 @@ def test_quantised_pages_read_close_to_the_float_ones(tmp_path, tiny_model_dir, 
     small = open_cartridge(_compile(tmp_path, tiny_model_dir, kv, kv_dtype=kv))
     assert small.manifest["buffer"]["dtype"] == kv
     quant = open_memory([small], tiny_loaded, read=ReadConfig(budget=10_000))
-    a, b = plain.view("q"), quant.view("q")
+    a, b = _kv(plain, "q", tiny_loaded), _kv(quant, "q", tiny_loaded)
     for x, y in zip(a.keys + a.values, b.keys + b.values):
         assert float((x - y).abs().max() / x.abs().max()) < (0.01 if kv == "int8" else 0.1)
     info = api.inspect(small.raw.path)
@@ -242,7 +249,7 @@ def test_quantised_pages_read_close_to_the_float_ones(tmp_path, tiny_model_dir, 
 def test_the_attention_selector_and_fusion_rank_every_page(indexed, tiny_loaded):
     for selector in ("attention", "fusion"):
         memory = Paged(tiny_loaded, [Source("doc", open_cartridge(indexed))], ReadConfig(budget=30, selector=selector))
-        scores = memory.scores("Who designed the lighthouse?")
+        scores = memory.selector.score(memory, "Who designed the lighthouse?", memory.pages)
         assert len(scores) == len(memory.pages) and all(s > 0 for s in scores)
         assert 0 < sum(p["entries"] for p in memory.read_pages("Who designed the lighthouse?")) <= 30
 
@@ -260,10 +267,10 @@ def test_a_gist_is_read_beside_the_pages(tmp_path, tiny_model_dir, tiny_loaded):
     gist = sum(s["slots"] for s in cart.segments)
     assert gist > 0 and cart.manifest["index"]["always"][0][0] == gist
     memory = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=gist + 22))
-    view = memory.view("When was it completed by Ada Pellinger?")
+    view = _kv(memory, "When was it completed by Ada Pellinger?", tiny_loaded)
     assert torch.equal(view.values[0][:, :gist], cart.buffer.values[0][:, :gist])  # the gist comes first
     without = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=22, gist=False))
-    assert without.view("When was it completed by Ada Pellinger?").slots == view.slots - gist
+    assert _kv(without, "When was it completed by Ada Pellinger?", tiny_loaded).slots == view.slots - gist
 
 
 def test_batch_compile_in_worker_processes_and_resume_make_indexed_cartridges(tmp_path, tiny_model_dir, tiny_loaded):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lcc_cli.eval.scoring import contains, exact_match, normalize, score, token_f1
+from lcc_cli.scoring import contains, exact_match, normalize, score, token_f1
 
 
 def test_normalize_drops_case_punctuation_articles():

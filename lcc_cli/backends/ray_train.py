@@ -52,7 +52,7 @@ class TorchDist(Dist):
 
 def _worker(config: dict) -> None:
     from ..config import RunOptions
-    from ..workflows.common import load
+    from ..runtime.model import load_run as load
     from ..training.loop import train_compiler
 
     os.environ.update(config["env"])

@@ -35,7 +35,7 @@ import torch
 
 from ..buffer import Buffer
 from ..config import CompileConfig
-from ..errors import UsageError
+from ..errors import ModelMismatchError, UsageError
 from ..format.cartridge import BIAS_LIMIT
 from ..ingest import TextSegment
 from ..progress import NO_PROGRESS, Progress
@@ -76,8 +76,12 @@ class AttentionMatchingCompiler:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = loaded.facts.head_dim
         # the attention's own softmax scale (Llama: head_dim ** -0.5; some models set another)
-        first = self._attention_layers()[0].self_attn
-        self.scale = float(getattr(first, "scaling", self.head_dim ** -0.5))
+        try:  # before any work: this model's queries must be readable
+            for layer in loaded.family.layers(loaded.model):
+                loaded.family.query_module(layer)
+        except ModelMismatchError as exc:
+            raise UsageError(f"--compiler am: {exc.message}", field="compiler") from None
+        self.scale = float(loaded.family.attention_scale(loaded.model) or self.head_dim ** -0.5)
 
     def describe(self) -> dict:
         return {"name": self.name, "queries": "repeat-prefill", "values": "copied"}
@@ -96,32 +100,16 @@ class AttentionMatchingCompiler:
             out.append(torch.log(w.clamp(min=MIN_WEIGHT)).float().clamp(-BIAS_LIMIT, BIAS_LIMIT))
         return torch.stack(out)
 
-    def _attention_layers(self):
-        layers = getattr(getattr(self.loaded.model, "model", None), "layers", None)
-        if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "q_proj")
-                                     for layer in layers):
-            raise UsageError("--compiler am needs a Llama-style model (layers with self_attn.q_proj)",
-                             field="compiler")
-        return layers
-
     def reference(self, text: str) -> tuple[int, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
         """(n, queries, kv) for a segment: its context turn's length, and per layer the reference
         queries [heads, R, head_dim] as the attention sees them (after the model's query norm,
-        where it has one, e.g. Qwen3's q_norm, and after RoPE at their positions) with the
+        where it has one: families/), and after RoPE at their positions, with the
         context's keys (float32) and values [kv_heads, n, head_dim]."""
         loaded, p = self.loaded, self.loaded.prompter
         ctx = p.context_ids(text)
         n = len(ctx)
         repeat = p.query_ids(RECONSTRUCT_INSTRUCTION) + p.document_ids(text)[: n]
-        captured: list[torch.Tensor] = []
-
-        def keep(module, args, out):
-            captured.append(out[0, n:].flatten(1))  # [positions, heads * head_dim]
-
-        layers = self._attention_layers()
-        hooks = [(getattr(layer.self_attn, "q_norm", None) or layer.self_attn.q_proj).register_forward_hook(keep)
-                 for layer in layers]
-        try:
+        with loaded.family.capture_queries(loaded.model) as captured:
             with torch.inference_mode():
                 cache = make_cache(None)
                 forward(loaded.model, cache, 0, input_ids=torch.tensor([ctx + repeat], device=loaded.device),
@@ -134,12 +122,10 @@ class AttentionMatchingCompiler:
                 pick = torch.linspace(0, len(repeat) - 1, min(len(repeat), MAX_QUERIES)).round().long()
                 positions = (n + pick).to(loaded.device)
                 queries = []
-                for q_flat in captured:
+                for out in captured:
+                    q_flat = out[0, n:].flatten(1)  # [positions, heads * head_dim]
                     q = q_flat[pick.to(q_flat.device)].float().reshape(len(pick), self.heads, self.head_dim)
                     queries.append(loaded.rope.shift(q.transpose(0, 1), positions))  # as the model rotates them
-        finally:
-            for hook in hooks:
-                hook.remove()
         return n, queries, kv
 
     def compile(self, segment: TextSegment, cfg: CompileConfig, progress: Progress = NO_PROGRESS) -> SegmentResult:

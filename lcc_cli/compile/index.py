@@ -33,7 +33,7 @@ import torch
 from ..buffer import Buffer
 from ..config import CompileConfig
 from ..errors import InputError
-from ..eval.retrieve import chunks_of
+from ..retrieval import chunks_of
 from ..runtime.cache import cache_layers, forward, make_cache
 
 
@@ -129,8 +129,9 @@ def _encode(loaded, ids, header, tail, windows, cfg):
     window regions (entry offsets relative to the first index entry)."""
     model, rope = loaded.model, loaded.rope
     device = loaded.device
-    keep_k: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
-    keep_v: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    layers = loaded.facts.num_layers
+    keep_k: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+    keep_v: list[list[torch.Tensor]] = [[] for _ in range(layers)]
     positions, regions, entry, carried = [], [], 0, None
     with torch.inference_mode():
         for w, (first, last, overlap) in enumerate(windows):

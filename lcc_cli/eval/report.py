@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from ..format.fsio import atomic_write
-from .scoring import normalize, token_f1
+from ..scoring import normalize, token_f1
 
 METRICS = ("em", "f1", "contains")
 _ORDER = {"full": 0, "none": 1, "truncate": 2, "retrieve": 3, "cartridge": 4, "cartridge_routed": 5,

@@ -4,7 +4,7 @@ Conditions, all with the same prompt layout, decoding settings and scorer:
   full       the document in the prompt
   none       no document
   truncate   the first K document tokens in the prompt, K = the cartridge's slots (same KV budget)
-  retrieve   the question's best BM25 sentences of the document, K tokens at most (eval/retrieve.py)
+  retrieve   the question's best BM25 sentences of the document, K tokens at most (retrieval.py)
   cartridge_routed  (with `route`) a multi-segment cartridge read through only the segments each
              question's attention favours (runtime/memory/)
   cartridge  a compiled cartridge, for each method (compiler + settings) at each ratio
@@ -40,8 +40,9 @@ from ..format.compiler_file import read_compiler_manifest
 from ..format.fsio import atomic_write
 from ..ingest import Document
 from ..progress import NO_PROGRESS, Progress
-from ..runtime.reader import answer
-from .scoring import score
+from ..runtime.memory import Whole, open_memory
+from ..runtime.prefix import reading_prefix
+from ..scoring import score
 
 # Held out from the compile-time instruction pool: checks that reading a cartridge does not
 # wreck the model's general behaviour (answers should match the no-document answers).
@@ -110,6 +111,11 @@ def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
     """Identifies a finished document's results: everything that changes them."""
     # `baselines` enters the key only when off, so that documents cached before it existed stay valid
     later = {} if settings.baselines else {"baselines": False}
+    if settings.prefix_baselines:
+        later["prefix_baselines"] = True
+    prefix = reading_prefix(loaded)
+    if prefix is not None:  # results read with another prefix (or none) do not stand for these
+        later["prefix"] = prefix.name
     return _key(fp=loaded.fingerprint, ask=vars(settings.ask), ratios=settings.ratios, probes=settings.general_probes,
                 qpd=settings.questions_per_doc, methods=[_method_key(m) for m in methods],
                 check=settings.layout_check, sample=settings.sample_seed, retrieve=settings.retrieve,
@@ -167,15 +173,17 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
         for ratio in settings.ratios:
             carts = [compiled_cartridge(loaded, m, hashlib.sha256(m["context"].encode()).hexdigest(), ratio, method,
                                         out / "cartridges", compile_fn)[0] for m in members]
-            composed[ratio] = {"composed": compose(carts, "consecutive"), "composed_overlap": compose(carts, "overlap")}
+            composed[ratio] = {"composed": Whole(compose(carts, "consecutive"), loaded),
+                               "composed_overlap": Whole(compose(carts, "overlap"), loaded)}
+        prefix = reading_prefix(loaded, ReadConfig.from_dict(method.read).prefix)
         for m in members:
             qs = _questions(m, settings)
             texts = [q["q"] for q in qs]
-            full = answer(loaded, texts, document=joined, cfg=settings.ask, batch=True)
+            full = answers(loaded, text_view(loaded, joined), texts, settings.ask)
             result["rows"] += [_row(m, q, "full_article", None, None, a) for q, a in zip(qs, full)]
-            for ratio, buffers in composed.items():
-                for condition, buffer in buffers.items():
-                    got = answer(loaded, texts, buffer=buffer, cfg=settings.ask, batch=True)
+            for ratio, memories in composed.items():
+                for condition, memory in memories.items():
+                    got = answers(loaded, memory, texts, settings.ask, prefix)
                     result["rows"] += [_row(m, q, condition, ratio, method.label, a) for q, a in zip(qs, got)]
         atomic_write(done_path, json.dumps(result).encode())
         results.append(result)
@@ -227,14 +235,17 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
     doc_tokens = prompter.encode(text)
     rows, compiles, general = [], [], []
     ask = settings.ask
+    plain_prefix = reading_prefix(loaded) if settings.prefix_baselines else None
 
     def add(condition, ratio, method, answers, budget=None):
         rows.extend(_row(row, q, condition, ratio, method, a, budget) for q, a in zip(qs, answers))
 
     if settings.baselines:
-        add("full", None, None, answer(loaded, texts, document=text, cfg=ask, batch=True))
-        add("none", None, None, answer(loaded, texts, document=None, cfg=ask, batch=True))
-    none_general = ([a.text for a in answer(loaded, GENERAL_PROBES, cfg=ask, batch=True)]
+        add("full", None, None, answers(loaded, text_view(loaded, text), texts, ask))
+        add("none", None, None, answers(loaded, text_view(loaded, None), texts, ask))
+        if settings.prefix_baselines and plain_prefix is not None:
+            add("full_prefix", None, None, answers(loaded, text_view(loaded, text), texts, ask, plain_prefix))
+    none_general = ([a.text for a in answers(loaded, text_view(loaded, None), GENERAL_PROBES, ask)]
                     if settings.general_probes else [])
     truncated_at: set[tuple[float, int]] = set()
     # The unit of cost, a prefill of this document: timed right before each compile of a short
@@ -248,35 +259,36 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
                 prefill_s = time_prefill(loaded, prompter.context_ids(text))
             cart, seconds = compiled_cartridge(loaded, row, doc_sha, ratio, method, cart_dir, compile_fn, progress)
             indexed = "index" in cart.manifest
-            memory = _paged(loaded, cart, ratio, method) if indexed else None
+            read = ReadConfig.from_dict({"ratio": ratio, **method.read})
+            memory = open_memory([cart], loaded, ["cartridge"], read=read)
+            prefix = reading_prefix(loaded, read.prefix)
             k = memory.budget if indexed else cart.slots  # an indexed cartridge: its ask budget
             if settings.baselines and (ratio, k) not in truncated_at:  # the same KV budget, from the text's start
                 truncated_at.add((ratio, k))
                 truncated = loaded.tokenizer.decode(doc_tokens[:k], skip_special_tokens=True)
-                add("truncate", ratio, None, answer(loaded, texts, document=truncated, cfg=ask, batch=True), k)
+                add("truncate", ratio, None, answers(loaded, text_view(loaded, truncated), texts, ask), k)
                 if settings.retrieve:
                     add("retrieve", ratio, None, retrieved_answers(loaded, text, texts, k, ask), k)
-            if indexed:
-                from ..runtime.memory import answer_all
-
-                add("cartridge", ratio, method.label, answer_all(loaded, memory, texts, ask), k)
-                compiles_extra = {"read_entries": statistics.mean(memory.view(q).slots for q in texts)}
-            else:
-                add("cartridge", ratio, method.label, answer(loaded, texts, buffer=cart.buffer, cfg=ask, batch=True), k)
-                compiles_extra = {}
+                    if settings.prefix_baselines and plain_prefix is not None:
+                        add("retrieve_prefix", ratio, None, retrieved_answers(loaded, text, texts, k, ask, plain_prefix),
+                            k)
+            got = answers(loaded, memory, texts, ask, prefix)
+            add("cartridge", ratio, method.label, got, k)
+            compiles_extra = {"read_entries": statistics.mean(memory.end(q) for q in texts)} if indexed else {}
             if settings.route and not indexed and len(cart.segments) > settings.route:
-                add("cartridge_routed", ratio, method.label, routed_answers(loaded, cart, texts, settings.route, ask))
+                add("cartridge_routed", ratio, method.label,
+                    answers(loaded, open_memory([cart], loaded, ["cartridge"], route=settings.route), texts, ask, prefix))
             if settings.layout_check and i == 0:
                 v1 = cart.buffer.moved(cart.rope, cart.segments[0]["token_count"])  # the buffer after its text
-                add("cartridge_v1_layout", ratio, method.label, answer(loaded, texts, buffer=v1, cfg=ask, batch=True))
+                add("cartridge_v1_layout", ratio, method.label, answers(loaded, Whole(v1, loaded), texts, ask, prefix))
                 bf16 = cart.buffer.to(dtype=torch.bfloat16)
-                add("cartridge_bf16", ratio, method.label, answer(loaded, texts, buffer=bf16, cfg=ask, batch=True))
+                add("cartridge_bf16", ratio, method.label, answers(loaded, Whole(bf16, loaded), texts, ask, prefix))
             compiles.append({"method": method.label, "ratio": ratio, "slots": k, "seconds": seconds,
                              "prefill_seconds": prefill_s, "prefill_equivalents": seconds / prefill_s,
                              "bytes": cart_dir.joinpath(_cart_name(loaded, doc_sha, ratio, method)).stat().st_size,
-                             "metrics": cart.manifest["metrics"]["segments"], **compiles_extra})
+                             "prefix": prefix.name if prefix is not None else None, **compiles_extra})
             if settings.general_probes and not indexed:
-                cart_general = [a.text for a in answer(loaded, GENERAL_PROBES, buffer=cart.buffer, cfg=ask, batch=True)]
+                cart_general = [a.text for a in answers(loaded, memory, GENERAL_PROBES, ask, prefix)]
                 general += [{"method": method.label, "ratio": ratio, "probe": g, "none": a, "cartridge": b}
                             for g, a, b in zip(GENERAL_PROBES, none_general, cart_general)]
     return {"id": row["id"], "title": row.get("title"), "doc_tokens": len(doc_tokens),
@@ -284,43 +296,39 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
             "general": general}
 
 
-def _paged(loaded, cart, ratio: float, method: Method):
-    """An indexed cartridge read as `lcc ask --ratio RATIO` reads it, with the method's read settings."""
-    from ..runtime.memory.paged import Paged, Source
+def text_view(loaded, document: str | None):
+    """The context turn with `document` in it (None: the plain instruction), read as text."""
+    from ..runtime.reading import View
 
-    return Paged(loaded, [Source("cartridge", cart)], ReadConfig.from_dict({"ratio": ratio, **method.read}))
-
-
-def routed_answers(loaded, cart, questions: list[str], keep: int, ask) -> list:
-    """Each question answered from the `keep` segments of `cart` its attention favours
-    (questions routed to the same segments share one decode)."""
-    from ..runtime.memory import answer_all
-    from ..runtime.memory.routed import Routed
-
-    return answer_all(loaded, Routed(loaded, cart, keep), questions, ask)
+    return View.text(loaded.prompter.context_ids(document))
 
 
-def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask) -> list:
-    """Each question answered from its own BM25 sentences of the document (`budget` tokens),
-    all in one batched decode (each row with its own prompt)."""
-    from ..runtime.decode import decode
-    from ..runtime.reader import Answer
-    from ..runtime.text import answer_text
-    from .retrieve import retrieve
+def answers(loaded, source, questions: list[str], ask, prefix=None) -> list:
+    """Every question answered through the reading engine, in one batch: `source` is a memory
+    (each question its own view; questions with one key share it) or one View for all."""
+    from ..runtime.reading import Row, answer_rows
 
-    p = loaded.prompter
+    views: dict = {}
+    rows = []
+    for q in questions:
+        view = source.view(q) if hasattr(source, "mode") else source
+        rows.append(Row(views.setdefault(view.key, view), loaded.prompter.query_ids(q), q))
+    return answer_rows(loaded, rows, ask, prefix, batch=True)
+
+
+def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask, prefix=None) -> list:
+    """Each question answered from its own BM25 sentences of the document (`budget` tokens) in
+    the prompt, all in one batched decode (each row with its own prompt)."""
+    from ..retrieval import retrieve
 
     def count(t: str) -> int:
-        return len(p.encode(t))
+        return len(loaded.prompter.encode(t))
 
-    prompts = [p.context_ids(retrieve(text, q, budget, count)) + p.query_ids(q) for q in questions]
-    with torch.inference_mode():
-        results = decode(loaded.model, None, 0, prompts, ask.max_new_tokens, p.stop_ids)
-    out = []
-    for q, prompt, r in zip(questions, prompts, results):
-        tokens, text = answer_text(loaded.tokenizer, r.tokens, p.stop_ids)
-        out.append(Answer(q, text.strip(), tokens, r.seconds_to_first_token, r.seconds, 0, len(prompt)))
-    return out
+    from ..runtime.reading import Row, View, answer_rows
+
+    rows = [Row(View.text(loaded.prompter.context_ids(retrieve(text, q, budget, count))),
+                loaded.prompter.query_ids(q), q) for q in questions]
+    return answer_rows(loaded, rows, ask, prefix, batch=True)
 
 
 def _cart_name(loaded, doc_sha: str, ratio: float, method: Method) -> str:

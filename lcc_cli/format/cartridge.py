@@ -292,31 +292,39 @@ def open_cartridge(path: str | Path, allow_partial: bool = False) -> CartridgeFi
 
 
 def open_held(path: str | Path, name: str | None = None, allow_partial: bool = False) -> CartridgeFile:
-    """A cartridge opened without following a link, its descriptor held open for as long as the
-    CartridgeFile lives: every ranged read goes through it (/proc/self/fd/N), so a file swapped
-    for a link or for another file after it was opened is never read instead. (Where there is
-    no /proc, its bytes are read once.)"""
+    """The one way lcc opens a cartridge it must not be tricked into reading through a link (a
+    served folder, a library): opened without following a link, its descriptor held open for
+    as long as the CartridgeFile lives. Every ranged read goes through it (/proc/self/fd/N),
+    so a file swapped for a link or for another file after it was opened is never read
+    instead. (Where there is no /proc, its bytes are read once.) `stat` is the file's, as
+    opened."""
+    import errno
     import os
     import stat
     import weakref
 
     path = Path(path)
+    shown = name or path.name
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)  # O_NONBLOCK: a FIFO cannot hang the open
     except OSError as exc:
-        raise CartridgeError(f"cannot open {name or path.name}: {exc.strerror}") from exc
+        if exc.errno == errno.ELOOP:
+            raise CartridgeError(f"{shown} is a symbolic link (links are not followed)") from exc
+        raise CartridgeError(f"cannot open {shown}: {exc.strerror}") from exc
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CartridgeError(f"{name or path.name} is not a regular file")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CartridgeError(f"{shown} is not a regular file")
         through = Path(f"/proc/self/fd/{fd}")
         if not through.exists():
             with os.fdopen(os.dup(fd), "rb") as f:
                 through = f.read()
-        held = CartridgeFile(through, name or path.name, allow_partial)
+        held = CartridgeFile(through, shown, allow_partial)
     except BaseException:
         os.close(fd)
         raise
+    held.stat = st
     weakref.finalize(held, os.close, fd)
     return held
 

@@ -31,14 +31,19 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
            max_new_tokens: int,
            stop_ids: set[int], temperature: float = 0.0, generator: torch.Generator | None = None,
            keep_logprobs: bool = False, on_token: Callable[[list[int]], None] | None = None,
-           top_k: int = 0, on_step: Callable[[list[list[int]], list[bool]], bool] | None = None) -> list[Decoded]:
+           top_k: int = 0, on_step: Callable[[list[list[int]], list[bool]], bool] | None = None,
+           placed: list[Placed | None] | None = None) -> list[Decoded]:
     """Decode every prompt after `prefix` (KV that every row shares, e.g. a buffer; or a list
     of one prefix per row, with a first position per row: rows that read different entries).
     A stop token ends its row and is kept in `tokens`. `keep_logprobs` keeps each step's
     full log-distribution, `top_k` only its k largest entries (a teacher target for
     thousands of rows). `on_token(tokens of row 0)` is called after each new token;
     `on_step(tokens of every row, done flags)` after each step, and a false return ends the
-    decode there (a server whose clients all left)."""
+    decode there (a server whose clients all left).
+
+    `placed` (per row, or None): the row's prompt tokens at explicit positions, some of them
+    *between* prefix entries (pages re-encoded at read time, in the question's own pass). The
+    first pass then masks by position (`Placed`); `first_position` is not used for such a row."""
     start = time.perf_counter()
     batch, width = len(prompts), max(len(p) for p in prompts)
     device = next(model.parameters()).device
@@ -46,6 +51,8 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
     ragged = bool(prefix) and isinstance(prefix[0], list)  # a prefix per row (rows read different entries)
     if ragged:
         prefix, lengths = _stack_left_padded(prefix)
+    else:
+        lengths = [prefix[0][0].shape[-2] if prefix else 0] * batch
     cached = prefix[0][0].shape[-2] if prefix else 0
     ids = torch.zeros(batch, width, dtype=torch.long, device=device)
     mask = torch.zeros(batch, cached + width, dtype=torch.long, device=device)
@@ -58,9 +65,15 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
         pad = width - len(p)
         ids[i, pad:] = torch.tensor(p)
         mask[i, cached + pad:] = 1
-        positions[i] = torch.arange(firsts[i] - pad, firsts[i] - pad + width)
+        if placed and placed[i] is not None:
+            positions[i, pad:] = torch.as_tensor(placed[i].positions)
+        else:
+            positions[i] = torch.arange(firsts[i] - pad, firsts[i] - pad + width)
     cache = make_cache(prefix, batch=batch)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+    first_mask = mask
+    if placed and any(p is not None for p in placed):
+        first_mask = _placed_mask(mask, positions, placed, lengths, cached, device)
+    logits = model(input_ids=ids, attention_mask=first_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                    **cache_kwargs(model, cache)).logits[:, -1]
     next_pos = positions[:, -1] + 1
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -96,6 +109,37 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
     return [Decoded(t, torch.stack(s) if keep_logprobs and s else None, first_token or total, total,
                     (torch.stack([a for a, _ in tp]), torch.stack([b for _, b in tp])) if tp else None)
             for t, s, tp in zip(tokens, steps, tops)]
+
+
+@dataclass
+class Placed:
+    """A row whose prompt tokens sit at explicit positions, some of them before entries already
+    in its cache (the end of a context turn laid after pages that are encoded now).
+    `positions`: one per prompt token; `cached`: the positions of the row's cache entries."""
+
+    positions: list[int]
+    cached: torch.Tensor  # int64 [entries]
+
+
+def _placed_mask(mask: torch.Tensor, positions: torch.Tensor, placed: list[Placed | None], lengths: list[int],
+                 cached: int, device) -> torch.Tensor:
+    """The first pass's mask by position, [batch, 1, tokens, cache + tokens] (True = attend): a
+    token sees the cache entries at earlier positions and the new tokens at its own position or
+    before; padding is seen by nothing. For a row whose cache lies wholly before its prompt
+    this is the ordinary causal mask with padding."""
+    batch, width = positions.shape
+    stored_pos = torch.full((batch, cached), -1, dtype=torch.long, device=device)
+    for i, p in enumerate(placed):
+        n = lengths[i]
+        if n:
+            stored_pos[i, cached - n:] = p.cached.to(device) if p is not None else -1  # -1: before every token
+    valid = mask.bool()
+    sees_cache = (stored_pos[:, None, :] < positions[:, :, None]) & valid[:, None, :cached]
+    sees_new = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, cached:]
+    out = torch.cat([sees_cache, sees_new], dim=-1)
+    pad = ~valid[:, cached:]  # a padding token sees itself only (a row of nothing would be NaN)
+    out[:, :, cached:] |= torch.diag_embed(pad)
+    return out[:, None]
 
 
 def _stack_left_padded(prefixes: list[Layers]) -> tuple[Layers, list[int]]:

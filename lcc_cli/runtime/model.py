@@ -80,10 +80,17 @@ class LoadedModel:
         return Rope.from_parameters(self.facts.rope, self.facts.head_dim)
 
     @cached_property
+    def family(self):
+        """How this kind of model is built (families/): layers, queries, RoPE, chat template."""
+        from ..families import family_of
+
+        return family_of(self.model.config)
+
+    @cached_property
     def prompter(self):
         from .prompts import Prompter
 
-        return Prompter(self.tokenizer)
+        return Prompter(self.tokenizer, self.family)
 
 
 def embedded_gguf() -> Path:
@@ -272,6 +279,13 @@ def fingerprint(model, tokenizer) -> str:
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
     return h.hexdigest()
+
+
+def load_run(run) -> LoadedModel:
+    """The base model of a run (config.RunOptions): on its device, in its dtype, with its
+    thread count."""
+    set_threads(run.threads)
+    return load_model(run.model, device=run.device, dtype=run.dtype)
 
 
 def set_threads(threads: int | None) -> int:

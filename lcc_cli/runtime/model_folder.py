@@ -27,8 +27,6 @@ from pathlib import Path
 
 from ..errors import ModelError, ModelMismatchError
 
-_ROPE_FIELDS = ("rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
-                "original_max_position_embeddings", "partial_rotary_factor")
 CONFIG_MAX_BYTES = 1 << 20  # real config.json files are a few kB
 TOKENIZER_CONFIG_MAX_BYTES = 16 << 20  # some carry large added-token tables and chat templates
 # Each bound is several times the largest released model's value (in brackets), and far below
@@ -56,22 +54,17 @@ _SIZE_ALIASES = {
 
 
 def head_dim(cfg) -> int:
-    """Width of one attention head: given by the config, or hidden size over heads."""
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    """Width of one attention head (the model family says how to read it)."""
+    from ..families import family_of
+
+    return family_of(cfg).head_dim(cfg)
 
 
 def rope_parameters(cfg) -> dict:
-    """The RoPE facts that decide where a stored key sits: type, theta, scaling fields."""
-    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
-    if "rope_theta" not in params and getattr(cfg, "rope_theta", None):
-        params["rope_theta"] = cfg.rope_theta
-    params.setdefault("rope_type", params.pop("type", None) or "default")
-    if getattr(cfg, "partial_rotary_factor", None):
-        params["partial_rotary_factor"] = cfg.partial_rotary_factor
-    out = {k: params[k] for k in _ROPE_FIELDS if params.get(k) is not None}
-    if "rope_theta" in out:
-        out["rope_theta"] = float(out["rope_theta"])
-    return out
+    """The RoPE facts that decide where a stored key sits (the model family says how to read them)."""
+    from ..families import family_of
+
+    return family_of(cfg).rope_parameters(cfg)
 
 
 def read_model_config(path: Path):

@@ -21,9 +21,10 @@ RECONSTRUCT_INSTRUCTION = "Repeat the document word for word."
 
 @dataclass
 class Prompter:
-    """Formats turns for one tokenizer."""
+    """Formats turns for one tokenizer: the one place a chat template is rendered."""
 
     tokenizer: object
+    family: object = None  # families.Family: how its chat template is rendered (None: Llama's way)
 
     @cached_property
     def chat(self) -> bool:
@@ -32,47 +33,47 @@ class Prompter:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _render(self, messages: list[dict], generation: bool = False) -> str:
+        if self.family is not None:
+            return self.family.render(self.tokenizer, messages, generation)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
     def context_text(self, document: str | None) -> str:
         """The turn that a cartridge replaces, as text: the document (or nothing, for `none`)."""
         system = SYSTEM_PLAIN if document is None else SYSTEM_WITH_DOCUMENT.format(document=document)
         if not self.chat:
             return system + "\n\n"
-        return self.tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False)
+        return self._render([{"role": "system", "content": system}])
 
     def context_ids(self, document: str | None) -> list[int]:
         """The turn that a cartridge replaces, as token ids."""
         return self.encode(self.context_text(document))
 
-    def query_ids(self, question: str) -> list[int]:
-        """A user turn and the assistant header, as it follows the context turn."""
+    def turns_text(self, turns: list[tuple[str, str]]) -> str:
+        """A conversation after the context turn, as text: (role, text) pairs of user and
+        assistant turns ending with a user turn, then the assistant header. Without a chat
+        template: "Question: ... Answer:" lines."""
         if not self.chat:
-            return self.encode(f"Question: {question}\nAnswer:")
+            if len(turns) == 1:
+                return f"Question: {turns[0][1]}\nAnswer:"
+            return "".join(f"Question: {t}\n" if role == "user" else f"Answer: {t}\n" for role, t in turns) + "Answer:"
+        # rendered after a placeholder system turn, which is then cut off: the template's own
+        # default system turn (SmolLM2 adds one when none is given) must not appear
         system = [{"role": "system", "content": "x"}]
-        head = self.tokenizer.apply_chat_template(system, tokenize=False)
-        full = self.tokenizer.apply_chat_template(system + [{"role": "user", "content": question}],
-                                                  tokenize=False, add_generation_prompt=True)
+        head = self._render(system)
+        full = self._render(system + [{"role": r, "content": t} for r, t in turns], generation=True)
         if not full.startswith(head):
             raise ModelError("the model's chat template does not render the system turn as a prefix",
                              hint="lcc needs a template with a system role")
-        return self.encode(full[len(head):])
+        return full[len(head):]
 
     def turns_ids(self, turns: list[tuple[str, str]]) -> list[int]:
-        """A conversation after the context turn: (role, text) pairs of user and assistant
-        turns ending with a user turn, then the assistant header. One user turn gives
-        exactly `query_ids`."""
-        if len(turns) == 1:
-            return self.query_ids(turns[0][1])
-        if not self.chat:
-            text = "".join(f"Question: {t}\n" if role == "user" else f"Answer: {t}\n" for role, t in turns)
-            return self.encode(text + "Answer:")
-        system = [{"role": "system", "content": "x"}]
-        head = self.tokenizer.apply_chat_template(system, tokenize=False)
-        full = self.tokenizer.apply_chat_template(system + [{"role": r, "content": t} for r, t in turns],
-                                                  tokenize=False, add_generation_prompt=True)
-        if not full.startswith(head):
-            raise ModelError("the model's chat template does not render the system turn as a prefix",
-                             hint="lcc needs a template with a system role")
-        return self.encode(full[len(head):])
+        """`turns_text` as token ids."""
+        return self.encode(self.turns_text(turns))
+
+    def query_ids(self, question: str) -> list[int]:
+        """A user turn and the assistant header, as it follows the context turn."""
+        return self.turns_ids([("user", question)])
 
     def document_ids(self, document: str) -> list[int]:
         """The reconstruction target: the document's tokens followed by the end of the turn."""

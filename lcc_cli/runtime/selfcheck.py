@@ -13,10 +13,7 @@ import torch
 
 from ..buffer import Buffer
 from ..config import AskConfig
-from .cache import prefill
-from .decode import decode
-from .reader import answer
-from .text import answer_text
+from .reading import Row, View, answer_rows
 
 # Each asks for a different kind of fact, so that a few questions do not all land on the
 # document's first sentence.
@@ -36,10 +33,10 @@ MAX_QUESTIONS = len(QUESTION_INSTRUCTIONS)
 WINDOW_MARGIN = 256
 
 
-def self_check(loaded, text: str, buffer: Buffer, questions: int, max_new_tokens: int = 24) -> dict:
+def self_check(loaded, text: str, buffer: Buffer, questions: int, max_new_tokens: int = 24, prefix=None) -> dict:
     """{"questions", "agreement" (mean token F1 between the two answers, 0..1), "examples"}, or
     {"questions": 0, "agreement": None, "skipped": why} for a document past the model's window."""
-    from ..eval.scoring import token_f1
+    from ..scoring import token_f1
 
     p = loaded.prompter
     context = p.context_ids(text)
@@ -50,17 +47,17 @@ def self_check(loaded, text: str, buffer: Buffer, questions: int, max_new_tokens
         return {"questions": 0, "agreement": None,
                 "skipped": f"the document ({len(context):,} tokens) does not fit the model's "
                            f"{limit:,}-position window beside a question"}
-    prompts = [p.query_ids(q) for q in QUESTION_INSTRUCTIONS[:questions]]
-    with torch.inference_mode():
-        kv, _ = prefill(loaded.model, context)
-        asked = decode(loaded.model, kv, len(context), prompts, 40, p.stop_ids)
+    document = View.text(context)
+    asked = answer_rows(loaded, [Row(document, p.query_ids(q)) for q in QUESTION_INSTRUCTIONS[:questions]],
+                        AskConfig(max_new_tokens=40))  # the model writes questions: no reading prefix
     texts = []
     for a in asked:
-        line = answer_text(loaded.tokenizer, a.tokens, p.stop_ids)[1].strip().splitlines()
+        line = a.text.splitlines()
         texts.append((line[0] if line else "").strip()[:300] or "What is the document about?")
     cfg = AskConfig(max_new_tokens=max_new_tokens)
-    with_doc = answer(loaded, texts, document=text, cfg=cfg, batch=True)
-    with_cart = answer(loaded, texts, buffer=buffer, cfg=cfg, batch=True)
+    with_doc = answer_rows(loaded, [Row(document, p.query_ids(q), q) for q in texts], cfg, prefix)
+    cartridge = View(buffer, key=("cartridge",))
+    with_cart = answer_rows(loaded, [Row(cartridge, p.query_ids(q), q) for q in texts], cfg, prefix)
     scores = [token_f1(c.text, [d.text]) if d.text.strip() else float(not c.text.strip())
               for d, c in zip(with_doc, with_cart)]
     return {"questions": len(texts), "agreement": round(sum(scores) / len(scores), 4),

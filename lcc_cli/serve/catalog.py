@@ -10,8 +10,9 @@ stem), so no request can make the server open a path.
 The served folder is a boundary. A symbolic link in it is listed as unavailable and never
 opened (a link could point anywhere, /etc/passwd included); so is anything that is not a
 regular file, and a file whose name holds '+' (a model name joins cartridges with '+', so no
-request could name it). Files are opened with O_NOFOLLOW and read through that one
-descriptor, so a file swapped for a link after it was listed is not followed either.
+request could name it). Files are opened with format.cartridge.open_held (no link followed)
+and read through that one descriptor, so a file swapped for a link after it was listed is not
+followed either.
 Reasons name files by their name in the folder, never by a server path.
 
 A file is known by its content: its manifest digest (`tensor_sha256` and `lcc_checksum`,
@@ -27,11 +28,9 @@ verified never wait for the files being verified.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -168,14 +167,8 @@ class Catalog:
         """The cartridge (format.cartridge.Cartridge) behind a verified entry, read again and
         checked: every block it reads against its sha256, its digest against the one verified.
         A file that changed since is queued to be verified again and refused here."""
-        from ..format.cartridge import CartridgeFile
-
         try:
-            with _opened(entry.found.path) as (source, _):
-                cart = CartridgeFile(source, entry.found.shown)
-                if _digest(cart) != entry.facts.digest:
-                    raise CartridgeError(f"{entry.found.shown} changed since it was verified")
-                return cart.cartridge()
+            return self.held(entry).cartridge()
         except Exception as exc:
             self._requeue(entry)
             if isinstance(exc, LccError):
@@ -249,18 +242,17 @@ class Catalog:
                 self._changed.notify_all()
 
     def _verify(self, f: Found) -> Entry:
-        from ..format.cartridge import CartridgeFile
+        from ..format.cartridge import open_held
 
         try:
-            with _opened(f.path) as (source, st):
-                cart = CartridgeFile(source, f.shown)
-                facts = self._check_model(cart, f.shown)
-                _read_every_block(cart)
-            return Entry(f.name, replace(f, signature=_signature(st)), facts)
+            cart = open_held(f.path, f.shown)
+            facts = self._check_model(cart, f.shown)
+            _read_every_block(cart)
+            return Entry(f.name, replace(f, signature=_signature(cart.stat)), facts)
         except LccError as exc:
-            return Entry(f.name, f, reason=exc.message)
+            return Entry(f.name, f, reason=LINK if "symbolic link" in exc.message else exc.message)
         except OSError as exc:
-            return Entry(f.name, f, reason=LINK if exc.errno == errno.ELOOP else f"cannot read: {exc.strerror}")
+            return Entry(f.name, f, reason=f"cannot read: {exc.strerror}")
         except Exception as exc:  # never let one file take the server down
             return Entry(f.name, f, reason=f"unreadable ({type(exc).__name__})")
 
@@ -318,25 +310,3 @@ def _read_every_block(cart) -> None:
     step = cart.block * READ_STEP
     for start in range(0, cart.entries, step):
         cart.read(start, min(cart.entries, start + step))
-
-
-@contextmanager
-def _opened(path: Path):
-    """(a source format.cartridge reads, the file's stat) for a regular file opened without
-    following a link. The source is the open descriptor itself (/proc/self/fd/N, which every
-    later read of the cartridge reopens: the same file, whatever the path names by then), or
-    its bytes where there is no /proc."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)  # O_NONBLOCK: a FIFO swapped in after the listing cannot hang the open
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CartridgeError(f"{path.name}: {NOT_REGULAR}")
-        through = Path(f"/proc/self/fd/{fd}")
-        if through.exists():
-            yield through, st
-        else:
-            with os.fdopen(os.dup(fd), "rb") as f:
-                yield f.read(), st
-    finally:
-        os.close(fd)

@@ -2,10 +2,12 @@
 
 Requests become `Job`s in one queue. The engine takes the oldest job and, if it decodes
 greedily, every other queued greedy job for the same cartridge set, or (for indexed
-cartridges and the library) any other job whose pages were chosen per question (up to `max_batch`), and decodes them together: the reader's decoding loop
-takes several prompts after one shared buffer, or after one buffer each (an indexed
-cartridge's questions read different pages; shorter rows are padded and masked). A sampled job (temperature > 0) runs alone, so that its seed alone decides
-its text. Text goes back to each request as it is produced (for streaming) through the
+cartridges and the library) any other job whose pages were chosen per question (up to
+`max_batch`), and hands them to the reading engine (runtime/reading.py) as one batch: rows
+after one shared view, or after one view each (an indexed cartridge's questions read
+different pages; shorter rows are padded and masked). A sampled job (temperature > 0) runs
+alone, so that its seed alone decides its text. The engine only schedules: what a row reads
+and how it is decoded is the reading engine's, exactly as for `lcc ask`. Text goes back to each request as it is produced (for streaming) through the
 request's own asyncio queue. A job whose client left is skipped and frees its place at
 once; a batch whose clients all left stops decoding.
 
@@ -21,19 +23,17 @@ import asyncio
 import threading
 from dataclasses import dataclass, field
 
-import torch
-
 
 class QueueFull(Exception):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: never compared field by field (its view holds tensors)
 class Job:
-    # the cartridges' contents (their digests, in order; () for the plain model): only jobs
-    # with one key share a batch
+    # the cartridges' contents (their digests, in order; () for the plain model) and what the
+    # question chose: only jobs with one key share a batch
     key: tuple
-    buffer: object | None  # buffer.Buffer on the model's device and dtype
+    view: object  # runtime.reading.View, keyed by `key`
     prompt: list[int]
     max_tokens: int
     temperature: float
@@ -42,7 +42,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # ("delta", text) ... then ("end", finish_reason, completion_tokens) or ("error", msg)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    paged: bool = False  # its buffer holds the pages its question chose (indexed cartridges, the library)
+    paged: bool = False  # its view holds the pages its question chose (indexed cartridges, the library)
+    prefix: object = None  # runtime.prefix.ReadingPrefix read before the view, or None
     # engine-side state
     finished: bool = False
     tokens: int = 0
@@ -142,8 +143,8 @@ class Engine:
                         self._active.discard(id(job))
 
     def _run(self, group: list[Job]) -> None:
-        from ..runtime.bias import slot_biases
-        from ..runtime.decode import decode
+        from ..config import AskConfig
+        from ..runtime.reading import Row, answer_rows
         from ..runtime.text import TextStream
 
         group = [j for j in group if not j.cancelled.is_set()]
@@ -152,15 +153,6 @@ class Engine:
         self.batch_sizes.append(len(group))
         p, tok = self.loaded.prompter, self.loaded.tokenizer
         head = group[0]
-        if head.buffer is None:
-            prefix, first = None, 0
-        elif all(j.key == head.key for j in group):
-            prefix, first = head.buffer.cache_layers(), head.buffer.first_query_position
-        else:  # rows that read different entries (each request its own pages): one prefix each
-            prefix = [j.buffer.cache_layers() for j in group]
-            first = [j.buffer.first_query_position for j in group]
-        generator = torch.Generator().manual_seed(head.seed)
-
         streams = []
         for job in group:
             stream = TextStream(tok, p.stop_ids, lambda piece, job=job: job.send("delta", piece), trim=True)
@@ -187,10 +179,8 @@ class Engine:
                         self._active.discard(id(job))
             return not all(j.finished for j in group)
 
-        with torch.inference_mode(), slot_biases(self.loaded.model, head.buffer.bias if head.buffer is not None
-                                                 else None):
-            decode(self.loaded.model, prefix, first, [j.prompt for j in group], max(j.max_tokens for j in group),
-                   p.stop_ids, head.temperature, generator, on_step=on_step)
+        cfg = AskConfig(max_new_tokens=max(j.max_tokens for j in group), temperature=head.temperature, seed=head.seed)
+        answer_rows(self.loaded, [Row(j.view, j.prompt) for j in group], cfg, head.prefix, on_step=on_step)
         for job in group:  # rows that ran out of new tokens in a decode sized for a longer one
             if not job.finished:
                 job.finished = True
@@ -198,11 +188,13 @@ class Engine:
 
 
 def _batchable(a: Job, b: Job) -> bool:
-    """Greedy jobs decode together when they read the same entries, or when both read buffers
-    without attention biases (then each row gets its own prefix, padded and masked)."""
+    """Greedy jobs decode together when they read the same entries after the same prefix, or
+    when both read pages chosen per question without attention biases (then each row gets its
+    own cache, padded and masked)."""
+    if a.prefix is not b.prefix:
+        return False
     if a.key == b.key:
         return True
-    # only buffers chosen per question (a budget's worth of pages): padding a whole large
+    # only views chosen per question (a budget's worth of pages): padding a whole large
     # cartridge to the longest row would cost memory the cache budget does not count
-    return (a.paged and b.paged and a.buffer.bias is None and b.buffer.bias is None
-            and a.buffer.device == b.buffer.device)
+    return a.paged and b.paged and a.view.bias is None and b.view.bias is None

@@ -64,12 +64,4 @@ def _plain(tokenizer, text: str) -> list[int]:
 
 def _rendered(prompter, turns: list[tuple[str, str]]) -> str:
     """The text `Prompter.turns_ids` encodes for these turns (after the context turn)."""
-    if not prompter.chat:
-        if len(turns) == 1:
-            return f"Question: {turns[0][1]}\nAnswer:"
-        return "".join(f"Question: {t}\n" if role == "user" else f"Answer: {t}\n" for role, t in turns) + "Answer:"
-    system = [{"role": "system", "content": "x"}]
-    head = prompter.tokenizer.apply_chat_template(system, tokenize=False)
-    full = prompter.tokenizer.apply_chat_template(system + [{"role": r, "content": t} for r, t in turns],
-                                                  tokenize=False, add_generation_prompt=True)
-    return full.removeprefix(head)
+    return prompter.turns_text(turns)

@@ -12,7 +12,8 @@ import ipaddress
 from pathlib import Path
 
 from ..errors import UsageError
-from .app import Limits, create_app
+from .app import create_app
+from .schema import Limits
 from .catalog import Catalog
 from .engine import Engine
 from .guard import Access
@@ -33,8 +34,9 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
 
 
-def build(loaded, paths: list[Path], limits: Limits, api_key: str | None = None, access: Access | None = None):
-    """(app, catalog, engine) for these folders and files."""
+def build(loaded, paths: list[Path], limits: Limits, api_key: str | None = None, access: Access | None = None,
+          read=None):
+    """(app, catalog, engine) for these folders and files (`read`: the server's ReadConfig)."""
     folders, files = [], []
     for path in map(Path, paths):
         if path.is_dir():
@@ -45,7 +47,7 @@ def build(loaded, paths: list[Path], limits: Limits, api_key: str | None = None,
             raise UsageError(f"nothing to serve at {path}: not a folder or a cartridge")
     catalog = Catalog(loaded, folders, files)
     engine = Engine(loaded, max_batch=limits.max_batch, max_queue=limits.max_queue)
-    return create_app(loaded, catalog, engine, limits, api_key, access or Access()), catalog, engine
+    return create_app(loaded, catalog, engine, limits, api_key, access or Access(), read), catalog, engine
 
 
 def server_config(app, host: str, port: int, limits: Limits, **extra):
@@ -89,9 +91,9 @@ def _exit_zero_server(config):
 
 
 def serve(loaded, paths: list[Path], host: str, port: int, limits: Limits, api_key: str | None, progress,
-          access: Access | None = None) -> None:
+          access: Access | None = None, read=None) -> None:
     """Serve until SIGINT or SIGTERM; in-flight requests finish (30 s at most), then return."""
-    app, catalog, engine = build(loaded, paths, limits, api_key, access)
+    app, catalog, engine = build(loaded, paths, limits, api_key, access, read)
     announce(catalog, loaded, host, port, progress)
     server = _exit_zero_server(server_config(app, host, port, limits))
     try:

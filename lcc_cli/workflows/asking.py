@@ -12,12 +12,15 @@ from .common import load
 
 
 class Reader:
-    """Cartridges (runtime/memory/), or a document, and the model, loaded once for many
-    questions."""
+    """Cartridges, a library folder or a document, and the model, loaded once for many
+    questions. Every answer goes through the reading engine (runtime/reading.py)."""
+
+    CHUNK = 16  # questions whose views are held at once by `ask_many`
 
     def __init__(self, cartridges: list[Path] = (), context: Path | None = None, run: RunOptions | None = None,
                  force: bool = False, loaded=None, read: ReadConfig | None = None):
-        from ..runtime.memory import open_cartridges, open_memory
+        from ..runtime.memory import open_cartridges, open_library, open_memory
+        from ..runtime.prefix import reading_prefix
 
         if cartridges and context is not None:
             raise UsageError("give cartridges or --context, not both")
@@ -28,67 +31,68 @@ class Reader:
         carts = [] if library else open_cartridges(cartridges)  # format errors before the slow model load
         self.document = read_document(context).text if context is not None else None
         self.loaded = loaded or load(run or RunOptions())
-        if library is not None:
-            from ..runtime.memory import check_model
-            from ..runtime.memory.library import LibraryMemory
-
-            self.memory = LibraryMemory(self.loaded, library, read,
-                                        check=lambda s: check_model(s.handle, self.loaded, s.name, force))
-        else:
-            self.memory = open_memory(carts, self.loaded, [Path(p).name for p in cartridges], force,
-                                      read=read) if carts else None
+        self.read = read or ReadConfig()
+        self.prefix = reading_prefix(self.loaded, self.read.prefix)
+        self.memory = None
+        if library is not None or carts:
+            self.memory = open_memory(carts, self.loaded, [Path(p).name for p in cartridges], force, read=self.read,
+                                      library=library)
         self.mode = self.memory.mode if self.memory else "context" if context is not None else "none"
+        self._text_view = None
 
-    def _buffer(self, question: str):
-        return self.memory.view(question) if self.memory is not None else None
+    def view(self, question: str):
+        """What `question` reads (runtime.reading.View): its memory's view, or the context turn
+        (the document, or the plain instruction) as text."""
+        if self.memory is not None:
+            return self.memory.view(question)
+        if self._text_view is None:  # one view for every question: rows that share it are encoded once
+            from ..runtime.reading import View
+
+            self._text_view = View.text(self.loaded.prompter.context_ids(self.document))
+        return self._text_view
 
     def check(self, questions: list[str], cfg: AskConfig | None = None) -> None:
         """Refuse any question that cannot be answered before the first is: empty, not text,
-        too long in characters (checked before tokenising) or for the model's window."""
-        from ..runtime.reader import check_fits
+        too long in characters (checked before tokenising) or for the model's window (from
+        what each question chose, before any entry is read)."""
+        from ..runtime.text import check_window
 
+        cfg = cfg or AskConfig()
         for question in questions:
             check_question(question)
+        p, first = self.loaded.prompter, self.prefix.slots if self.prefix is not None else 0
         for question in questions:
-            check_fits(self.loaded, question, buffer=self._buffer(question), document=self.document,
-                       cfg=cfg or AskConfig())
+            end = self.memory.end(question) if self.memory is not None else self.view(question).end
+            check_window(self.loaded, first + end + len(p.query_ids(question)), cfg.max_new_tokens)
 
     def ask(self, question: str, cfg: AskConfig | None = None, on_text=None):
-        """One answer (runtime.reader.Answer)."""
-        from ..runtime.reader import answer
+        """One answer (runtime.reading.Answer), alone: it never depends on other questions."""
+        from ..runtime.reading import Row, answer_rows
 
         check_question(question)
-        started = time.perf_counter()
-        buffer = self._buffer(question)  # an indexed cartridge chooses and reads its pages here
-        chosen = time.perf_counter() - started
-        a = answer(self.loaded, [question], buffer=buffer, document=self.document, cfg=cfg, on_text=on_text)[0]
-        a.seconds_to_first_token += chosen  # the question waited for its pages too
-        a.seconds_total += chosen
-        a.pages = getattr(self.memory, "read_pages", lambda q: None)(question)
-        return a
+        row = Row(self.view(question), self.loaded.prompter.query_ids(question), question)
+        return answer_rows(self.loaded, [row], cfg, self.prefix, batch=False, on_text=on_text)[0]
 
     def ask_many(self, questions: list[str], cfg: AskConfig | None = None) -> list:
         """Every question answered from its own entries; questions that read the same ones (an
-        indexed cartridge's questions that chose the same pages) are decoded together."""
-        if self.memory is None or self.memory.mode != "indexed" or len(questions) == 1:
+        indexed cartridge's questions that chose the same pages) are decoded together, and
+        questions that read different pages in one batch, each row its own."""
+        if self.memory is None or self.memory.mode == "cartridge" or len(questions) == 1:
             return [self.ask(q, cfg) for q in questions]  # each alone: an answer never depends on the others
-        from ..runtime.memory import answer_all
+        from ..runtime.reading import Row, answer_rows
 
         for q in questions:
             check_question(q)
-        out = answer_all(self.loaded, self.memory, questions, cfg or AskConfig(), batch=True)
-        for a in out:
-            a.pages = getattr(self.memory, "read_pages", lambda q: None)(a.question)
+        out = []
+        for at in range(0, len(questions), self.CHUNK):
+            views: dict = {}
+            rows = []
+            for q in questions[at:at + self.CHUNK]:
+                view = self.memory.view(q)
+                view = views.setdefault(view.key, view)  # the same entries: one view, read once
+                rows.append(Row(view, self.loaded.prompter.query_ids(q), q))
+            out += answer_rows(self.loaded, rows, cfg, self.prefix, batch=True)
         return out
-
-
-def open_library(folder: Path):
-    """A folder of cartridges asked as one: its index brought up to date first (library/)."""
-    from ..library.index import Library
-
-    library = Library(folder)
-    library.refresh()
-    return library
 
 
 # A question is cut off in characters before anything tokenises it: far past any window a

@@ -8,10 +8,9 @@ from ..progress import Progress
 
 def load(run: RunOptions):
     """The base model, on the chosen device, with the chosen thread count."""
-    from ..runtime.model import load_model, set_threads
+    from ..runtime.model import load_run
 
-    set_threads(run.threads)
-    return load_model(run.model, device=run.device, dtype=run.dtype)
+    return load_run(run)
 
 
 def governed(run: RunOptions, progress: Progress) -> Progress:

@@ -9,10 +9,13 @@ from ..errors import UsageError
 from ..progress import NO_PROGRESS, Progress
 from .common import governed, load
 
+
 def serve(paths: list[Path], host: str, port: int, limits, api_key: str | None = None,
-          run: RunOptions | None = None, progress: Progress = NO_PROGRESS, warn=None, access=None) -> None:
+          run: RunOptions | None = None, progress: Progress = NO_PROGRESS, warn=None, access=None,
+          read=None) -> None:
     """`lcc serve`: load the model once and answer from the cartridges over HTTP until stopped.
-    `access` (serve.guard.Access): the Host names and web origins allowed besides the defaults."""
+    `access` (serve.guard.Access): the Host names and web origins allowed besides the defaults;
+    `read` (config.ReadConfig): how indexed cartridges are read unless a request says otherwise."""
     from ..serve.run import is_loopback, serve as serve_forever
 
     for path in map(Path, paths):
@@ -23,6 +26,6 @@ def serve(paths: list[Path], host: str, port: int, limits, api_key: str | None =
     run = run or RunOptions()
     progress = governed(run, progress)
     progress.status("loading model…")
-    serve_forever(load(run), [Path(p) for p in paths], host, port, limits, api_key, progress, access)
+    serve_forever(load(run), [Path(p) for p in paths], host, port, limits, api_key, progress, access, read)
 
 

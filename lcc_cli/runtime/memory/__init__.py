@@ -1,21 +1,23 @@
-"""Memory: the one place that opens cartridges for reading, composes them, and says which
-entries a question reads.
+"""Memory: the one place that builds what a question reads from cartridges.
 
-`lcc ask`, `chat`, `serve` and `eval` all go through here:
+`lcc ask`, `chat`, `serve` and `eval` all build their memories with `open_memory`, from
+cartridge paths, cartridges already open (the server holds its files open, verified), or a
+library folder:
 
-    carts = open_cartridges(paths)                # format and integrity (no model needed)
-    memory = open_memory(carts, loaded, names)     # model checks, composition, the kind of memory
-    buffer = memory.view(question)                 # the entries this question reads
-    memory.key(question)                           # questions with equal keys read one buffer
+    memory = open_memory(paths, loaded)        # format, model checks, composition, the kind
+    memory.end(question)                       # where its prompt starts (the window check)
+    view = memory.view(question)               # runtime.reading.View: what it reads
+    answer_rows(loaded, [Row(view, prompt)])   # the reading engine
 
-A kind of memory is one class with `view` and `key`; readers never learn which kind they
-hold:
+A kind of memory is one class with `view`, `end` and `key`; readers never learn which kind
+they hold:
 
 - `Whole`: every entry of its cartridges, side by side (the question reads them all);
 - `Routed`: a multi-segment cartridge read through only the segments the question's own
   attention favours (one extra pass over the question's tokens; issue 18; routed.py);
 - `Paged`: indexed cartridges, each question reading the pages it chooses up to a budget,
-  re-laid at consecutive positions (issue 29; paged.py, select.py).
+  re-laid at consecutive positions (issue 29; paged.py, select.py);
+- `LibraryMemory`: a folder of indexed cartridges asked as one (issue 30; library.py).
 
 Composition lays cartridges out one after another (`consecutive`, like consecutive text:
 each one's keys re-rotated to follow the previous) or lets them overlap at their own
@@ -29,12 +31,12 @@ from pathlib import Path
 from typing import Hashable, Literal, Protocol
 
 from ...buffer import Buffer
-from ...errors import ModelMismatchError
 from ...config import ReadConfig
-from ...errors import UsageError
+from ...errors import ModelMismatchError, UsageError
 from ...format.cartridge import Cartridge, CartridgeFile, open_cartridge
-from ...format.layouts import layout_of
 from ...format.checks import check_compatible, check_fingerprint
+from ...format.layouts import layout_of
+from ..reading import View
 
 Layout = Literal["consecutive", "overlap"]
 DEFAULT_LAYOUT: Layout = "consecutive"
@@ -43,11 +45,15 @@ DEFAULT_LAYOUT: Layout = "consecutive"
 class Memory(Protocol):
     mode: str  # what `ask --json` reports: "cartridge", "indexed" or "library"
 
-    def view(self, question: str) -> Buffer:
-        """The entries `question` reads, on the model's device and dtype."""
+    def view(self, question: str) -> View:
+        """What `question` reads (runtime.reading.View)."""
+
+    def end(self, question: str) -> int:
+        """Where the prompt of `question` starts (without a reading prefix): the window check,
+        from the choice alone, before any entry is read."""
 
     def key(self, question: str) -> Hashable:
-        """Equal for questions that read the same buffer (they may share one batch)."""
+        """Equal for questions that read the same entries (they may share one batch)."""
 
 
 def open_cartridges(paths: list[Path]) -> list[CartridgeFile]:
@@ -71,10 +77,18 @@ def check_model(cart: Cartridge | CartridgeFile, loaded, name: str, force: bool 
         tensors = getattr(cart, "index", None) if hasattr(cart, "read") else getattr(cart, "index_tensors", None)
         ids = (tensors or {}).get("index.token_ids")
         vocab = getattr(loaded.model.config, "vocab_size", None)
-        if ids is not None and ids.numel() and vocab and int(ids.max()) >= vocab:  # repair would embed them
+        if ids is not None and ids.numel() and vocab and int(ids.max()) >= vocab:  # re-encoding would embed them
             raise ModelMismatchError(f"{name}: its token ids run past the model's {vocab}-token vocabulary")
     check_compatible(m["model"], loaded.facts, end, name)
     check_fingerprint(m["model"], loaded.model_id, loaded.fingerprint, name, force)
+
+
+def check_composable(indexed: list[bool], names: list[str]) -> None:
+    """Indexed cartridges are read page by page: they compose with each other, not with others."""
+    if any(indexed) and not all(indexed):
+        plain = names[indexed.index(False)]
+        raise UsageError(f"{plain} is not indexed; indexed cartridges are read page by page and cannot be "
+                         f"composed with one that is not", hint="ask it on its own, or recompile it with --index")
 
 
 def compose(carts: list[Cartridge], layout: Layout = DEFAULT_LAYOUT, force: bool = False) -> Buffer:
@@ -93,30 +107,42 @@ class Whole:
 
     def __init__(self, buffer: Buffer, loaded=None):
         self.buffer = buffer if loaded is None else buffer.to(loaded.device, loaded.dtype)
+        self._view = View(self.buffer, key=("whole", id(self.buffer)))
 
-    def view(self, question: str) -> Buffer:
-        return self.buffer
+    def view(self, question: str) -> View:
+        return self._view
+
+    def end(self, question: str) -> int:
+        return self.buffer.first_query_position
 
     def key(self, question: str) -> Hashable:
-        return ()
+        return self._view.key
 
 
-def open_memory(carts: list[Cartridge | CartridgeFile], loaded, names: list[str] | None = None, force: bool = False,
-                layout: Layout = DEFAULT_LAYOUT, route: int | None = None, read: ReadConfig | None = None) -> Memory:
-    """The memory a question reads from these cartridges, checked against the model: indexed
-    cartridges page by page (`read`: budget, selector, layout), others whole (`route`: each
-    question reads only that many segments of a one-cartridge, multi-segment memory)."""
-    names = names or [f"cartridge {i + 1}" for i in range(len(carts))]
+def open_memory(sources: list, loaded, names: list[str] | None = None, force: bool = False,
+                layout: Layout = DEFAULT_LAYOUT, route: int | None = None, read: ReadConfig | None = None,
+                library=None) -> Memory:
+    """The memory a question reads, checked against the model. `sources`: cartridge paths, or
+    cartridges already open (CartridgeFile, Cartridge); `library`: a library (library.index
+    .Library, or its folder) instead. Indexed cartridges are read page by page (`read`: budget,
+    selector, layout, re-encoding), others whole (`route`: each question reads only that many
+    segments of a one-cartridge, multi-segment memory)."""
+    if library is not None:
+        from .library import LibraryMemory
+
+        if not hasattr(library, "search"):
+            library = open_library(Path(library))
+        return LibraryMemory(loaded, library, read, check=lambda s: check_model(s.handle, loaded, s.name, force))
+    carts = [open_cartridge(s) if isinstance(s, (str, Path)) else s for s in sources]
+    names = names or [Path(s).name if isinstance(s, (str, Path)) else f"cartridge {i + 1}"
+                      for i, s in enumerate(sources)]
     for cart, name in zip(carts, names):
         check_model(cart, loaded, name, force)
     if len({c.manifest["model"]["fingerprint"] for c in carts}) > 1 and not force:
         raise ModelMismatchError("the cartridges were made for different models", hint="pass --force to mix them")
     indexed = [layout_of(c.manifest).indexed for c in carts]
+    check_composable(indexed, names)
     if any(indexed):
-        if not all(indexed):
-            plain = names[indexed.index(False)]
-            raise UsageError(f"{plain} is not indexed; indexed cartridges are read page by page and cannot be "
-                             f"composed with one that is not", hint="ask it on its own, or recompile it with --index")
         from .paged import Paged, Source
 
         return Paged(loaded, [Source(n, c) for n, c in zip(names, carts)], read)
@@ -128,22 +154,10 @@ def open_memory(carts: list[Cartridge | CartridgeFile], loaded, names: list[str]
     return Whole(compose(whole, layout, force), loaded)
 
 
-def answer_all(loaded, memory: Memory, questions: list[str], cfg, batch: bool = True) -> list:
-    """Every question answered from the entries it reads: questions that read the same ones are
-    decoded together (with `batch`), each with its own prompt (runtime.reader.Answer, in order)."""
-    from ..reader import answer, answer_each
+def open_library(folder: Path):
+    """A folder of cartridges asked as one: its index brought up to date first (library/)."""
+    from ...library.index import Library
 
-    groups: dict[Hashable, list[int]] = {}
-    for i, q in enumerate(questions):
-        groups.setdefault(memory.key(q), []).append(i)
-    if batch and len(groups) > 1 and memory.mode == "indexed":
-        # pages chosen per question: one batch, each row reading its own
-        views = {key: memory.view(questions[members[0]]) for key, members in groups.items()}
-        return answer_each(loaded, questions, [views[memory.key(q)] for q in questions], cfg)
-    out = [None] * len(questions)
-    for members in groups.values():
-        buffer = memory.view(questions[members[0]])
-        for i, a in zip(members, answer(loaded, [questions[i] for i in members], buffer=buffer, cfg=cfg,
-                                        batch=batch)):
-            out[i] = a
-    return out
+    library = Library(folder)
+    library.refresh()
+    return library

@@ -4,23 +4,31 @@ A question's candidate pages come from the library's SQLite FTS5 index (library/
 bm25() over every page of every cartridge); the best that fit the budget are read from their
 cartridges, however many, and laid out as `Paged` lays them out: the context turn's header, the
 pages in (cartridge, document) order, the end of the turn. Only the cartridges that hold chosen
-pages are opened (each kept open, a bounded number at a time), and each is checked against the
-checksum the index recorded before a page of it is read: a cartridge replaced since it was
-indexed is re-indexed and the question chooses again, so no stale index entry is ever read.
+pages are opened (each kept open, a bounded number at a time).
+
+The index only *chooses*. Before a page of a cartridge is read, the cartridge's checksum is
+compared with the one indexed, and each chosen row with the cartridge's own page table (entry
+range and text): a cartridge replaced since it was indexed, or a row that disagrees with its
+cartridge (an index edited by hand), makes the library re-index that cartridge and the
+question choose again. What is read and what is shown come from the cartridge alone.
+
+Budget: `--budget`, or each candidate cartridge's own document tokens / its own compile ratio
+(`--ratio` overrides the ratio), so that a folder of ratio-8 cartridges reads a ratio-8
+budget. A question whose words match no page is answered without the library (the plain
+model's own system turn) and says so: its view reads no pages.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections import OrderedDict
+from typing import Hashable
 
-from ...buffer import Buffer
 from ...config import ReadConfig
 from ...errors import CartridgeError, LccError, UsageError
 from ...format.cartridge import open_held
-from .paged import Page, Paged, Source
-from .select import attention_scores, fused, question_queries
+from ..reading import View
+from .paged import Page, Paged, Source, default_budget
+from .select import selector
 
 CANDIDATES = 64  # pages the index returns per question, before the budget (and any re-ranking)
 OPEN_LIMIT = 64  # cartridges kept open at once (each holds its header, block table, summaries)
@@ -28,7 +36,7 @@ DEFAULT_RATIO = 16.0
 
 
 class Stale(Exception):
-    """A cartridge changed since the index was written."""
+    """A cartridge changed since the index was written, or an index row disagrees with it."""
 
 
 class LibraryMemory(Paged):
@@ -38,26 +46,28 @@ class LibraryMemory(Paged):
         self.loaded, self.library, self.cfg = loaded, library, cfg or ReadConfig()
         if self.cfg.layout == "gaps":
             raise UsageError("layout gaps keeps pages where they were encoded: one cartridge only", field="layout")
+        self.selector = selector(self.cfg.selector)
         self.check = check  # check(source) -> None, raises for a cartridge the model cannot read
         self._open: OrderedDict[str, Source] = OrderedDict()
         self._checksums: dict[str, str] = {}
         self._chosen: dict[str, tuple] = {}
-        self._view = None
         self._always = None
         self._first: str | None = None
         self.gist = []  # a gist is one document's buffer: a library reads pages only
-        self.budget = self._budget()
         self.pages = []
-
-    def _budget(self) -> int:
-        """--budget, or the median cartridge's document tokens / --ratio (default 16)."""
-        if self.cfg.budget is not None:
-            return self.cfg.budget
-        tokens = [c["tokens"] or 0 for c in self.library.cartridges()]
-        if not tokens:
+        if not self.library.cartridges():
             raise UsageError(f"the library {self.library.folder} holds no indexed cartridges",
                              hint="compile documents into it with `lcc compile ... --index -o DIR/`")
-        return max(1, math.ceil(statistics.median(tokens) / (self.cfg.ratio or DEFAULT_RATIO)))
+
+    def budget_for(self, hits) -> int:
+        """--budget; else the entries a question reads of the best candidate's cartridge: its
+        document tokens / its own ratio (or --ratio)."""
+        if self.cfg.budget is not None:
+            return self.cfg.budget
+        best = self.source(hits[0].source) if hits else None
+        if best is None:
+            return 1
+        return default_budget(best.doc_tokens, self.cfg.ratio or best.ratio)
 
     # --- sources, opened on demand and checked against the index ----------------------------
 
@@ -85,7 +95,6 @@ class LibraryMemory(Paged):
     def first_source(self) -> str:
         return self._first  # the first cartridge a question read: its header and end of turn
 
-
     # --- choosing ---------------------------------------------------------------------------
 
     def rank(self, question: str) -> list[Page]:
@@ -93,56 +102,81 @@ class LibraryMemory(Paged):
         for h in hits:
             self._checksums[h.cartridge] = h.checksum
         pages = [Page(h.cartridge, h.number, h.start, h.entries, h.text) for h in hits]
-        if self.cfg.selector == "bm25" or not pages:
+        if not pages:
             return pages
-        attention = self._candidate_attention(question, pages)
-        if self.cfg.selector == "attention":
-            order = sorted(range(len(pages)), key=lambda i: (-attention[i], i))
-        else:
-            fts_rank = [-float(i) for i in range(len(pages))]  # the index's order is its ranking
-            scores = fused(fts_rank, attention)
-            order = sorted(range(len(pages)), key=lambda i: (-scores[i], i))
-        return [pages[i] for i in order]
+        scores = self.selector.score(self, question, pages)
+        return [pages[i] for i in sorted(range(len(pages)), key=lambda i: (-scores[i], i))]
 
-    def _candidate_attention(self, question: str, pages: list[Page]) -> list[float]:
+    def text_scores(self, question: str, pages: list[Page]) -> list[float]:
+        return [-float(i) for i in range(len(pages))]  # the index's order is its ranking
+
+    def attention_scores(self, question: str, pages: list[Page]) -> list[float]:
         import torch
 
-        if any("index.key_mean" not in self.source(p.source).tensors for p in pages):
-            raise UsageError("the library's cartridges store no key summaries; use --selector bm25", field="selector")
-        summaries = torch.stack([self.source(p.source).tensors["index.key_mean"][p.number] for p in pages])
+        summaries = torch.stack([self._summary(self.source(p.source))[p.number] for p in pages])
         self._first = self._first or pages[0].source
-        head, tail = self.always()
-        context = Buffer.laid_out([head, tail], self.loaded.rope).to(self.loaded.device, self.loaded.dtype)
-        return attention_scores(question_queries(self.loaded, context, question), summaries,
-                                self.loaded.facts.head_dim)
+        return self._attention(question, summaries)
 
     def forget_choices(self) -> None:
         self._chosen.clear()
-        self._view, self._always, self._first = None, None, None
+        self._always, self._first = None, None
+
+    def choose(self, question: str):
+        return self._retry(lambda: self._choose(question))
+
+    def _choose(self, question: str):
+        if question in self._chosen:
+            return self._chosen[question]
+        ranked = self.rank(question)
+        self.budget = self.budget_for(ranked)
+        chosen = Paged.choose(self, question)
+        checked = tuple((self._checked(page), n) for page, n in chosen)
+        self._chosen[question] = checked
+        return checked
+
+    def _checked(self, page: Page) -> Page:
+        """The page as its cartridge's own page table has it; Stale if the index row disagrees."""
+        source = self.source(page.source)
+        pages = source.index["pages"]
+        if not 0 <= page.number < len(pages):
+            raise Stale(page.source)
+        own = source.page(page.number)
+        if (own.start, own.entries, own.text) != (page.start, page.entries, page.text):
+            raise Stale(page.source)  # an index row edited, or a stale one: re-index the cartridge
+        return own
+
+    def _view_key(self, question: str) -> Hashable:
+        return ("library", self.checksums(question), self.choose(question))
 
     def checksums(self, question: str) -> tuple[str, ...]:
         """The checksums of the cartridges `question` reads (part of a batch key: a cartridge
         replaced under the same name never shares a batch with its old self)."""
         return tuple(sorted({self._checksums[p.source] for p, _ in self.choose(question)}))
 
-    def choose(self, question: str):
-        return self._retry(lambda: super(LibraryMemory, self).choose(question))
+    def end(self, question: str) -> int:
+        key = self.choose(question)
+        if not key:
+            return len(self.loaded.prompter.context_ids(None))
+        self._first = self._first or key[0][0].source
+        return self._retry(lambda: Paged.end(self, question))
 
-    def view(self, question: str) -> Buffer:
+    def view(self, question: str) -> View:
         def build():
             key = self.choose(question)
-            if not key:
-                raise UsageError("no page of the library matches the question's words",
-                                 hint="ask with other words, or check `lcc index DIR`")
+            if not key:  # no page shares a word with the question: the plain model, stated as such
+                return View.text(self.loaded.prompter.context_ids(None), key=("library", "no pages"))
             self._first = self._first or key[0][0].source
-            return super(LibraryMemory, self).view(question)
+            return Paged.view(self, question)
 
-        return self._retry(build)
+        view = self._retry(build)
+        if not view.pages:
+            view.pages = []
+        return view
 
     def _retry(self, work):
-        """Run `work`; if a cartridge changed since it was indexed (Stale: its checksum is not the
-        indexed one) or while it was read (a CartridgeError from a block), index the library again
-        and choose again: the old index's idea of a cartridge is never read."""
+        """Run `work`; if a cartridge changed since it was indexed, disagrees with its index
+        rows (Stale), or changed while it was read (a CartridgeError from a block), index the
+        library again and choose again: the old index's idea of a cartridge is never read."""
         for attempt in (0, 1, 2):
             try:
                 return work()
@@ -157,3 +191,4 @@ class LibraryMemory(Paged):
                 self.forget_choices()
                 self.library.refresh()
         raise AssertionError("unreachable")
+

@@ -12,15 +12,21 @@ Why consecutive positions: in the prototype (issue 29, 220 questions) the same p
 their original positions, with gaps between them, answered 0.07 against 0.28 re-laid. Keys are
 re-rotated exactly (buffer.Rope), so each page keeps its internal distances.
 
-`repair` re-encodes each chosen page's first tokens after the entries laid before it (EPIC,
-arXiv 2410.15332): the page was encoded beside sentences that are no longer there. `reencode`
-re-encodes the chosen pages whole when they are few tokens in all (a paragraph's budget): then
-that costs little, and it answered as well as retrieval where stored pages fell short (README).
+`reencode` re-encodes the chosen pages whole when they are few tokens in all (a paragraph's
+budget), `repair` each page's first tokens otherwise (EPIC, arXiv 2410.15332: a page was
+encoded beside sentences that are no longer there). Re-encoded tokens are not encoded here:
+the view names them (`View.fresh`, at the positions their stored copies would take, which are
+left out), and the reading engine encodes them in the question's own forward pass.
+
+What a read shows (`View.pages`, `--show-pages`, the server's `lcc.pages`) comes from the
+cartridge: its page table and the token ids of the entries read, decoded. A page's text in the
+manifest only ever ranks pages; it is never what is shown as read.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Hashable
 
@@ -29,7 +35,8 @@ import torch
 from ...buffer import Buffer
 from ...config import ReadConfig
 from ...errors import CartridgeError, UsageError
-from .select import BM25, attention_scores, fused, question_queries
+from ..reading import View
+from .select import BM25, attention_scores, question_queries, selector
 
 
 def default_budget(tokens: int, ratio: float) -> int:
@@ -40,11 +47,11 @@ def default_budget(tokens: int, ratio: float) -> int:
 
 @dataclass(frozen=True)
 class Page:
-    source: int  # which cartridge
+    source: Hashable  # which cartridge: an index into `sources`, or a library's file name
     number: int  # its page number there
     start: int  # entry index in its cartridge
     entries: int
-    text: str
+    text: str  # what ranks it (BM25); never what is shown as read
 
 
 class Source:
@@ -66,10 +73,26 @@ class Source:
     def block(self) -> int:
         return int(self.manifest["buffer"].get("block_entries") or 1)
 
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.handle.positions if hasattr(self.handle, "read") else self.handle.buffer.positions
+
     def read(self, start: int, stop: int) -> Buffer:
         if hasattr(self.handle, "read"):
             return self.handle.read(start, stop)
         return self.handle.buffer.select(start, stop)
+
+    def page(self, number: int) -> Page:
+        p = self.index["pages"][number]
+        return Page(self.name, number, p["start"], p["entries"], p["text"])
+
+    def token_ids(self, start: int, count: int) -> list[int] | None:
+        """The token ids of entries start..start+count-1 (None: the cartridge stores none)."""
+        ids = self.tensors.get("index.token_ids")
+        if ids is None:
+            return None
+        offset = start - self.gist_entries
+        return ids[offset:offset + count].long().tolist()
 
     @property
     def doc_tokens(self) -> int:
@@ -92,11 +115,11 @@ class Paged:
         if self.cfg.layout == "gaps" and (len(sources) > 1 or len(sources[0].index["windows"]) > 1):
             raise UsageError("layout gaps keeps each page where it was encoded: one cartridge of one window only",
                              field="layout")
-        self.bm25 = BM25([p.text for p in self.pages]) if self.cfg.selector != "attention" else None
+        self.selector = selector(self.cfg.selector)
+        self._bm25: BM25 | None = None
         self._summaries = None
         self._always: tuple[Buffer, Buffer] | None = None
         self._chosen: dict[str, tuple] = {}
-        self._view: tuple[Hashable, Buffer] | None = None
         # a gist is read before the header, consecutively: gaps keep pages where they were encoded, so no gist
         self.gist = self._gist() if self.cfg.gist and self.cfg.layout != "gaps" else []
         self.budget = self._budget()
@@ -125,26 +148,39 @@ class Paged:
     def first_source(self):
         return 0
 
-    def scores(self, question: str) -> list[float]:
-        if self.cfg.selector == "bm25":
-            return self.bm25.scores(question)
-        attention = self._attention(question)
-        return attention if self.cfg.selector == "attention" else fused(self.bm25.scores(question), attention)
+    def source(self, ident) -> Source:
+        """The cartridge a page's `source` names (here an index into `sources`)."""
+        return self.sources[ident]
+
+    # --- scoring (select.Scorer) -------------------------------------------------------------
+
+    def text_scores(self, question: str, pages: list[Page]) -> list[float]:
+        if self._bm25 is None:
+            self._bm25 = BM25([p.text for p in self.pages])
+        return self._bm25.scores(question)  # `pages` is every page, in order
+
+    def attention_scores(self, question: str, pages: list[Page]) -> list[float]:
+        if self._summaries is None:
+            self._summaries = torch.cat([self._summary(s) for s in self.sources])
+        return self._attention(question, self._summaries)
+
+    def _summary(self, source: Source) -> torch.Tensor:
+        for need in self.selector.needs:
+            if f"index.{need}" not in source.tensors:
+                raise UsageError(f"{source.name} stores no key summaries ({need}), which --selector "
+                                 f"{self.selector.name} needs; use --selector bm25", field="selector")
+        return source.tensors["index.key_mean"]
+
+    def _attention(self, question: str, summaries: torch.Tensor) -> list[float]:
+        head, tail = self.always()
+        context = Buffer.laid_out([head, tail], self.loaded.rope).to(self.loaded.device, self.loaded.dtype)
+        return attention_scores(question_queries(self.loaded, context, question), summaries,
+                                self.loaded.facts.head_dim)
 
     def rank(self, question: str) -> list[Page]:
         """Every page, best first."""
-        scores = self.scores(question)
+        scores = self.selector.score(self, question, self.pages)
         return [self.pages[i] for i in sorted(range(len(self.pages)), key=lambda i: (-scores[i], i))]
-
-    def _attention(self, question: str) -> list[float]:
-        if self._summaries is None:
-            if any("index.key_mean" not in s.tensors for s in self.sources):
-                raise UsageError("these cartridges store no key summaries; use --selector bm25", field="selector")
-            self._summaries = torch.cat([s.tensors["index.key_mean"] for s in self.sources])
-        head, tail = self.always()
-        context = Buffer.laid_out([head, tail], self.loaded.rope).to(self.loaded.device, self.loaded.dtype)
-        return attention_scores(question_queries(self.loaded, context, question), self._summaries,
-                                self.loaded.facts.head_dim)
 
     def choose(self, question: str) -> tuple[tuple[Page, int], ...]:
         """(page, entries read) of the chosen pages, in document order: the best pages that fit
@@ -172,26 +208,58 @@ class Paged:
     def key(self, question: str) -> Hashable:
         return self.choose(question)
 
-    def view(self, question: str) -> Buffer:
+    def end(self, question: str) -> int:
+        """Where the question's prompt starts (without a reading prefix), from the choice alone."""
+        head, tail = self.always()
+        if self.cfg.layout == "gaps":
+            return int(tail.positions.max()) + 1 if tail.slots else int(head.positions.max()) + 1
+        return sum(g.slots for g in self.gist) + head.slots + sum(n for _, n in self.choose(question)) + tail.slots
+
+    def view(self, question: str) -> View:
+        started = time.perf_counter()
         key = self.choose(question)
-        if self._view is not None and self._view[0] == key:
-            return self._view[1]
         head, tail = self.always()
         pages = self._read_pages(key)
-        if self.cfg.layout == "gaps":
-            buffer = Buffer.concat([head, *pages, tail])
-        else:
-            buffer = Buffer.laid_out([*self.gist, head, *pages, tail], self.loaded.rope)
-        buffer = buffer.to(self.loaded.device, self.loaded.dtype)
-        per_page = self._repair_tokens(key)
-        if per_page:
-            buffer = self._repair(buffer, key, head.slots + sum(g.slots for g in self.gist), per_page)
-        self._view = (key, buffer)
-        return buffer
+        parts = [head, *pages, tail] if self.cfg.layout == "gaps" else [*self.gist, head, *pages, tail]
+        buffer = Buffer.concat(parts) if self.cfg.layout == "gaps" else Buffer.laid_out(parts, self.loaded.rope)
+        # where each chosen page starts in the buffer (cache order = position order here)
+        first_page = len(self.gist) + 1 if self.cfg.layout != "gaps" else 1
+        at = [sum(p.slots for p in parts[:first_page + i]) for i in range(len(pages))]
+        fresh, where = [], []
+        shown = self._shown_pages(key)
+        for (page, n), start, info in zip(key, at, shown):
+            r = info["reencoded"]
+            fresh += self.source(page.source).token_ids(page.start, r) if r else []
+            where += range(start, start + r)
+        fresh_positions = buffer.positions[where].tolist() if where else []
+        if where:  # the stored copies of re-encoded tokens are left out: the engine encodes them
+            keep = torch.ones(buffer.slots, dtype=torch.bool)
+            keep[where] = False
+            buffer = buffer.take(keep.nonzero().squeeze(-1))
+        return View(buffer, fresh, fresh_positions, shown, self._view_key(question),
+                    time.perf_counter() - started)
 
-    def source(self, ident) -> Source:
-        """The cartridge a page's `source` names (here an index into `sources`)."""
-        return self.sources[ident]
+    def _view_key(self, question: str) -> Hashable:
+        return ("pages", id(self), self.choose(question))
+
+    def _shown_pages(self, key) -> list[dict]:
+        """What `--show-pages` prints of each page read: its text as the token ids of the
+        entries read (the manifest's text where the cartridge stores no ids), and how many of
+        them are re-encoded."""
+        per_page = self._reencode_tokens(key)
+        out = []
+        for page, n in key:
+            source = self.source(page.source)
+            ids = source.token_ids(page.start, n)
+            text = page.text if ids is None else self.loaded.tokenizer.decode(ids, skip_special_tokens=False).strip()
+            out.append({"cartridge": source.name, "source": source.manifest["source"].get("name"),
+                        "page": page.number, "start": page.start, "entries": n, "page_entries": page.entries,
+                        "reencoded": min(per_page, n) if ids is not None else 0, "text": text})
+        return out
+
+    def read_pages(self, question: str) -> list[dict]:
+        """What `--show-pages` prints: each page the question reads, with its cartridge and text."""
+        return self._shown_pages(self.choose(question))
 
     def _read_pages(self, key) -> list[Buffer]:
         """The chosen pages' entries, each block read once: pages whose blocks touch are read
@@ -210,65 +278,9 @@ class Paged:
             out += [whole.select(start - first, start - first + n) for start, n in members]
         return out
 
-    def read_pages(self, question: str) -> list[dict]:
-        """What `--show-pages` prints: each page the question read, with its cartridge and text."""
-        out, key = [], self.choose(question)
-        per_page = self._repair_tokens(key)
-        for page, n in key:
-            source = self.source(page.source)
-            text = page.text
-            ids = source.tensors.get("index.token_ids")
-            if n < page.entries and ids is not None:  # the best page cut at the budget: the part read
-                text = self.loaded.prompter.tokenizer.decode(ids[page.start:page.start + n].tolist()).strip()
-            out.append({"cartridge": source.name, "source": source.manifest["source"].get("name"),
-                        "page": page.number, "start": page.start, "entries": n, "page_entries": page.entries,
-                        "reencoded": min(per_page, n) if ids is not None else 0,
-                        "text": text})
-        return out
-
-    # --- EPIC-style repair ----------------------------------------------------------------
-
-    def _repair_tokens(self, key) -> int:
+    def _reencode_tokens(self, key) -> int:
         """Tokens of each chosen page to re-encode: all of them when the pages hold at most
         `reencode` entries together, else the first `repair`."""
         if self.cfg.layout != "gaps" and 0 < sum(n for _, n in key) <= self.cfg.reencode:
             return max(n for _, n in key)
         return self.cfg.repair
-
-    def _repair(self, buffer: Buffer, key, first_page: int, per_page: int) -> Buffer:
-        """Re-encode the first `per_page` tokens of every chosen page after everything laid
-        before it, and put their new KV in place of the stored one.
-
-        One forward pass for all pages, not one per page: the repaired tokens go in as one
-        sequence over the whole view, and a mask lets each see exactly what a page-by-page pass
-        would (every stored entry at an earlier position, except the stored copies of repaired
-        tokens, and the repaired tokens at earlier positions), so the result is the same."""
-        from ..bias import slot_biases
-        from ..cache import cache_layers, forward_rows, make_cache
-
-        at, where, tokens = first_page, [], []
-        for page, n in key:
-            ids = self.source(page.source).tensors.get("index.token_ids")
-            r = min(per_page, n)
-            if ids is not None and r:
-                offset = page.start - self.source(page.source).gist_entries
-                tokens += ids[offset: offset + r].long().tolist()
-                where += range(at, at + r)
-            at += n
-        if not where:
-            return buffer
-        device = self.loaded.device
-        index = torch.tensor(where)
-        positions = buffer.positions[index]
-        stored = buffer.positions[None, :] < positions[:, None]  # [Q, T]: entries laid before each token
-        stored[:, index] = False  # a repaired token's stored copy is what it replaces
-        mask = torch.cat([stored, positions[None, :] <= positions[:, None]], dim=1)
-        cache = make_cache(buffer.cache_layers())
-        with torch.inference_mode(), slot_biases(self.loaded.model, buffer.bias):
-            forward_rows(self.loaded.model, cache, positions[None].to(device), mask[None, None].to(device),
-                         input_ids=torch.tensor([tokens], device=device), logits_to_keep=1)
-        keys, values = [k.clone() for k in buffer.keys], [v.clone() for v in buffer.values]
-        for layer, (k, v) in enumerate(cache_layers(cache)):
-            keys[layer][:, index] = k[0, :, buffer.slots:]
-            values[layer][:, index] = v[0, :, buffer.slots:]
-        return Buffer(keys, values, buffer.positions, buffer.bias)

@@ -9,6 +9,7 @@ import torch
 
 from ...buffer import Buffer
 from ...format.cartridge import Cartridge
+from ..reading import View
 
 
 class Routed:
@@ -22,6 +23,7 @@ class Routed:
         self.buffer = cart.buffer.to(loaded.device, loaded.dtype)
         self.segments = cart.segments
         self._chosen: dict[str, tuple[int, ...]] = {}
+        self._views: dict[tuple[int, ...], View] = {}
 
     def key(self, question: str) -> Hashable:
         if question not in self._chosen:
@@ -29,13 +31,22 @@ class Routed:
                                                            self.keep))
         return self._chosen[question]
 
-    def view(self, question: str) -> Buffer:
-        chosen = list(self.key(question))
-        if chosen == list(range(len(self.segments))):
-            return self.buffer
-        starts = [sum(s["slots"] for s in self.segments[:i]) for i in range(len(self.segments))]
-        return Buffer.laid_out([self.buffer.select(starts[i], starts[i] + self.segments[i]["slots"]) for i in chosen],
-                               self.loaded.rope)
+    def view(self, question: str) -> View:
+        chosen = self.key(question)
+        if chosen not in self._views:
+            if list(chosen) == list(range(len(self.segments))):
+                buffer = self.buffer
+            else:
+                starts = [sum(s["slots"] for s in self.segments[:i]) for i in range(len(self.segments))]
+                buffer = Buffer.laid_out([self.buffer.select(starts[i], starts[i] + self.segments[i]["slots"])
+                                          for i in chosen], self.loaded.rope)
+            if len(self._views) > 64:
+                self._views.clear()
+            self._views[chosen] = View(buffer, key=("routed", id(self), chosen))
+        return self._views[chosen]
+
+    def end(self, question: str) -> int:
+        return self.view(question).end
 
 
 def segment_scores(loaded, buffer: Buffer, segments: list[dict], question: str) -> list[float]:
@@ -48,22 +59,15 @@ def segment_scores(loaded, buffer: Buffer, segments: list[dict], question: str) 
     from ..cache import forward, make_cache
 
     model, rope, p = loaded.model, loaded.rope, loaded.prompter
-    layers = model.model.layers
     heads = model.config.num_attention_heads
     kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
     head_dim = loaded.facts.head_dim
     prompt = p.query_ids(question)
     first = buffer.first_query_position
-    captured: list[torch.Tensor] = []
-    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
-             for layer in layers]
-    try:
-        with torch.inference_mode(), slot_biases(model, buffer.bias):
+    with loaded.family.capture_queries(model) as captured, slot_biases(model, buffer.bias):
+        with torch.inference_mode():
             forward(model, make_cache(buffer.cache_layers()), first,
                     input_ids=torch.tensor([prompt], device=loaded.device), logits_to_keep=1)
-    finally:
-        for hook in hooks:
-            hook.remove()
     owner = torch.cat([torch.full((s["slots"],), i) for i, s in enumerate(segments)])
     counted = torch.ones(len(owner), dtype=torch.bool)
     start = 0
@@ -75,7 +79,7 @@ def segment_scores(loaded, buffer: Buffer, segments: list[dict], question: str) 
     mass = torch.zeros(len(segments))
     with torch.inference_mode():
         for layer, (q_flat, key) in enumerate(zip(captured, buffer.keys)):
-            q = rope.shift(q_flat.float().reshape(len(prompt), heads, head_dim).transpose(0, 1), positions)
+            q = rope.shift(q_flat[0].float().reshape(len(prompt), heads, head_dim).transpose(0, 1), positions)
             k = key.float().repeat_interleave(heads // kv_heads, dim=0)  # [heads, T, D]
             logits = q @ k.transpose(1, 2) / head_dim ** 0.5
             if buffer.bias is not None:

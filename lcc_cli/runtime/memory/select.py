@@ -1,17 +1,76 @@
-"""Scoring an indexed cartridge's pages for a question: BM25 over their text, the question's
-attention over their key summaries, and the two fused by reciprocal rank.
+"""Selectors: how an indexed read scores candidate pages for a question.
 
-Scores compare across cartridges: one BM25 over every page of every cartridge asked, and one
-attention softmax over all their summaries.
+A selector registers like a compile method (compile/base.py): a name (what `--selector` and
+`ReadConfig.selector` take), the index tensors a cartridge must store for it, and a scoring
+function. The paged reader and the library both look selectors up here; neither knows any
+by name. Scores compare across cartridges: one BM25 over every page asked, one attention
+softmax over all their summaries.
+
+The scoring function gets the memory (`Scorer`: text scores and attention scores over the
+candidate pages, each memory computing them its own way) and the candidates.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
 import torch
 
-from ...eval.retrieve import terms
+from ...retrieval import terms
 
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): ranks, not raw scores, are fused
+
+
+class Scorer(Protocol):
+    def text_scores(self, question: str, pages: list) -> list[float]:
+        """Higher is better: BM25 over the pages' text (or the library index's own ranking)."""
+
+    def attention_scores(self, question: str, pages: list) -> list[float]:
+        """The question's attention mass on each page's mean key."""
+
+
+@dataclass(frozen=True)
+class Selector:
+    name: str
+    needs: tuple[str, ...]  # index summaries the cartridges must store ("key_mean")
+    score: Callable[[Scorer, str, list], list[float]]
+
+
+SELECTORS: dict[str, Selector] = {}
+
+
+def register(name: str, needs: tuple[str, ...] = ()):
+    def add(fn):
+        SELECTORS[name] = Selector(name, needs, fn)
+        return fn
+
+    return add
+
+
+def selector(name: str) -> Selector:
+    from ...errors import UsageError
+
+    if name not in SELECTORS:
+        raise UsageError(f"unknown selector {name!r}; one of {', '.join(SELECTORS)}", field="selector")
+    return SELECTORS[name]
+
+
+@register("bm25")
+def _bm25(memory: Scorer, question: str, pages: list) -> list[float]:
+    return memory.text_scores(question, pages)
+
+
+# Refuted for SmolLM2-135M (its attention finds the answer's sentence 0.10-0.32 of the time;
+# shared/DESIGN.md 4d), kept for models whose attention may retrieve.
+@register("attention", needs=("key_mean",))
+def _attention(memory: Scorer, question: str, pages: list) -> list[float]:
+    return memory.attention_scores(question, pages)
+
+
+@register("fusion", needs=("key_mean",))
+def _fusion(memory: Scorer, question: str, pages: list) -> list[float]:
+    return fused(memory.text_scores(question, pages), memory.attention_scores(question, pages))
 
 
 class BM25:
@@ -32,24 +91,13 @@ def question_queries(loaded, buffer, question: str) -> list[torch.Tensor]:
     from ..bias import slot_biases
     from ..cache import forward, make_cache
 
-    model, facts = loaded.model, loaded.facts
-    heads = model.config.num_attention_heads
     prompt = loaded.prompter.query_ids(question)
-    captured: list[torch.Tensor] = []
-
-    def keep(module, args, out):
-        captured.append(out[0].float())
-
-    hooks = [(getattr(layer.self_attn, "q_norm", None) or layer.self_attn.q_proj).register_forward_hook(keep)
-             for layer in model.model.layers]
-    try:
-        with torch.inference_mode(), slot_biases(model, buffer.bias):
-            forward(model, make_cache(buffer.cache_layers()), buffer.first_query_position,
+    with loaded.family.capture_queries(loaded.model) as captured, slot_biases(loaded.model, buffer.bias):
+        with torch.inference_mode():
+            forward(loaded.model, make_cache(buffer.cache_layers()), buffer.first_query_position,
                     input_ids=torch.tensor([prompt], device=loaded.device), logits_to_keep=1)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [q.reshape(len(prompt), heads, facts.head_dim).transpose(0, 1) for q in captured]
+    heads = loaded.model.config.num_attention_heads
+    return [q[0].float().reshape(len(prompt), heads, loaded.facts.head_dim).transpose(0, 1) for q in captured]
 
 
 def attention_scores(queries: list[torch.Tensor], summaries: torch.Tensor, head_dim: int) -> list[float]:

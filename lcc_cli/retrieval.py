@@ -1,4 +1,9 @@
-"""The `retrieve` baseline: what a user would do instead of compiling a long document.
+"""Sentences, BM25 terms and the `retrieve` baseline: the text side of choosing what to read.
+
+Below eval/, compile/ and runtime/ (all three import it): an indexed cartridge's pages are
+these sentences (compile/index.py), its selector scores them with these terms
+(runtime/memory/select.py), and the `retrieve` baseline, what a user would do instead of
+compiling a long document, reads them as text (eval/).
 
 For each question, the document's sentences are ranked by BM25 (rank_bm25's Okapi scorer)
 against the question, and the best ones that fit the budget, as many tokens as the
