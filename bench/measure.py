@@ -305,7 +305,6 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lcc_cli import api
     from lcc_cli.config import AskConfig, ReadConfig
-    from lcc_cli.runtime.reader import answer
 
     loaded = api.load(api.RunOptions())
     rows = [json.loads(line) for line in LONG.read_text().splitlines()][:documents]
@@ -335,7 +334,7 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
         budget = readers["indexed int8"].memory.budget
         questions = random.Random(n).sample(row["questions"], min(per_doc, len(row["questions"])))
         for q in (q["q"] for q in questions):
-            times["full"].append(answer(loaded, [q], document=row["context"], cfg=one)[0].seconds_to_first_token)
+            times["full"].append(_text_answer(loaded, row["context"], q, one).seconds_to_first_token)
             _time_reads(loaded, row["context"], q, budget, readers, times)
     p50 = {k: round(statistics.median(v), 3) for k, v in times.items()}
     out = {"documents": len(rows), "questions": len(times["full"]), "ttft_p50_s": p50,
@@ -349,18 +348,25 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
     return out
 
 
+def _text_answer(loaded, document: str, question: str, cfg):
+    """One answer with `document` in the prompt, the plain model's read (no reading prefix)."""
+    from lcc_cli.runtime.reading import Row, View, answer_rows
+
+    view = View.text(loaded.prompter.context_ids(document))
+    return answer_rows(loaded, [Row(view, loaded.prompter.query_ids(question), question)], cfg, batch=False)[0]
+
+
 def _time_reads(loaded, document: str, question: str, budget: int, readers: dict, times: dict) -> None:
     """One token for `question` under `retrieve` (choosing its sentences counted) and then each
     reader, one after another, so that all see the machine at the same moment."""
     from lcc_cli.config import AskConfig
     from lcc_cli.retrieval import retrieve
-    from lcc_cli.runtime.reader import answer
 
     one = AskConfig(max_new_tokens=1)
     started = time.perf_counter()
     text = retrieve(document, question, budget, lambda t: len(loaded.prompter.encode(t)))
     chosen = time.perf_counter() - started
-    times["retrieve"].append(chosen + answer(loaded, [question], document=text, cfg=one)[0].seconds_to_first_token)
+    times["retrieve"].append(chosen + _text_answer(loaded, text, question, one).seconds_to_first_token)
     for name, reader in readers.items():
         times[name].append(reader.ask(question, one).seconds_to_first_token)
 
@@ -416,9 +422,9 @@ def _fifty_thousand(tmp: Path) -> dict:
             "reader = api.Reader([sys.argv[1]], loaded=loaded, read=ReadConfig())\n"
             "opened = time.perf_counter() - started\n"
             "q = 'What did the city council decide about the new bridge?'\n"
-            "started = time.perf_counter()\nbuffer = reader.memory.view(q)\nchosen = time.perf_counter() - started\n"
+            "started = time.perf_counter()\nview = reader.memory.view(q)\nchosen = time.perf_counter() - started\n"
             "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-            "print(json.dumps({'open_s': round(opened, 3), 'select_and_load_s': round(chosen, 3), 'entries': buffer.slots,"
+            "print(json.dumps({'open_s': round(opened, 3), 'select_and_load_s': round(chosen, 3), 'entries': view.stored + len(view.fresh),"
             " 'peak_mb': round(peak / 1024), 'bytes_read_mb': round(reader.memory.sources[0].handle.raw.bytes_read / 2**20, 1)}))\n")
     _, asked = sh([sys.executable, "-c", code, str(cart)], env={"OMP_WAIT_POLICY": "PASSIVE"})
     ok(asked)
@@ -549,8 +555,10 @@ def _library_quality(rows: list[dict], count: int = 200) -> dict:
     from lcc_cli.config import AskConfig, ReadConfig
     from lcc_cli.scoring import score
     from lcc_cli.format.cartridge import open_cartridge
-    from lcc_cli.runtime.memory import answer_all, open_memory
+    from lcc_cli.eval.run import answers
+    from lcc_cli.runtime.memory import open_memory
     from lcc_cli.runtime.memory.library import LibraryMemory
+    from lcc_cli.runtime.prefix import reading_prefix
     from lcc_cli.library.index import Library
 
     loaded = api.load(api.RunOptions())
@@ -566,9 +574,10 @@ def _library_quality(rows: list[dict], count: int = 200) -> dict:
     library = Library(folder)
     for budget, items in by_budget.items():
         lib = LibraryMemory(loaded, library, ReadConfig(budget=budget))
-        got = answer_all(loaded, lib, [q["q"] for _, q, _ in items], ask)
+        prefix = reading_prefix(loaded)  # the default read, on both sides
+        got = answers(loaded, lib, [q["q"] for _, q, _ in items], ask, prefix)
         for (i, q, cart), a in zip(items, got):
-            own = answer_all(loaded, open_memory([cart], loaded, read=ReadConfig(budget=budget)), [q["q"]], ask)[0]
+            own = answers(loaded, open_memory([cart], loaded, read=ReadConfig(budget=budget)), [q["q"]], ask, prefix)[0]
             own_rows.append(score(own.text, q["answers"]))
             lib_rows.append(score(a.text, q["answers"]))
             lib_rows[-1]["own_page_read"] = any(p["cartridge"] == f"p{i:04d}.lcc" for p in lib.read_pages(q["q"]))

@@ -18,7 +18,8 @@ from lcc_cli import api  # noqa: E402
 from lcc_cli.config import AskConfig, ReadConfig  # noqa: E402
 from lcc_cli.scoring import score  # noqa: E402
 from lcc_cli.format.cartridge import open_cartridge  # noqa: E402
-from lcc_cli.runtime.memory import answer_all, open_memory  # noqa: E402
+from lcc_cli.eval.run import answers  # noqa: E402
+from lcc_cli.runtime.memory import open_memory  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
         budget = -(-cart.manifest["source"]["token_count"] // 8)
         for rows, reencode in ((stored, 0), (reencoded, ReadConfig().reencode)):
             memory = open_memory([cart], loaded, read=ReadConfig(budget=budget, reencode=reencode))
-            rows.append(score(answer_all(loaded, memory, [q["q"]], ask)[0].text, q["answers"]))
+            rows.append(score(answers(loaded, memory, [q["q"]], ask)[0].text, q["answers"]))
     print(json.dumps({"questions": len(stored), **{m: measure.paired(stored, reencoded, m, ("stored", "reencoded"))
                                                    for m in ("contains", "f1")}}))
 

@@ -22,9 +22,9 @@ from .workflows.evaluating import eval_methods, run_eval
 from .workflows.files import export_cartridge, import_adapter, inspect, verify
 from .workflows.library import index_folder
 from .workflows.serving import serve
-from .workflows.training import train_compiler
+from .workflows.training import train_compiler, train_prefix
 
 __all__ = ["BatchItem", "BatchResult", "CompileResult", "MAX_QUESTION_CHARS", "Reader", "RunOptions", "ask",
            "check_question", "compile_file", "compile_paths", "estimate_seconds", "eval_methods", "export_cartridge",
            "import_adapter", "index_folder", "inspect", "load", "read_questions", "resolve_compiler", "run_eval", "serve", "settle",
-           "train_compiler", "verify"]
+           "train_compiler", "train_prefix", "verify"]

@@ -251,6 +251,9 @@ class ReadConfig(_FromDict):
     # Read the model's reading prefix (runtime/prefix.py) before the context turn, when one was
     # trained for this model (README "Reading prefix" has what it does to answers).
     prefix: bool = True
+    # A reading prefix file to read instead of the shipped one (one trained with
+    # `lcc train-prefix` for this model); None: the shipped one, when it fits the model.
+    prefix_file: Optional[str] = None
 
     def __post_init__(self):
         _check(self.budget is None or (isinstance(self.budget, int) and not isinstance(self.budget, bool)
@@ -263,6 +266,8 @@ class ReadConfig(_FromDict):
                "reencode", "between 0 and 4096", self.reencode)
         for name in ("gist", "prefix"):
             _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
+        _check(self.prefix_file is None or isinstance(self.prefix_file, str), "prefix_file", "a file path",
+               self.prefix_file)
 
 
 MAX_METHODS = 64  # each method compiles every document at every ratio: more is a mistake
@@ -448,6 +453,57 @@ class TrainConfig(_FromDict):
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)
         return d
+
+
+@dataclass
+class PrefixConfig(_FromDict):
+    """Everything that changes what `lcc train-prefix` produces. Stored in the prefix file."""
+
+    # The prefix starts as this instruction's own KV (one prefill): as many entries as it has
+    # tokens. The prototype (shared/DESIGN.md 4d) started here with 16 entries.
+    init: str = "Answer with the exact words of the document: a short phrase, never a sentence."
+    steps: int = 1200
+    # Adam directly on the entries, as the Cartridges recipe and compile/refine.py do for a
+    # buffer; 3e-3 moved the prototype's prefix from restating questions to spans in 400 steps.
+    lr: float = 3e-3
+    warmup: int = 20
+    # Rows per step: questions with gold answers (half paragraphs read at para_ratio, half long
+    # documents at long_ratio, as `lcc ask` reads them), and generic instructions scored by KL to
+    # the model without the prefix (half with no document, half reading a document).
+    qa_rows: int = 6
+    long_share: float = 0.5
+    kl_rows: int = 2
+    # Without the KL term the prototype answered "List three uses of a paperclip." with "a pen".
+    kl_weight: float = 1.0
+    para_ratio: float = 8.0
+    long_ratio: float = 16.0
+    answer_tokens: int = 24  # a gold answer is cut here (SQuAD answers are spans of a few words)
+    response_tokens: int = 32  # the teacher's response to an instruction, greedy, cut here
+    long_documents: int = 160  # long windows trained on (each compiled once, kept in the work folder)
+    # Whole articles held out to choose the kept step (never the benches: those are for reports).
+    heldout_articles: int = 16
+    validate_every: int = 100
+    validate_questions: int = 64
+    checkpoint_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "qa_rows", "answer_tokens", "response_tokens", "validate_every", "validate_questions",
+                     "checkpoint_every", "heldout_articles"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "at least 1", value)
+        for name in ("warmup", "kl_rows", "long_documents", "seed"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, "0 or more", value)
+        _check(isinstance(self.init, str) and bool(self.init.strip()), "init", "a non-empty instruction", self.init)
+        _check(_finite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
+        _check(_finite(self.kl_weight) and self.kl_weight >= 0, "kl_weight", "0 or more", self.kl_weight)
+        _check(_finite(self.long_share) and 0 <= self.long_share <= 1, "long_share", "between 0 and 1", self.long_share)
+        for name in ("para_ratio", "long_ratio"):
+            _check(_finite(getattr(self, name)) and getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def method_overrides(method: dict) -> dict:

@@ -28,7 +28,8 @@ def lcc_home(tmp_path, monkeypatch):
 
 def build_tiny_model(directory: Path, seed: int = 0, layers: int = 2, arch: str = "llama") -> Path:
     """Write a random 2-layer Llama (hidden 64) and a byte-level BPE tokenizer to `directory`
-    (`arch="qwen3"`: the same shapes as a Qwen3, whose attention normalises queries and keys)."""
+    (`arch="qwen3"`: the same shapes as a Qwen3, whose attention normalises queries and keys;
+    `arch="qwen2"`: a Qwen2, whose query projection has a bias)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -45,7 +46,15 @@ def build_tiny_model(directory: Path, seed: int = 0, layers: int = 2, arch: str 
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                       rope_theta=10000.0, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
                       bos_token_id=None, tie_word_embeddings=True)
-    if arch == "qwen3":
+    if arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        cfg = Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                          rope_theta=10000.0, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                          bos_token_id=None, tie_word_embeddings=True)
+        model = Qwen2ForCausalLM(cfg)
+    elif arch == "qwen3":
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
         cfg = Qwen3Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,

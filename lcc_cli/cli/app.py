@@ -58,6 +58,12 @@ RepairOpt = typer.Option(0, "--repair", metavar="N", help="Indexed cartridges: r
 ReencodeOpt = typer.Option(64, "--reencode", metavar="N", help="Indexed cartridges: re-encode the chosen pages "
                                                                "whole when they hold at most N entries together "
                                                                "(a short read answers better so; 0 = never).")
+PrefixOpt = typer.Option(True, "--prefix/--no-prefix", help="Read the model's reading prefix before the context (the "
+                                                          "shipped one for the embedded model: answers with the "
+                                                          "document's own short phrase).")
+PrefixFileOpt = typer.Option(None, "--prefix-file", metavar="FILE", help="A reading prefix trained with `lcc "
+                                                                         "train-prefix` for this model, instead "
+                                                                         "of the shipped one.")
 ShowPagesOpt = typer.Option(False, "--show-pages", help="Indexed cartridges: print the pages each answer read, "
                                                         "with their text.")
 

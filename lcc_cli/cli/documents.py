@@ -11,11 +11,14 @@ from rich.table import Table
 from ..config import AskConfig, CompileConfig, ReadConfig
 from ..errors import UsageError, VerifyFailed
 from .app import (BudgetOpt, ContextOpt, DeviceOpt, DtypeOpt, ForceReadOpt, JsonOpt, MaxTokensOpt, ModelOpt,
-                  ReadRatioOpt, ReencodeOpt, RepairOpt, SelectorOpt, ShowPagesOpt, TemperatureOpt, ThreadsOpt,
+                  PrefixFileOpt, PrefixOpt, ReadRatioOpt, ReencodeOpt, RepairOpt, SelectorOpt, ShowPagesOpt,
+                  TemperatureOpt, ThreadsOpt,
                   _errors, _progress, _run, app, err, out)
 from .render import clean, compiler_rows, inspect_rows, markup_safe, print_json, print_json_line
 
 
+# Long only in its signature: every flag is a typed parameter with its help (litgpt's way);
+# the body hands the settings to the API and renders what comes back.
 @app.command("compile")
 @_errors
 def compile_cmd(
@@ -121,13 +124,10 @@ def compile_cmd(
     if as_json:
         print_json(result.to_dict())
         return
-    last = result.metrics[-1] if result.metrics else {}
-    losses = ""
-    if "final_recon" in last:
-        kl = f", kl {last['final_kl']:.3f}" if "final_kl" in last else ""
-        losses = f"; final recon {last['final_recon']:.3f}{kl}"
-    method = result.compiler.get("name", "?") + (f" + {last.get('steps')} steps" if result.compiler.get("name")
-                                                  == "pretrained" else "")
+    _render_compiled(result)
+
+
+def _render_compiled(result) -> None:
     if result.index:
         i = result.index
         gist = f" and a {i['gist_entries']}-entry gist" if i["gist_entries"] else ""
@@ -135,6 +135,13 @@ def compile_cmd(
                   f"({i['dtype']}, {i['bytes_per_token']:,.0f} bytes a token) in {result.seconds:.1f}s; a question "
                   f"reads {i['budget']:,} entries of pages by default", markup=False)
         return
+    last = result.metrics[-1] if result.metrics else {}
+    losses = ""
+    if "final_recon" in last:
+        kl = f", kl {last['final_kl']:.3f}" if "final_kl" in last else ""
+        losses = f"; final recon {last['final_recon']:.3f}{kl}"
+    method = result.compiler.get("name", "?") + (f" + {last.get('steps')} steps" if result.compiler.get("name")
+                                                  == "pretrained" else "")
     check = result.self_check_seconds
     seconds = f"{result.seconds:.1f}s" + (f" (and {check:.1f}s of self-check)" if check else "")
     out.print(f"wrote {clean(result.path)}: {result.slots} slots from {result.tokens} tokens "
@@ -178,6 +185,8 @@ def ask(
     selector: str = SelectorOpt,
     repair: int = RepairOpt,
     reencode: int = ReencodeOpt,
+    prefix: bool = PrefixOpt,
+    prefix_file: Optional[Path] = PrefixFileOpt,
     show_pages: bool = ShowPagesOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -207,7 +216,8 @@ def ask(
     else:
         cartridges, asked = args, api.read_questions(questions)
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode)
+    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode, prefix=prefix,
+                      prefix_file=str(prefix_file) if prefix_file else None)
     reader = api.Reader([Path(c) for c in cartridges], context, _run(model, device, threads, dtype), force, read=read)
     reader.check(asked, cfg)  # every question, before the first answer is printed
     if questions is not None:
@@ -236,6 +246,8 @@ def chat(
     selector: str = SelectorOpt,
     repair: int = RepairOpt,
     reencode: int = ReencodeOpt,
+    prefix: bool = PrefixOpt,
+    prefix_file: Optional[Path] = PrefixFileOpt,
     show_pages: bool = ShowPagesOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -249,7 +261,8 @@ def chat(
     from .. import api
 
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode)
+    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode, prefix=prefix,
+                      prefix_file=str(prefix_file) if prefix_file else None)
     err.print("loading…", highlight=False)
     reader = api.Reader(list(cartridges or []), context, _run(model, device, threads, dtype), force, read=read)
     err.print(f"ready ({reader.mode}); ask a question, or Ctrl-D to quit", highlight=False)
@@ -276,7 +289,8 @@ def chat(
 def _answer_json(a, mode: str) -> dict:
     out = {"answer": a.text, "mode": mode, "question": a.question,
            "seconds_to_first_token": round(a.seconds_to_first_token, 4), "seconds_total": round(a.seconds_total, 4),
-           "kv_positions": a.kv_positions, "prompt_tokens": a.prompt_tokens, "new_tokens": len(a.token_ids)}
+           "kv_positions": a.kv_positions, "prompt_tokens": a.prompt_tokens, "new_tokens": len(a.token_ids),
+           "prefix": a.prefix}
     if a.pages is not None:
         out["pages"] = a.pages
     return out

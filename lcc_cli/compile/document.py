@@ -286,3 +286,28 @@ def read_partial(path: Path, loaded, doc: Document, cfg: CompileConfig, compiler
     for row, metrics, buffer in zip(cart.segments, m["metrics"]["segments"], cart.segment_buffers()):
         out[row["index"]] = SegmentResult(buffer, row["token_count"], metrics, row.get("sink", False))
     return out
+
+
+def compile_text(loaded, text: str, name: str = "document.txt", compiler: str | CompilerSpec | None = "auto",
+                 settings: dict | CompileConfig | None = None, quality: str = "balanced",
+                 progress: Progress = NO_PROGRESS, built: dict | None = None) -> Cartridge:
+    """One document's text compiled in memory with the model already loaded, through the one
+    compile path (in this process), and returned as it would be read back from its file (keys
+    and values stored as the settings store them: int8 for the default indexed cartridge).
+    `built`: compilers already built, by spec, reused across calls."""
+    import hashlib
+
+    from ..backends.local import LocalExecutor
+    from ..format.cartridge import from_bytes, to_bytes
+    from .base import build_compiler
+    from .choice import settle
+
+    spec, cfg = settle(loaded, compiler, settings, quality)
+    built = {} if built is None else built
+    if spec not in built:
+        built[spec] = build_compiler(spec, loaded)
+    method = built[spec]
+    doc = Document(text=text, sha256=hashlib.sha256(text.encode()).hexdigest(), name=name)
+    task = DocumentTask(doc, None, text_segments(loaded, text, cfg))
+    compile_all(loaded, [task], cfg, spec, method.describe(), LocalExecutor(loaded, method), progress)
+    return from_bytes(to_bytes(task.cartridge), name)

@@ -175,7 +175,8 @@ def evaluate_compositions(loaded, rows: list[dict], settings: EvalSettings, out:
                                         out / "cartridges", compile_fn)[0] for m in members]
             composed[ratio] = {"composed": Whole(compose(carts, "consecutive"), loaded),
                                "composed_overlap": Whole(compose(carts, "overlap"), loaded)}
-        prefix = reading_prefix(loaded, ReadConfig.from_dict(method.read).prefix)
+        read = ReadConfig.from_dict(method.read)
+        prefix = reading_prefix(loaded, read.prefix, read.prefix_file)
         for m in members:
             qs = _questions(m, settings)
             texts = [q["q"] for q in qs]
@@ -261,7 +262,7 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
             indexed = "index" in cart.manifest
             read = ReadConfig.from_dict({"ratio": ratio, **method.read})
             memory = open_memory([cart], loaded, ["cartridge"], read=read)
-            prefix = reading_prefix(loaded, read.prefix)
+            prefix = reading_prefix(loaded, read.prefix, read.prefix_file)
             k = memory.budget if indexed else cart.slots  # an indexed cartridge: its ask budget
             if settings.baselines and (ratio, k) not in truncated_at:  # the same KV budget, from the text's start
                 truncated_at.add((ratio, k))

@@ -45,34 +45,9 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
     *between* prefix entries (pages re-encoded at read time, in the question's own pass). The
     first pass then masks by position (`Placed`); `first_position` is not used for such a row."""
     start = time.perf_counter()
-    batch, width = len(prompts), max(len(p) for p in prompts)
+    batch = len(prompts)
     device = next(model.parameters()).device
-    firsts = first_position if isinstance(first_position, list) else [first_position] * batch
-    ragged = bool(prefix) and isinstance(prefix[0], list)  # a prefix per row (rows read different entries)
-    if ragged:
-        prefix, lengths = _stack_left_padded(prefix)
-    else:
-        lengths = [prefix[0][0].shape[-2] if prefix else 0] * batch
-    cached = prefix[0][0].shape[-2] if prefix else 0
-    ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-    mask = torch.zeros(batch, cached + width, dtype=torch.long, device=device)
-    mask[:, :cached] = 1
-    if ragged:
-        for i, n in enumerate(lengths):
-            mask[i, :cached - n] = 0  # a shorter row's padding entries are never attended to
-    positions = torch.zeros(batch, width, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        pad = width - len(p)
-        ids[i, pad:] = torch.tensor(p)
-        mask[i, cached + pad:] = 1
-        if placed and placed[i] is not None:
-            positions[i, pad:] = torch.as_tensor(placed[i].positions)
-        else:
-            positions[i] = torch.arange(firsts[i] - pad, firsts[i] - pad + width)
-    cache = make_cache(prefix, batch=batch)
-    first_mask = mask
-    if placed and any(p is not None for p in placed):
-        first_mask = _placed_mask(mask, positions, placed, lengths, cached, device)
+    ids, mask, first_mask, positions, cache = first_pass(prefix, first_position, prompts, placed, device)
     logits = model(input_ids=ids, attention_mask=first_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                    **cache_kwargs(model, cache)).logits[:, -1]
     next_pos = positions[:, -1] + 1
@@ -109,6 +84,39 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
     return [Decoded(t, torch.stack(s) if keep_logprobs and s else None, first_token or total, total,
                     (torch.stack([a for a, _ in tp]), torch.stack([b for _, b in tp])) if tp else None)
             for t, s, tp in zip(tokens, steps, tops)]
+
+
+def first_pass(prefix, first_position, prompts: list[list[int]], placed, device):
+    """(ids, padding mask, the first pass's mask, positions, cache) for the prompts, left-padded
+    so that every row's last prompt token is aligned: `decode`'s first pass, and the trainer's
+    (training/prefix.py) with a trained prefix in each row's cache."""
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    firsts = first_position if isinstance(first_position, list) else [first_position] * batch
+    ragged = bool(prefix) and isinstance(prefix[0], list)  # a prefix per row (rows read different entries)
+    if ragged:
+        prefix, lengths = _stack_left_padded(prefix)
+    else:
+        lengths = [prefix[0][0].shape[-2] if prefix else 0] * batch
+    cached = prefix[0][0].shape[-2] if prefix else 0
+    ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, cached + width, dtype=torch.long, device=device)
+    mask[:, :cached] = 1
+    if ragged:
+        for i, n in enumerate(lengths):
+            mask[i, :cached - n] = 0  # a shorter row's padding entries are never attended to
+    positions = torch.zeros(batch, width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        pad = width - len(p)
+        ids[i, pad:] = torch.tensor(p)
+        mask[i, cached + pad:] = 1
+        if placed and placed[i] is not None:
+            positions[i, pad:] = torch.as_tensor(placed[i].positions)
+        else:
+            positions[i] = torch.arange(firsts[i] - pad, firsts[i] - pad + width)
+    first_mask = mask
+    if placed and any(p is not None for p in placed):
+        first_mask = _placed_mask(mask, positions, placed, lengths, cached, device)
+    return ids, mask, first_mask, positions, make_cache(prefix, batch=batch)
 
 
 @dataclass

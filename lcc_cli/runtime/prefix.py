@@ -51,14 +51,18 @@ def open_prefix(loaded, path: Path) -> ReadingPrefix:
     return ReadingPrefix(name, buffer, f.manifest)
 
 
-def reading_prefix(loaded, enabled: bool = True, path: Path | None = None) -> ReadingPrefix | None:
+def reading_prefix(loaded, enabled: bool = True, path: str | Path | None = None) -> ReadingPrefix | None:
     """The prefix every read of this model puts first: `path`, or the shipped one when it was
-    trained for this very model; None when disabled or there is none for this model. Loaded
-    once per model."""
+    trained for this very model; None when disabled or there is none for this model. Each
+    file is loaded once per model."""
     if not enabled:
         return None
     if path is not None:
-        return open_prefix(loaded, Path(path))
+        opened = loaded.__dict__.setdefault("_prefix_files", {})
+        key = str(Path(path).resolve())
+        if key not in opened:
+            opened[key] = open_prefix(loaded, Path(path))
+        return opened[key]
     cached = getattr(loaded, "_reading_prefix", False)
     if cached is not False:
         return cached

@@ -37,7 +37,8 @@ class Service:
         self.loaded, self.catalog, self.engine, self.limits, self.api_key = loaded, catalog, engine, limits, api_key
         self.read = read or ReadConfig()  # the server's reads; a request's `lcc` object changes its own
         self.plain = loaded.model_id
-        self.prefix = reading_prefix(loaded)  # loaded once; each read decides whether to put it first
+        # loaded once; each read decides whether to put it first
+        self.prefix = reading_prefix(loaded, True, self.read.prefix_file)
         self.buffers = BufferCache(limits.cache_bytes)  # composed, converted buffers by their cartridges' digests
         self.paged = PagedCartridges(loaded, catalog)  # indexed cartridges, held open, each question its own pages
         self.libraries = [ServedLibrary(loaded, folder) for folder in catalog.folders[:1]]

@@ -32,7 +32,7 @@ class Reader:
         self.document = read_document(context).text if context is not None else None
         self.loaded = loaded or load(run or RunOptions())
         self.read = read or ReadConfig()
-        self.prefix = reading_prefix(self.loaded, self.read.prefix)
+        self.prefix = reading_prefix(self.loaded, self.read.prefix, self.read.prefix_file)
         self.memory = None
         if library is not None or carts:
             self.memory = open_memory(carts, self.loaded, [Path(p).name for p in cartridges], force, read=self.read,

@@ -58,3 +58,24 @@ def _train_on_ray(data, output: Path, cfg, run: RunOptions, force, resume, time_
                        t["selected_step"], t["heldout_qa_kl"], t["history"])
 
 
+
+
+def train_prefix(data: list[Path], output: Path, cfg, run: RunOptions | None = None, force: bool = False,
+                 resume: bool = False, stop_after: int | None = None, progress: Progress = NO_PROGRESS):
+    """`lcc train-prefix`: train the reading prefix for the model and write it (training/prefix.py)."""
+    from ..errors import InputError
+    from ..training.prefix import train_prefix as train
+
+    for d in data:
+        if not Path(d).exists():
+            raise InputError(f"no such training data: {d}")
+    run = run or RunOptions()
+    progress = governed(run, progress)
+    progress.status("loading model…")
+    loaded = load(run)
+    try:
+        return train(loaded, [Path(d) for d in data], Path(output), cfg, resume=resume, force=force,
+                     stop_after=stop_after, progress=progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; checkpoints are kept in {output}.ckpt",
+                          hint="rerun with --resume to continue") from None
