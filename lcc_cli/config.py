@@ -31,6 +31,7 @@ PageKind = Literal["sentence", "fixed"]
 WindowMode = Literal["overlap", "prefix"]
 Selector = Literal["bm25", "attention", "fusion"]
 PageLayout = Literal["consecutive", "gaps"]
+AnswerFormat = Literal["plain", "words"]
 KV_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
@@ -221,12 +222,18 @@ class AskConfig(_FromDict):
     # Greedy by default: answers are reproducible and comparable across conditions.
     temperature: float = 0.0
     seed: int = 0
+    # Stop an answer once a cycle of 2-4 tokens repeats this many times in a row ("P.P.P.P."):
+    # a degenerate loop, never an answer (0: never stop for it).
+    stop_repeats: int = 4
 
     def __post_init__(self):
         _check(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 8192, "max_new_tokens",
                "between 1 and 8192", self.max_new_tokens)
         _check(_finite(self.temperature) and 0 <= self.temperature <= 100, "temperature", "between 0 and 100",
                self.temperature)
+        _check(isinstance(self.stop_repeats, int) and not isinstance(self.stop_repeats, bool)
+               and (self.stop_repeats == 0 or 2 <= self.stop_repeats <= 64), "stop_repeats", "0 or 2 to 64",
+               self.stop_repeats)
 
 
 @dataclass
@@ -254,6 +261,14 @@ class ReadConfig(_FromDict):
     # A reading prefix file to read instead of the shipped one (one trained with
     # `lcc train-prefix` for this model); None: the shipped one, when it fits the model.
     prefix_file: Optional[str] = None
+    # Entries a read may take whatever the budget: the best page whole when it alone is over
+    # the budget (cut only past the floor), and the whole document when it holds no more. A
+    # read cut mid-sentence answered "Ada P.P.P.P." (issue 38); 64 is what `reencode` re-encodes.
+    floor: int = 64
+    # Words after the question (runtime/prompts.py ANSWER_FORMATS): "plain" adds none (the
+    # system turn already says "Be brief."), "words" adds "Answer in a few words.", the best
+    # plain prompt measured (shared/DESIGN.md 4d).
+    answer_format: AnswerFormat = "plain"
 
     def __post_init__(self):
         _check(self.budget is None or (isinstance(self.budget, int) and not isinstance(self.budget, bool)
@@ -268,6 +283,10 @@ class ReadConfig(_FromDict):
             _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
         _check(self.prefix_file is None or isinstance(self.prefix_file, str), "prefix_file", "a file path",
                self.prefix_file)
+        _check(isinstance(self.floor, int) and not isinstance(self.floor, bool) and 0 <= self.floor <= 4096, "floor",
+               "between 0 and 4096", self.floor)
+        _check(self.answer_format in typing.get_args(AnswerFormat), "answer_format", "plain or words",
+               self.answer_format)
 
 
 MAX_METHODS = 64  # each method compiles every document at every ratio: more is a mistake
@@ -285,6 +304,13 @@ class EvalSettings(_FromDict):
     sample_seed: int | None = None
     # The `retrieve` baseline beside `truncate`: BM25 sentences of the same token budget.
     retrieve: bool = True
+    # Answer formats the baselines are also read with (ReadConfig.answer_format): conditions
+    # `retrieve_words`, `full_words`... beside `retrieve` and `full` (plain), so that a gain is
+    # measured against the plain model with the best plain prompt too.
+    baseline_formats: list[str] = field(default_factory=lambda: ["plain"])
+    # `retrieve_dense`: the same budget of sentences chosen by all-MiniLM-L6-v2 embeddings
+    # (what a Chroma or LangChain user gets by default).
+    retrieve_dense: bool = False
     # The baselines (full, none, truncate, retrieve). false: the methods' cartridges alone, for
     # an A/B whose other side and baselines another run with the same questions already has
     # (bench/paired.py pairs two results files).
@@ -315,6 +341,8 @@ class EvalSettings(_FromDict):
         self.ratios = [float(r) for r in self.ratios]
         for r in self.ratios:
             CompileConfig(ratio=r)  # the same rule as compile
+        for fmt in self.baseline_formats:
+            _check(fmt in typing.get_args(AnswerFormat), "baseline_formats", "a list of plain or words", fmt)
         for name in ("limit", "questions_per_doc", "route"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), name,

@@ -46,12 +46,18 @@ def test_results_structure_and_numbers(toy, tmp_path, tiny_model_dir):
     assert {(r["condition"], r["ratio"]) for r in rows} == {
         ("full", None), ("none", None), ("truncate", 4.0), ("truncate", 8.0), ("retrieve", 4.0), ("retrieve", 8.0),
         ("cartridge", 4.0), ("cartridge", 8.0)}
-    # retrieve spends the truncate budget (the same K tokens; sentence joins may merge a token or two)
+    # retrieve spends the truncate budget (the same K tokens; sentence joins may merge a token or two),
+    # or the floor an indexed read has (a document under it is read whole)
+    from lcc_cli.config import ReadConfig
+
+    full = {r["qid"]: r for r in rows if r["condition"] == "full"}
     for ratio in (4.0, 8.0):
         trunc = {r["qid"]: r for r in rows if r["condition"] == "truncate" and r["ratio"] == ratio}
         for r in rows:
             if r["condition"] == "retrieve" and r["ratio"] == ratio:
-                assert r["kv_positions"] <= trunc[r["qid"]]["kv_positions"] + 2
+                assert r["kv_positions"] <= max(trunc[r["qid"]]["kv_positions"] + 2,
+                                                min(full[r["qid"]]["kv_positions"],
+                                                    trunc[r["qid"]]["kv_positions"] + ReadConfig().floor))
     for r in rows:
         assert 0 <= r["f1"] <= 1 and r["em"] in (0.0, 1.0) and r["contains"] in (0.0, 1.0)
     summary = result["summary"]
@@ -217,15 +223,17 @@ def test_settings_added_later_stay_out_of_the_cache_key_at_their_defaults():
 
 
 def test_a_read_default_that_changed_keeps_old_indexed_results_out_of_the_cache():
-    """Indexed results cached before `reencode` existed read every page as stored: they must
-    not stand for the new default."""
+    """Indexed results cached before `reencode` existed read every page as stored, and before
+    `floor` existed cut a best page at the budget: they must not stand for the new defaults."""
     from lcc_cli.compile.base import CompilerSpec
     from lcc_cli.eval.run import Method, _method_key
 
     old = ["m", "truncate", None, {"index": True}]  # the key such a method had before
     assert _method_key(Method("m", CompilerSpec("truncate"), {"index": True})) != old
     assert _method_key(Method("m", CompilerSpec("truncate"), {"index": True}, read={"reencode": 0})) == [
-        *old, {"reencode": 0}]
+        *old, {"reencode": 0, "floor": 64}]
+    assert _method_key(Method("m", CompilerSpec("truncate"), {"index": True}, read={"reencode": 0, "floor": 0})) == [
+        *old, {"reencode": 0, "floor": 0}]
     assert _method_key(Method("m", CompilerSpec("truncate"), {})) == ["m", "truncate", None, {}]
 
 

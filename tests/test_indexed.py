@@ -355,16 +355,47 @@ def test_a_lying_index_is_refused_before_it_is_used(indexed, tmp_path, edit, fra
 
 def test_a_page_cut_at_the_budget_shows_only_the_part_read(tmp_path, tiny_model_dir, tiny_loaded):
     path = _compile(tmp_path, tiny_model_dir)
-    memory = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=4))
+    memory = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=4, floor=0))
     page = memory.read_pages("When was the lighthouse completed by Ada Pellinger?")[0]
     assert page["entries"] == 4 < page["page_entries"]
     whole = "It was completed in 1868 by the engineer Ada Pellinger."
     assert page["text"] and whole.startswith(page["text"].strip()) and len(page["text"]) < len(whole)
     result = CliRunner().invoke(app, ["ask", str(path), "When was the lighthouse completed by Ada Pellinger?",
-                                      "--model", str(tiny_model_dir), "--budget", "4", "--show-pages",
+                                      "--model", str(tiny_model_dir), "--budget", "4", "--floor", "0", "--show-pages",
                                       "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.stderr
     assert f"first 4 of {page['page_entries']} entries" in result.output
+
+
+def test_a_read_never_starves_below_its_floor(tmp_path, tiny_model_dir, tiny_loaded):
+    """The best page alone over the budget is read whole up to the floor (a page cut mid-word
+    answered "Ada P.P.P.P."), cut only past it; a document under the floor is read whole."""
+    filler = " ".join(f"Boat number {i} is painted blue and sails at noon." for i in range(25))
+    path = _compile(tmp_path, tiny_model_dir, text=filler + " " + TEXT)
+    q = "When was the lighthouse completed by Ada Pellinger?"
+
+    def read(**cfg):
+        return open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=4, **cfg)).read_pages(q)
+
+    (page,) = read()
+    assert page["entries"] == page["page_entries"] == 22 and "Ada Pellinger" in page["text"]  # whole: 22 <= 64
+    assert [p["entries"] for p in read(floor=10)] == [10]  # past the floor: cut there, not at the budget
+    assert [p["entries"] for p in read(floor=0)] == [4]
+    short = _compile(tmp_path, tiny_model_dir, "short", text="The tower is tall. It was completed in 1868 by Ada "
+                                                           "Pellinger. Boats sail at noon.")  # under the floor
+    whole = open_memory([open_cartridge(short)], tiny_loaded, read=ReadConfig(budget=4)).read_pages(q)
+    assert len(whole) == len(open_cartridge(short).manifest["index"]["pages"])
+
+
+def test_retrieval_reads_with_the_same_floor():
+    from lcc_cli.retrieval import retrieve
+
+    count = lambda t: len(t.split())  # noqa: E731
+    text = "Alpha beta gamma delta epsilon zeta. " + " ".join(f"Filler sentence number {i} here." for i in range(20))
+    assert retrieve(text, "gamma delta", 3, count) == "Alpha beta"  # cut at the budget (the old way)
+    assert retrieve(text, "gamma delta", 3, count, floor=10) == "Alpha beta gamma delta epsilon zeta."
+    assert retrieve(text, "gamma delta", 3, count, floor=4) == "Alpha beta gamma"
+    assert retrieve("One two. Three four.", "x", 1, count, floor=10) == "One two. Three four."
 
 
 def test_the_manifest_records_what_ran_and_what_was_stored(tmp_path, tiny_model_dir):
@@ -378,3 +409,30 @@ def test_the_manifest_records_what_ran_and_what_was_stored(tmp_path, tiny_model_
     api.compile_file(src, tmp_path / "gist.lcc", {"ratio": 4.0, "index": True, "gist": True}, compiler="truncate",
                      run=run_opts(tiny_model_dir))
     assert open_cartridge(tmp_path / "gist.lcc").manifest["compiler"]["name"] == "truncate"
+
+
+def test_a_degenerate_repeat_ends_the_answer_and_a_run_of_one_token_does_not():
+    from lcc_cli.runtime.decode import looping
+
+    p, dot, ada = 5, 6, 7
+    assert looping([ada, p, dot, p, dot, p, dot, p, dot], 4)  # "Ada P.P.P.P."
+    assert not looping([ada, p, dot, p, dot, p, dot], 4)
+    assert not looping([dot] * 12, 4)  # "............" may be text (and is the pinned greedy answer)
+    assert looping([1, 2, 3] * 4, 4) and looping([1, 2, 3, 4] * 4, 4) and not looping([1, 2, 3, 4, 5] * 4, 4)
+
+
+def test_the_answer_format_puts_its_words_after_the_question(tiny_loaded):
+    p = tiny_loaded.prompter
+    assert p.query_ids("Who?", "words") == p.query_ids("Who? Answer in a few words.")
+    assert p.query_ids("Who?", "plain") == p.query_ids("Who?")
+
+
+def test_the_dense_baseline_reads_the_nearest_sentences():
+    from lcc_cli.runtime.dense import DenseEncoder
+
+    encoder = DenseEncoder.shared()
+    text = "Boats leave the harbour at dawn. The lighthouse was designed by the engineer Ada Pellinger. " \
+           "The ferry crosses the bay twice a day."
+    count = lambda t: len(t.split())  # noqa: E731
+    assert encoder.retrieve(text, "Who designed the lighthouse?", 10, count) == \
+        "The lighthouse was designed by the engineer Ada Pellinger."

@@ -29,10 +29,10 @@ def _free_port() -> int:
 class Running:
     """A server in a thread of this test process (uvicorn on a free port)."""
 
-    def __init__(self, loaded, paths, limits=Limits(), api_key=None):
+    def __init__(self, loaded, paths, limits=Limits(), api_key=None, read=None):
         import uvicorn
 
-        self.app, self.catalog, self.engine = build(loaded, paths, limits, api_key)
+        self.app, self.catalog, self.engine = build(loaded, paths, limits, api_key, read=read)
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from .._version import __version__
-from ..config import DEFAULT_MODEL, DEVICE_ENV, MODEL_ENV, AskConfig
+from ..config import DEFAULT_MODEL, DEVICE_ENV, MODEL_ENV, AskConfig, ReadConfig
 from ..errors import (EXIT_CODES, EXIT_INTERRUPTED, EXIT_RESOURCES, EXIT_UNEXPECTED, EXIT_USAGE, LccError)
 from .render import clean
 
@@ -58,6 +58,11 @@ RepairOpt = typer.Option(0, "--repair", metavar="N", help="Indexed cartridges: r
 ReencodeOpt = typer.Option(64, "--reencode", metavar="N", help="Indexed cartridges: re-encode the chosen pages "
                                                                "whole when they hold at most N entries together "
                                                                "(a short read answers better so; 0 = never).")
+FloorOpt = typer.Option(ReadConfig.floor, "--floor", metavar="N", help="Indexed cartridges: entries a read may "
+                                                                     "take whatever the budget: the best page whole "
+                                                                     "up to N, a document of at most N whole.")
+AnswerFormatOpt = typer.Option(ReadConfig.answer_format, "--answer-format",
+                               help="Words after the question: plain (none) | words (\"Answer in a few words.\").")
 PrefixOpt = typer.Option(True, "--prefix/--no-prefix", help="Read the model's reading prefix before the context (the "
                                                           "shipped one for the embedded model: answers with the "
                                                           "document's own short phrase).")

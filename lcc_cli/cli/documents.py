@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..config import AskConfig, CompileConfig, ReadConfig
 from ..errors import UsageError, VerifyFailed
-from .app import (BudgetOpt, ContextOpt, DeviceOpt, DtypeOpt, ForceReadOpt, JsonOpt, MaxTokensOpt, ModelOpt,
+from .app import (AnswerFormatOpt, BudgetOpt, ContextOpt, FloorOpt, DeviceOpt, DtypeOpt, ForceReadOpt, JsonOpt, MaxTokensOpt, ModelOpt,
                   PrefixFileOpt, PrefixOpt, ReadRatioOpt, ReencodeOpt, RepairOpt, SelectorOpt, ShowPagesOpt,
                   TemperatureOpt, ThreadsOpt,
                   _errors, _progress, _run, app, err, out)
@@ -185,6 +185,8 @@ def ask(
     selector: str = SelectorOpt,
     repair: int = RepairOpt,
     reencode: int = ReencodeOpt,
+    floor: int = FloorOpt,
+    answer_format: str = AnswerFormatOpt,
     prefix: bool = PrefixOpt,
     prefix_file: Optional[Path] = PrefixFileOpt,
     show_pages: bool = ShowPagesOpt,
@@ -216,8 +218,8 @@ def ask(
     else:
         cartridges, asked = args, api.read_questions(questions)
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode, prefix=prefix,
-                      prefix_file=str(prefix_file) if prefix_file else None)
+    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode, floor=floor,
+                      answer_format=answer_format, prefix=prefix, prefix_file=str(prefix_file) if prefix_file else None)
     reader = api.Reader([Path(c) for c in cartridges], context, _run(model, device, threads, dtype), force, read=read)
     reader.check(asked, cfg)  # every question, before the first answer is printed
     if questions is not None:
@@ -246,6 +248,8 @@ def chat(
     selector: str = SelectorOpt,
     repair: int = RepairOpt,
     reencode: int = ReencodeOpt,
+    floor: int = FloorOpt,
+    answer_format: str = AnswerFormatOpt,
     prefix: bool = PrefixOpt,
     prefix_file: Optional[Path] = PrefixFileOpt,
     show_pages: bool = ShowPagesOpt,
@@ -261,8 +265,8 @@ def chat(
     from .. import api
 
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode, prefix=prefix,
-                      prefix_file=str(prefix_file) if prefix_file else None)
+    read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode, floor=floor,
+                      answer_format=answer_format, prefix=prefix, prefix_file=str(prefix_file) if prefix_file else None)
     err.print("loading…", highlight=False)
     reader = api.Reader(list(cartridges or []), context, _run(model, device, threads, dtype), force, read=read)
     err.print(f"ready ({reader.mode}); ask a question, or Ctrl-D to quit", highlight=False)

@@ -97,7 +97,7 @@ def _method_key(m: Method) -> list:
     return [m.label, m.spec.name, weights, settings] + ([read] if read else [])
 
 
-_READ_CHANGED = ("reencode",)  # was 0 (never) before it was a setting
+_READ_CHANGED = ("reencode", "floor")  # each was 0 (never) before it was a setting
 
 
 _INDEX_FIELDS = ("index", "gist", "pages", "page_tokens", "window_tokens", "window_mode", "window_overlap",
@@ -113,6 +113,12 @@ def settings_key(loaded, settings: EvalSettings, methods: list[Method]) -> str:
     later = {} if settings.baselines else {"baselines": False}
     if settings.prefix_baselines:
         later["prefix_baselines"] = True
+    if settings.baseline_formats != ["plain"]:
+        later["formats"] = settings.baseline_formats
+    if settings.retrieve_dense:
+        later["dense"] = True
+    if ReadConfig().floor:  # the retrieve baseline reads with the floor an indexed read has
+        later["floor"] = ReadConfig().floor
     prefix = reading_prefix(loaded)
     if prefix is not None:  # results read with another prefix (or none) do not stand for these
         later["prefix"] = prefix.name
@@ -243,6 +249,9 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
 
     if settings.baselines:
         add("full", None, None, answers(loaded, text_view(loaded, text), texts, ask))
+        for fmt in settings.baseline_formats:
+            if fmt != "plain":
+                add(f"full_{fmt}", None, None, answers(loaded, text_view(loaded, text), texts, ask, answer_format=fmt))
         add("none", None, None, answers(loaded, text_view(loaded, None), texts, ask))
         if settings.prefix_baselines and plain_prefix is not None:
             add("full_prefix", None, None, answers(loaded, text_view(loaded, text), texts, ask, plain_prefix))
@@ -269,11 +278,16 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
                 truncated = loaded.tokenizer.decode(doc_tokens[:k], skip_special_tokens=True)
                 add("truncate", ratio, None, answers(loaded, text_view(loaded, truncated), texts, ask), k)
                 if settings.retrieve:
-                    add("retrieve", ratio, None, retrieved_answers(loaded, text, texts, k, ask), k)
+                    for fmt in settings.baseline_formats:
+                        name = "retrieve" if fmt == "plain" else f"retrieve_{fmt}"
+                        add(name, ratio, None, retrieved_answers(loaded, text, texts, k, ask, answer_format=fmt), k)
+                    if settings.retrieve_dense:
+                        add("retrieve_dense", ratio, None,
+                            retrieved_answers(loaded, text, texts, k, ask, dense=dense_encoder()), k)
                     if settings.prefix_baselines and plain_prefix is not None:
                         add("retrieve_prefix", ratio, None, retrieved_answers(loaded, text, texts, k, ask, plain_prefix),
                             k)
-            got = answers(loaded, memory, texts, ask, prefix)
+            got = answers(loaded, memory, texts, ask, prefix, read.answer_format)
             add("cartridge", ratio, method.label, got, k)
             compiles_extra = {"read_entries": statistics.mean(memory.end(q) for q in texts)} if indexed else {}
             if settings.route and not indexed and len(cart.segments) > settings.route:
@@ -297,6 +311,13 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
             "general": general}
 
 
+def dense_encoder():
+    """The dense retriever (runtime/dense.py), loaded once per process."""
+    from ..runtime.dense import DenseEncoder
+
+    return DenseEncoder.shared()
+
+
 def text_view(loaded, document: str | None):
     """The context turn with `document` in it (None: the plain instruction), read as text."""
     from ..runtime.reading import View
@@ -304,7 +325,7 @@ def text_view(loaded, document: str | None):
     return View.text(loaded.prompter.context_ids(document))
 
 
-def answers(loaded, source, questions: list[str], ask, prefix=None) -> list:
+def answers(loaded, source, questions: list[str], ask, prefix=None, answer_format: str = "plain") -> list:
     """Every question answered through the reading engine, in one batch: `source` is a memory
     (each question its own view; questions with one key share it) or one View for all."""
     from ..runtime.reading import Row, answer_rows
@@ -313,22 +334,26 @@ def answers(loaded, source, questions: list[str], ask, prefix=None) -> list:
     rows = []
     for q in questions:
         view = source.view(q) if hasattr(source, "mode") else source
-        rows.append(Row(views.setdefault(view.key, view), loaded.prompter.query_ids(q), q))
+        rows.append(Row(views.setdefault(view.key, view), loaded.prompter.query_ids(q, answer_format), q))
     return answer_rows(loaded, rows, ask, prefix, batch=True)
 
 
-def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask, prefix=None) -> list:
-    """Each question answered from its own BM25 sentences of the document (`budget` tokens) in
-    the prompt, all in one batched decode (each row with its own prompt)."""
+def retrieved_answers(loaded, text: str, questions: list[str], budget: int, ask, prefix=None,
+                      answer_format: str = "plain", dense=None) -> list:
+    """Each question answered from its own best sentences of the document (`budget` tokens,
+    and the floor an indexed read has) in the prompt, all in one batched decode: BM25's
+    sentences, or with `dense` (runtime.dense.DenseEncoder) the nearest by embedding."""
     from ..retrieval import retrieve
+    from ..runtime.reading import Row, View, answer_rows
 
     def count(t: str) -> int:
         return len(loaded.prompter.encode(t))
 
-    from ..runtime.reading import Row, View, answer_rows
-
-    rows = [Row(View.text(loaded.prompter.context_ids(retrieve(text, q, budget, count))),
-                loaded.prompter.query_ids(q), q) for q in questions]
+    floor = ReadConfig().floor
+    texts = [dense.retrieve(text, q, budget, count, floor) if dense is not None else
+             retrieve(text, q, budget, count, floor) for q in questions]
+    rows = [Row(View.text(loaded.prompter.context_ids(t)), loaded.prompter.query_ids(q, answer_format), q)
+            for t, q in zip(texts, questions)]
     return answer_rows(loaded, rows, ask, prefix, batch=True)
 
 

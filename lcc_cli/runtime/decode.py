@@ -32,7 +32,7 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
            stop_ids: set[int], temperature: float = 0.0, generator: torch.Generator | None = None,
            keep_logprobs: bool = False, on_token: Callable[[list[int]], None] | None = None,
            top_k: int = 0, on_step: Callable[[list[list[int]], list[bool]], bool] | None = None,
-           placed: list[Placed | None] | None = None) -> list[Decoded]:
+           placed: list[Placed | None] | None = None, stop_repeats: int = 0) -> list[Decoded]:
     """Decode every prompt after `prefix` (KV that every row shares, e.g. a buffer; or a list
     of one prefix per row, with a first position per row: rows that read different entries).
     A stop token ends its row and is kept in `tokens`. `keep_logprobs` keeps each step's
@@ -43,7 +43,9 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
 
     `placed` (per row, or None): the row's prompt tokens at explicit positions, some of them
     *between* prefix entries (pages re-encoded at read time, in the question's own pass). The
-    first pass then masks by position (`Placed`); `first_position` is not used for such a row."""
+    first pass then masks by position (`Placed`); `first_position` is not used for such a row.
+    `stop_repeats`: a row ends once a cycle of 2-4 tokens has repeated that many times in a
+    row (a degenerate loop such as "P.P.P.P."); 0 never ends one for it."""
     start = time.perf_counter()
     batch = len(prompts)
     device = next(model.parameters()).device
@@ -69,7 +71,7 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
                     steps[i].append(logp[i])
                 if best is not None:
                     tops[i].append((best.indices[i], best.values[i]))
-                done[i] = int(pick[i]) in stop_ids
+                done[i] = int(pick[i]) in stop_ids or bool(stop_repeats and looping(tokens[i], stop_repeats))
         if on_token is not None and not done[0]:
             on_token(tokens[0])
         if on_step is not None and on_step(tokens, done) is False:
@@ -84,6 +86,18 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
     return [Decoded(t, torch.stack(s) if keep_logprobs and s else None, first_token or total, total,
                     (torch.stack([a for a, _ in tp]), torch.stack([b for _, b in tp])) if tp else None)
             for t, s, tp in zip(tokens, steps, tops)]
+
+
+def looping(tokens: list[int], repeats: int) -> bool:
+    """True when the tokens end in a cycle of 2-4 tokens repeated `repeats` times (a run of one
+    token is not a cycle: "....." or "----" can be text)."""
+    for period in (2, 3, 4):
+        span = period * repeats
+        if len(tokens) >= span:
+            cycle = tokens[-period:]
+            if len(set(cycle)) > 1 and tokens[-span:] == cycle * repeats:
+                return True
+    return False
 
 
 def first_pass(prefix, first_position, prompts: list[list[int]], placed, device):

@@ -17,6 +17,9 @@ from ..errors import ModelError
 SYSTEM_WITH_DOCUMENT = "Answer using the document below. Be brief.\n\nDocument:\n{document}"
 SYSTEM_PLAIN = "Answer the question. Be brief."
 RECONSTRUCT_INSTRUCTION = "Repeat the document word for word."
+# Words after the question (ReadConfig.answer_format). "Answer in a few words." was the best
+# plain-model prompt measured on the long bench (shared/DESIGN.md 4d: 0.30 against 0.25).
+ANSWER_FORMATS = {"plain": "", "words": " Answer in a few words."}
 
 
 @dataclass
@@ -71,9 +74,10 @@ class Prompter:
         """`turns_text` as token ids."""
         return self.encode(self.turns_text(turns))
 
-    def query_ids(self, question: str) -> list[int]:
-        """A user turn and the assistant header, as it follows the context turn."""
-        return self.turns_ids([("user", question)])
+    def query_ids(self, question: str, answer_format: str = "plain") -> list[int]:
+        """A user turn and the assistant header, as it follows the context turn (the answer
+        format's words after the question)."""
+        return self.turns_ids([("user", question + ANSWER_FORMATS[answer_format])])
 
     def document_ids(self, document: str) -> list[int]:
         """The reconstruction target: the document's tokens followed by the end of the turn."""

@@ -232,8 +232,9 @@ def _decode_group(loaded, rows: list[Row], cfg: AskConfig, max_new: int, generat
         placed_arg = placed
     stream = TextStream(loaded.tokenizer, p.stop_ids, on_text).push if on_text else None
     with torch.inference_mode(), slot_biases(loaded.model, settled[0].bias if one else None):
-        results = decoding.decode(loaded.model, prefix, first, prompts, max_new, p.stop_ids, cfg.temperature, generator,
-                         on_token=stream, on_step=on_step, placed=placed_arg)
+        results = decoding.decode(loaded.model, prefix, first, prompts, max_new, p.stop_ids, cfg.temperature,
+                                  generator, on_token=stream, on_step=on_step, placed=placed_arg,
+                                  stop_repeats=cfg.stop_repeats)
     out = []
     for r, v, d in zip(rows, settled, results):
         tokens, text = answer_text(loaded.tokenizer, d.tokens, p.stop_ids)

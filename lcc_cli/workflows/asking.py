@@ -51,6 +51,10 @@ class Reader:
             self._text_view = View.text(self.loaded.prompter.context_ids(self.document))
         return self._text_view
 
+    def prompt(self, question: str) -> list[int]:
+        """The question's turn as the reader sees it (with the read's answer format)."""
+        return self.loaded.prompter.query_ids(question, self.read.answer_format)
+
     def check(self, questions: list[str], cfg: AskConfig | None = None) -> None:
         """Refuse any question that cannot be answered before the first is: empty, not text,
         too long in characters (checked before tokenising) or for the model's window (from
@@ -60,17 +64,17 @@ class Reader:
         cfg = cfg or AskConfig()
         for question in questions:
             check_question(question)
-        p, first = self.loaded.prompter, self.prefix.slots if self.prefix is not None else 0
+        first = self.prefix.slots if self.prefix is not None else 0
         for question in questions:
             end = self.memory.end(question) if self.memory is not None else self.view(question).end
-            check_window(self.loaded, first + end + len(p.query_ids(question)), cfg.max_new_tokens)
+            check_window(self.loaded, first + end + len(self.prompt(question)), cfg.max_new_tokens)
 
     def ask(self, question: str, cfg: AskConfig | None = None, on_text=None):
         """One answer (runtime.reading.Answer), alone: it never depends on other questions."""
         from ..runtime.reading import Row, answer_rows
 
         check_question(question)
-        row = Row(self.view(question), self.loaded.prompter.query_ids(question), question)
+        row = Row(self.view(question), self.prompt(question), question)
         return answer_rows(self.loaded, [row], cfg, self.prefix, batch=False, on_text=on_text)[0]
 
     def ask_many(self, questions: list[str], cfg: AskConfig | None = None) -> list:
@@ -90,7 +94,7 @@ class Reader:
             for q in questions[at:at + self.CHUNK]:
                 view = self.memory.view(q)
                 view = views.setdefault(view.key, view)  # the same entries: one view, read once
-                rows.append(Row(view, self.loaded.prompter.query_ids(q), q))
+                rows.append(Row(view, self.prompt(q), q))
             out += answer_rows(self.loaded, rows, cfg, self.prefix, batch=True)
         return out
 

@@ -54,7 +54,7 @@ class LibraryMemory(Paged):
         self._always = None
         self._first: str | None = None
         self.gist = []  # a gist is one document's buffer: a library reads pages only
-        self.pages = []
+        self.pages = []  # never all known at once: a library is never "a short document"
         if not self.library.cartridges():
             raise UsageError(f"the library {self.library.folder} holds no indexed cartridges",
                              hint="compile documents into it with `lcc compile ... --index -o DIR/`")

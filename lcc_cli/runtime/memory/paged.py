@@ -184,21 +184,27 @@ class Paged:
 
     def choose(self, question: str) -> tuple[tuple[Page, int], ...]:
         """(page, entries read) of the chosen pages, in document order: the best pages that fit
-        the budget together, each whole (a page that would not fit is passed over for the next);
-        if even the best page alone is over the budget, its first entries."""
+        the budget together, each whole (a page that would not fit is passed over for the next).
+        A read never starves (`floor`): the best page is read whole when it alone is over the
+        budget, and cut only past the floor; a document whose pages hold no more than the
+        floor is read whole."""
         if question in self._chosen:
             return self._chosen[question]
         room = self.budget - sum(g.slots for g in self.gist)
+        floor = self.cfg.floor
         chosen, used = [], 0
-        for page in self.rank(question):
+        if self.pages and sum(p.entries for p in self.pages) <= max(room, floor):  # a short document: all of it
+            chosen = [(p, p.entries) for p in self.pages]
+        for page in self.rank(question) if not chosen else ():
             if used >= room:
                 break
             if used + page.entries <= room:
                 chosen.append((page, page.entries))
                 used += page.entries
-            elif not chosen:
-                chosen.append((page, room))  # the best page alone is over the budget: its start
-                used = room
+            elif not chosen:  # the best page alone is over the budget: whole up to the floor, else its start
+                take = min(page.entries, max(room, floor))
+                chosen.append((page, take))
+                used = max(room, take)
         out = tuple(sorted(chosen, key=lambda c: (c[0].source, c[0].start)))
         if len(self._chosen) > 4096:
             self._chosen.clear()
