@@ -126,6 +126,9 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
     run("blocks", blocks)
     run("values", values)
     cart = state.get("cart")
+    indexed = cart is not None and "index" in cart.manifest
+    if indexed:
+        run("index", lambda: _index(cart))
     if callable(loaded):
         loaded = loaded() if cart is not None else None  # no model load for a file that failed
         if loaded is None:
@@ -135,11 +138,106 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
                                                     cart.buffer.first_query_position, path.name))
         run("fingerprint", lambda: check_fingerprint(cart.manifest["model"], loaded.model_id, loaded.fingerprint,
                                                      path.name))
+        if indexed:
+            run("tokens", lambda: _tokens(cart, loaded))
+            run("page-text", lambda: _page_text(cart, loaded))
+            run("page-kv", lambda: _page_kv(cart, loaded))
     if source is not None:
         run("source", lambda: _source(cart, Path(source)))
         if probe is not None and loaded is not None:
             run("probe", lambda: _probe(probe, cart, loaded, Path(source), report))
     return report
+
+
+def _index(cart) -> str:
+    """An indexed cartridge's page table against its entries: pages exist, lie inside one
+    encoding window each, and every index entry has its token id."""
+    m = cart.manifest
+    index, gist = m["index"], sum(s["slots"] for s in m["buffer"]["segments"])
+    pages, windows = index["pages"], index["windows"]
+    if not pages:
+        raise CartridgeError("an indexed cartridge with no pages: no question could read anything")
+    ids = (cart.index_tensors or {}).get("index.token_ids")
+    entries = m["buffer"]["total_slots"] - gist
+    if ids is None or ids.numel() != entries:
+        raise CartridgeError(f"index.token_ids holds {0 if ids is None else ids.numel()} ids for {entries} entries")
+    spans = [(gist + w["entry_start"], gist + w["entry_start"] + w["entries"]) for w in windows]
+    for n, p in enumerate(pages):
+        if not any(a <= p["start"] and p["start"] + p["entries"] <= b for a, b in spans) or p["entries"] < 1:
+            raise CartridgeError(f"page {n} (entries {p['start']}..{p['start'] + p['entries'] - 1}) lies outside "
+                                 f"its cartridge's windows")
+    return f"{len(pages)} pages in {len(windows)} window{'s' if len(windows) != 1 else ''}"
+
+
+def _page_ids(cart, page: dict) -> list[int]:
+    gist = sum(s["slots"] for s in cart.manifest["buffer"]["segments"])
+    return cart.index_tensors["index.token_ids"][page["start"] - gist: page["start"] - gist + page["entries"]].tolist()
+
+
+def _tokens(cart, loaded) -> str:
+    """Token ids inside the model's vocabulary, and no special token (a turn marker such as
+    <|im_end|><|im_start|>system) inside a page: a page is document text."""
+    from .serve.prompt import special_ids
+
+    ids = cart.index_tensors["index.token_ids"]
+    vocab = loaded.model.config.vocab_size
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+        raise CartridgeError(f"token ids run outside the model's {vocab}-token vocabulary")
+    specials = special_ids(loaded.tokenizer)
+    for n, page in enumerate(cart.manifest["index"]["pages"]):
+        marked = [t for t in _page_ids(cart, page) if t in specials]
+        if marked:
+            raise CartridgeError(f"page {n} holds special tokens the model reads as turn markers "
+                                 f"({loaded.tokenizer.decode(marked[:3])!r})")
+    return f"{ids.numel():,} ids, none special inside a page"
+
+
+def _page_text(cart, loaded) -> str:
+    """Each page's text is what its stored token ids decode to: what `--show-pages` prints
+    is what the model reads."""
+    for n, page in enumerate(cart.manifest["index"]["pages"]):
+        text = loaded.tokenizer.decode(_page_ids(cart, page), skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False).strip()
+        if text != page["text"].strip():
+            raise CartridgeError(f"page {n}'s text is not what its token ids say ({page['text'][:40]!r} against "
+                                 f"{text[:40]!r})")
+    return f"{len(cart.manifest['index']['pages'])} pages match their token ids"
+
+
+# How far a re-encoded entry may sit from the stored one, as a share of the page's largest
+# magnitude: int4 keeps about 1/30 of a range, int8 1/254; float storage only the compute's noise.
+KV_TOLERANCE = {"int4": 0.25, "int8": 0.05}
+
+
+def _page_kv(cart, loaded) -> str:
+    """Every page's keys and values against the document's tokens encoded again, window by
+    window as the compile encoded them (one prefill of the document): a page whose KV was
+    swapped, edited or computed from other tokens fails."""
+    from .compile.index import _encode
+    from .config import CompileConfig
+
+    m = cart.manifest
+    index, gist = m["index"], sum(s["slots"] for s in m["buffer"]["segments"])
+    ids = cart.index_tensors["index.token_ids"].tolist()
+    (h0, h1), (t0, t1) = index["always"][0], index["always"][-1]
+    header, tail = h1 - h0, (t1 - t0) if len(index["always"]) > 1 else 0
+    windows = [(w["entry_start"], w["entry_start"] + w["entries"], max(0, w["position_start"] - header) if i else 0)
+               for i, w in enumerate(index["windows"])]
+    cfg = CompileConfig(window_mode=index.get("window_mode", "prefix"))
+    keys, values, _, _ = _encode(loaded, ids, header, tail, windows, cfg)
+    limit = KV_TOLERANCE.get(m["buffer"]["dtype"], 0.02)
+    worst = 0.0
+    for n, page in enumerate(index["pages"]):
+        a, b = page["start"] - gist, page["start"] - gist + page["entries"]
+        for layer in range(len(keys)):
+            for fresh, stored in ((keys[layer], cart.buffer.keys[layer]), (values[layer], cart.buffer.values[layer])):
+                want, got = fresh[:, a:b].float(), stored[:, gist + a:gist + b].float()
+                err = float((want - got).abs().max() / want.abs().max().clamp(min=1e-6))
+                worst = max(worst, err)
+                if err > limit:
+                    raise CartridgeError(f"page {n}'s keys and values are not those of its tokens (layer {layer}: "
+                                         f"{err:.0%} off, at most {limit:.0%} for {m['buffer']['dtype']} storage)")
+    return f"every page within {worst:.1%} of its tokens encoded again"
 
 
 def _source(cart, source: Path) -> str:

@@ -266,7 +266,7 @@ def test_a_gist_is_read_beside_the_pages(tmp_path, tiny_model_dir, tiny_loaded):
     cart = load_cartridge(path)
     gist = sum(s["slots"] for s in cart.segments)
     assert gist > 0 and cart.manifest["index"]["always"][0][0] == gist
-    memory = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=gist + 22))
+    memory = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=22))  # the pages' budget
     view = _kv(memory, "When was it completed by Ada Pellinger?", tiny_loaded)
     assert torch.equal(view.values[0][:, :gist], cart.buffer.values[0][:, :gist])  # the gist comes first
     without = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=22, gist=False))

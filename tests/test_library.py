@@ -133,7 +133,7 @@ def test_a_damaged_index_is_rebuilt_from_the_cartridges(tmp_path, tiny_model_dir
     (folder / INDEX_NAME).write_bytes(b"this is not a database" * 100)
     lib = Library(folder)
     assert lib.refresh().added == ["harbor.lcc", "mill.lcc", "quarry.lcc"]
-    r = CliRunner().invoke(app, ["index", str(folder), "--json"])
+    r = CliRunner().invoke(app, ["index", str(folder), "--json", "--model", str(tiny_model_dir)])
     assert r.exit_code == 0 and json.loads(r.stdout)["cartridges"] == 3
 
 
@@ -143,7 +143,7 @@ def test_two_processes_indexing_at_once_agree(tmp_path, tiny_model_dir):
         Path(str(folder / INDEX_NAME) + suffix).unlink(missing_ok=True)
     for i in range(4):
         shutil.copy(folder / "harbor.lcc", folder / f"copy-{i}.lcc")
-    cmd = [sys.executable, "-m", "lcc_cli", "index", str(folder), "--json"]
+    cmd = [sys.executable, "-m", "lcc_cli", "index", str(folder), "--json", "--model", str(tiny_model_dir)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -158,7 +158,7 @@ def test_a_folder_with_no_indexed_cartridge_says_so(tmp_path, tiny_model_dir, co
     folder = tmp_path / "plain"
     folder.mkdir()
     shutil.copy(compiled[0], folder / "plain.lcc")
-    r = CliRunner().invoke(app, ["index", str(folder)])
+    r = CliRunner().invoke(app, ["index", str(folder), "--model", str(tiny_model_dir)])
     assert r.exit_code == 0 and "skipped plain.lcc" in r.stderr and "not an indexed" in r.stderr
     r = CliRunner().invoke(app, ["ask", str(folder), "q?", "--model", str(tiny_model_dir)])
     assert r.exit_code == 2 and "no indexed cartridges" in r.stderr

@@ -14,7 +14,7 @@ from .app import (AnswerFormatOpt, BudgetOpt, ContextOpt, FloorOpt, DeviceOpt, D
                   PrefixFileOpt, PrefixOpt, ReadRatioOpt, ReencodeOpt, RepairOpt, SelectorOpt, ShowPagesOpt,
                   TemperatureOpt, ThreadsOpt,
                   _errors, _progress, _run, app, err, out)
-from .render import clean, compiler_rows, inspect_rows, markup_safe, print_json, print_json_line
+from .render import clean, compiler_rows, inspect_rows, markup_safe, prefix_rows, print_json, print_json_line
 
 
 # Long only in its signature: every flag is a typed parameter with its help (litgpt's way);
@@ -133,7 +133,8 @@ def _render_compiled(result) -> None:
         gist = f" and a {i['gist_entries']}-entry gist" if i["gist_entries"] else ""
         out.print(f"wrote {clean(result.path)}: indexed, {i['pages']:,} pages over {result.tokens:,} tokens{gist} "
                   f"({i['dtype']}, {i['bytes_per_token']:,.0f} bytes a token) in {result.seconds:.1f}s; a question "
-                  f"reads {i['budget']:,} entries of pages by default", markup=False)
+                  f"reads {i['budget']:,} entries of pages by default{' beside the gist' if gist else ''}",
+                  markup=False)
         return
     last = result.metrics[-1] if result.metrics else {}
     losses = ""
@@ -232,7 +233,9 @@ def ask(
         print_json(_answer_json(result, reader.mode))
         return
     out.print()
-    if show_pages:
+    if result.pages == []:
+        err.print(f"lcc: {NO_PAGES}", markup=False)
+    elif show_pages:
         _print_pages(result.pages)
 
 
@@ -259,35 +262,19 @@ def chat(
     threads: Optional[int] = ThreadsOpt,
     force: bool = ForceReadOpt,
 ):
-    """Ask questions one after another with the model kept loaded (Ctrl-D or 'exit' ends).
-    Each question is answered on its own (from its own pages, for indexed cartridges): earlier
-    turns are not remembered."""
+    """Ask questions one after another with the model kept loaded: arrow keys for history,
+    Ctrl-C cancels an answer, Ctrl-D leaves, /help lists /pages and /budget N. Each question
+    is answered on its own (from its own pages, for indexed cartridges): earlier turns are not
+    remembered."""
     from .. import api
+    from .chat import repl
 
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode, floor=floor,
                       answer_format=answer_format, prefix=prefix, prefix_file=str(prefix_file) if prefix_file else None)
     err.print("loading…", highlight=False)
     reader = api.Reader(list(cartridges or []), context, _run(model, device, threads, dtype), force, read=read)
-    err.print(f"ready ({reader.mode}); ask a question, or Ctrl-D to quit", highlight=False)
-    while True:
-        try:
-            question = input("> ")
-        except EOFError:
-            out.print()
-            return
-        if question.strip().lower() in ("exit", "quit"):
-            return
-        if not question.strip():
-            continue
-        try:
-            a = reader.ask(question, cfg, on_text=lambda piece: out.print(clean(piece), end="", markup=False))
-        except UsageError as exc:  # a question that does not fit: say so and go on
-            err.print(f"lcc: {clean(exc.message)}", markup=False)
-            a = None
-        out.print()
-        if show_pages and a is not None:
-            _print_pages(a.pages)
+    repl(reader, cfg, out, err, show_pages, _print_pages)
 
 
 def _answer_json(a, mode: str) -> dict:
@@ -297,7 +284,12 @@ def _answer_json(a, mode: str) -> dict:
            "prefix": a.prefix}
     if a.pages is not None:
         out["pages"] = a.pages
+        if not a.pages:
+            out["note"] = NO_PAGES
     return out
+
+
+NO_PAGES = "no page of the library matches the question: answered without it"
 
 
 def _print_pages(pages: list[dict] | None) -> None:
@@ -313,18 +305,23 @@ def _print_pages(pages: list[dict] | None) -> None:
 @_errors
 def index_cmd(
     folder: Path = typer.Argument(..., metavar="DIR", help="A folder of indexed cartridges (a library)."),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Start from an empty index instead of updating it."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Start from an empty index instead of updating it "
+                                                           "(and replace a damaged index, or a link in its place)."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
     as_json: bool = JsonOpt,
 ):
     """Index a library: every indexed cartridge in DIR, searchable from DIR/.lcc-index.sqlite.
 
     Updates incrementally (cartridges added, replaced or removed since, known by their
-    checksum); `lcc compile ... --index -o DIR/` and `lcc ask DIR` keep it up to date
-    themselves. Then `lcc ask DIR "question"` asks the whole folder."""
+    checksum); each new one is checked against the model as `ask` checks it, and one that
+    cannot be read is skipped. `lcc compile ... --index -o DIR/` and `lcc ask DIR` keep the
+    index up to date themselves. Then `lcc ask DIR "question"` asks the whole folder."""
     from .. import api
 
     with _progress(as_json) as progress:
-        result = api.index_folder(folder, rebuild=rebuild, progress=progress)
+        result = api.index_folder(folder, rebuild=rebuild, progress=progress, run=_run(model, device, threads))
     if as_json:
         print_json(result.to_dict())
         return
@@ -337,7 +334,7 @@ def index_cmd(
 
 @app.command()
 @_errors
-def inspect(cartridge: Path = typer.Argument(..., help="A .lcc cartridge or a compiler file."),
+def inspect(cartridge: Path = typer.Argument(..., help="A .lcc cartridge, a compiler file or a reading prefix."),
             as_json: bool = JsonOpt):
     """Show what is inside a cartridge (model, buffer layout, source, settings, metrics) or a
     pretrained compiler file (model, LoRA, training)."""
@@ -348,7 +345,7 @@ def inspect(cartridge: Path = typer.Argument(..., help="A .lcc cartridge or a co
         print_json(info)
         return
     table = Table(title=markup_safe(cartridge), show_header=False, title_justify="left")
-    rows = compiler_rows(info) if info["kind"] == "compiler" else inspect_rows(info)
+    rows = {"compiler": compiler_rows, "prefix": prefix_rows}.get(info["kind"], inspect_rows)(info)
     for key, value in rows:
         table.add_row(markup_safe(key), markup_safe(value))
     out.print(table)

@@ -65,7 +65,14 @@ def inspect_rows(info: dict):
     yield "ratio", src.get("ratio")
     compiler = m.get("compiler") or {}
     yield "compiler", ", ".join(f"{k}={v}" for k, v in compiler.items())
-    yield "compile", ", ".join(f"{k}={v}" for k, v in c.items() if k != "lora_targets")
+    # pages alone: no compiler ran, so its settings (LoRA, KL, cloze, steps) describe nothing
+    shown = [k for k in c if k in _PAGE_SETTINGS] if index and not buf["segments"] else [
+        k for k in c if k != "lora_targets"]
+    yield "compile", ", ".join(f"{k}={c[k]}" for k in shown)
+    if "prompt" in m:
+        yield "prompt", f"system turn: {str(m['prompt'].get('system'))[:80]!r}"
+    if "reading_prefix" in info:
+        yield "reading prefix", info["reading_prefix"] or "none for this model (answers read without one)"
     check = m["metrics"].get("self_check")
     checked = check.get("seconds") if isinstance(check, dict) else None
     yield "compile time", f"{m['metrics'].get('seconds')} s" + (f"; self-check {checked} s more" if checked else "")
@@ -77,6 +84,24 @@ def inspect_rows(info: dict):
     yield "file size", f"{info['bytes']:,} bytes"
     if info.get("bytes_per_token"):
         yield "bytes per document token", f"{info['bytes_per_token']:,.0f}"
+
+
+_PAGE_SETTINGS = ("ratio", "index", "gist", "pages", "page_tokens", "kv_dtype", "key_summaries", "window_tokens",
+                  "window_mode", "window_overlap", "seed")
+
+
+def prefix_rows(info: dict):
+    """(label, value) rows for `lcc inspect` of a reading-prefix file."""
+    m = info["manifest"]
+    t = m.get("training") if isinstance(m.get("training"), dict) else {}
+    v = t.get("validation") if isinstance(t.get("validation"), dict) else {}
+    yield "format", f"{m['format']} v{m['format_version']} (lcc {m.get('lcc_version')}, {m.get('created')})"
+    yield "model", f"{m['model'].get('id')}  sha256:{str(m['model'].get('fingerprint'))[:16]}…"
+    yield "prefix", f"{m['name']}: {m['entries']} entries a layer, read before every context turn"
+    yield "training", (f"{t.get('steps')} steps, kept step {t.get('selected_step')}; held-out F1 {v.get('val_f1')}, "
+                       f"contains {v.get('val_contains')}, general answers' F1 against the plain model "
+                       f"{v.get('general_f1')}")
+    yield "file size", f"{info['bytes']:,} bytes"
 
 
 def _count(value) -> str:

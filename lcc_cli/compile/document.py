@@ -30,6 +30,7 @@ from ..format.cartridge import Cartridge, load_cartridge, partial_path, to_bytes
 from ..format.fsio import atomic_write
 from ..ingest import Document, TextSegment, split_text, token_spans_of
 from ..progress import NO_PROGRESS, Progress
+from ..runtime.prompts import prompt_record
 from .base import CompilerSpec, SegmentResult, slot_count
 
 
@@ -91,9 +92,21 @@ def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: Com
     document is complete. `compiler_info` is the compiler's describe() for the manifests.
     With fail_fast, the first error propagates (a single `compile`); otherwise it is
     recorded on its task and the other documents go on (batch compile)."""
+    progress.start("cartridges", len(tasks))
     for task in tasks:
-        if len(task.done) == len(task.segments):
-            _finish(loaded, task, cfg, compiler_info)  # resumed with every segment already done
+        if len(task.done) == len(task.segments):  # no segment to compile (pages only), or all resumed
+            started = time.perf_counter()
+            try:
+                _finish(loaded, task, cfg, compiler_info, progress)
+            except LccError as exc:
+                if fail_fast:
+                    raise
+                task.error = exc
+                progress.note(f"failed {task.doc.name}: {exc.message}")
+            task.seconds = time.perf_counter() - started
+            progress.advance("cartridges")
+            if task.cartridge is not None and task.output is not None:
+                progress.note(f"wrote {task.output}")
     units = [Unit(i, s, len(t.segments), t.doc.name) for i, t in enumerate(tasks) if not t.finished
              for s in t.segments if s.index not in t.done]
     started = time.perf_counter()
@@ -111,7 +124,7 @@ def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: Com
             try:
                 if len(task.done) == len(task.segments):
                     task.seconds = time.perf_counter() - started
-                    _finish(loaded, task, cfg, compiler_info)
+                    _finish(loaded, task, cfg, compiler_info, progress)
                     progress.advance("cartridges")
                     if task.output is not None:
                         progress.note(f"wrote {task.output}")
@@ -130,14 +143,14 @@ def compile_all(loaded, tasks: list[DocumentTask], cfg: CompileConfig, spec: Com
                 progress.advance("cartridges")
                 progress.note(f"failed {task.doc.name}: {task.error.message}")
 
-    progress.start("cartridges", len(tasks))
-    progress.advance("cartridges", sum(t.finished for t in tasks))
-    progress.start("segments", len(units))
-    executor.run(units, cfg, spec, Sink(), progress)
+    if units:  # pages alone have no segments to compile: no empty bar
+        progress.start("segments", len(units))
+        executor.run(units, cfg, spec, Sink(), progress)
     return tasks
 
 
-def _finish(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict) -> None:
+def _finish(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict,
+            progress: Progress = NO_PROGRESS) -> None:
     """Assemble and (if it has an output) write a complete document, then drop its partial.
     A buffer that every later load would refuse (non-finite or absurd values: a broken
     compiler) is refused here, before anything is written."""
@@ -148,7 +161,8 @@ def _finish(loaded, task: DocumentTask, cfg: CompileConfig, compiler_info: dict)
     if cfg.index:
         from .index import build_index
 
-        cart = assemble_indexed(loaded, task.doc, results, cfg, compiler_info, build_index(loaded, task.doc.text, cfg))
+        pages = build_index(loaded, task.doc.text, cfg, progress, task.doc.name)
+        cart = assemble_indexed(loaded, task.doc, results, cfg, compiler_info, pages)
     else:
         cart = assemble(loaded, task.doc, results, cfg, compiler_info)
     b = cart.buffer
@@ -213,7 +227,7 @@ def assemble(loaded, doc: Document, results: list[SegmentResult], cfg: CompileCo
               "ratio": cfg.ratio}
     metrics = {"seconds": round(sum(r.metrics.get("seconds", 0) for r in results), 3),
                "segments": [r.metrics for r in results]}
-    m = mf.build(model=model, segments=rows, source=source, compile=cfg.to_dict(), compiler=compiler_info,
+    m = mf.build(model=model, segments=rows, source=source, prompt=prompt_record(), compile=cfg.to_dict(), compiler=compiler_info,
                  metrics=metrics, version=__version__,
                  storage_dtype=(not partial and cfg.kv_dtype) or str(results[0].buffer.dtype).removeprefix("torch."),
                  partial=partial)
@@ -252,7 +266,7 @@ def assemble_indexed(loaded, doc: Document, results: list[SegmentResult], cfg: C
     metrics = {"seconds": round(seconds, 3), "segments": [r.metrics for r in results],
                "index": {"seconds": round(idx.seconds, 3), "pages": len(index["pages"]),
                          "windows": len(index["windows"])}}
-    m = mf.build(model=model, segments=rows, source=source, compile=cfg.to_dict(),
+    m = mf.build(model=model, segments=rows, source=source, prompt=prompt_record(), compile=cfg.to_dict(),
                  compiler=recorded_compiler(cfg, compiler_info), metrics=metrics, version=__version__,
                  storage_dtype=cfg.kv_dtype or INDEX_STORAGE, index=index)
     parts = [Buffer.laid_out([r.buffer for r in results], loaded.rope)] if results else []

@@ -33,6 +33,7 @@ import torch
 from ..buffer import Buffer
 from ..config import CompileConfig
 from ..errors import InputError
+from ..progress import NO_PROGRESS, Progress
 from ..retrieval import chunks_of
 from ..runtime.cache import cache_layers, forward, make_cache
 
@@ -46,7 +47,8 @@ class IndexResult:
     seconds: float
 
 
-def build_index(loaded, text: str, cfg: CompileConfig) -> IndexResult:
+def build_index(loaded, text: str, cfg: CompileConfig, progress: Progress = NO_PROGRESS,
+                name: str = "document") -> IndexResult:
     started = time.perf_counter()
     ids, header, tail, offsets, doc_start = _context(loaded, text)
     doc = range(header, len(ids) - tail)  # token indices of the document
@@ -55,7 +57,9 @@ def build_index(loaded, text: str, cfg: CompileConfig) -> IndexResult:
     # windows end where sentences start, so that a sentence is not cut in two pages
     starts = [header + first for first, _, _ in _sentence_pages(text, chars, [])] if cfg.pages == "sentence" else []
     windows = _plan(len(ids), header, tail, limit, cfg.window_overlap, starts)
-    keys, values, positions, regions = _encode(loaded, ids, header, tail, windows, cfg)
+    progress.start("windows", len(windows))
+    progress.note(f"{name}: encoding {len(ids):,} tokens in {len(windows)} window{'s' if len(windows) > 1 else ''}")
+    keys, values, positions, regions = _encode(loaded, ids, header, tail, windows, cfg, progress)
     buffer = Buffer(keys, values, positions)
     bounds = [w[1] - header for w in windows[:-1]]  # a page never spans two windows
     if cfg.pages == "sentence":
@@ -123,7 +127,7 @@ def _plan(n: int, header: int, tail: int, limit: int, overlap: int,
         first = end
 
 
-def _encode(loaded, ids, header, tail, windows, cfg):
+def _encode(loaded, ids, header, tail, windows, cfg, progress: Progress = NO_PROGRESS):
     """Prefill each window and keep its own tokens' KV at the positions they were encoded at.
     Returns per-layer keys and values [kv_heads, entries, D], positions, and the manifest's
     window regions (entry offsets relative to the first index entry)."""
@@ -153,6 +157,7 @@ def _encode(loaded, ids, header, tail, windows, cfg):
             entry += own
             if cfg.window_mode == "prefix" and w + 1 < len(windows):
                 carried = _carry(layers, header, windows[w + 1][2], total, rope)
+            progress.advance("windows")
     keys = [torch.cat(parts, dim=1) for parts in keep_k]
     values = [torch.cat(parts, dim=1) for parts in keep_v]
     return keys, values, torch.cat(positions), regions

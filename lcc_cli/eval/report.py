@@ -202,6 +202,12 @@ def render_markdown(summary: dict, meta: dict, plot: str | None) -> str:
              f"Model `{meta['model']}` (fingerprint `{meta['fingerprint'][:16]}`), data `{meta['data']}`, "
              f"{summary['documents']} documents, {summary['questions']} questions, machine: {meta['machine']}. "
              f"lcc {meta['lcc_version']}, {meta['finished']}.", "", "Methods:", "", methods, ""]
+    prompt = meta.get("prompt")
+    if prompt:  # what the reader saw: every condition reads this system turn; `_words` conditions add the words
+        lines += [f"Prompt: system turn `{prompt['system'][:60]}…`; answer formats "
+                  + ", ".join(f"`{k}` = `{v.strip() or '(none)'}`" for k, v in prompt["answer_formats"].items())
+                  + f". Reading prefix: `{meta.get('reading_prefix') or 'none'}` (the methods' reads; the baselines "
+                    "read without it unless named `*_prefix`).", ""]
     if summary.get("targets"):
         lines += ["## Targets", "", targets_table(summary), "",
                   "Best method whose mean compile cost is within the budget; `contains` relative to full context "

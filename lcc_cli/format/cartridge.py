@@ -211,7 +211,11 @@ def read_blocks(raw: RawFile, m: dict, table: torch.Tensor, first: int, last: in
 
 def decode_rows(rows: dict, m: dict, first_entry: int, name: str) -> tuple[list, list, list | None, float]:
     """v3, step 7: stored rows to float32 keys, values and biases, every value checked
-    (finite, plausible); returns them and the largest magnitude."""
+    (finite, plausible; a quantised cartridge's scales positive, as every writer stores them);
+    returns them and the largest magnitude."""
+    for scale in ("k.scale", "v.scale"):
+        if scale in rows and not bool((rows[scale].float() > 0).all()):
+            raise CartridgeError(f"{name}: a {scale} is zero or negative (file corrupted or modified)")
     keys, values, bias = st.decode(rows, m["buffer"]["dtype"], m["buffer"]["block_entries"], first_entry)
     largest = check_values({**{f"k.{i}": t for i, t in enumerate(keys)}, **{f"v.{i}": t for i, t in enumerate(values)},
                             **{f"b.{i}": t for i, t in enumerate(bias or [])}}, name)

@@ -54,7 +54,8 @@ def consecutive_segments(rows: list[dict]) -> list[dict]:
 
 
 def build(*, model: dict, segments: list[dict], source: dict, compile: dict, compiler: dict, metrics: dict,
-          version: str, storage_dtype: str, partial: bool = False, block: int = 64, index: dict | None = None) -> dict:
+          version: str, storage_dtype: str, partial: bool = False, block: int = 64, index: dict | None = None,
+          prompt: dict | None = None) -> dict:
     """A v3 manifest: buffers laid out consecutively (see `consecutive_segments`), then, with
     `index`, the document's own KV window by window (layout `indexed`)."""
     segments = consecutive_segments(segments)
@@ -72,6 +73,8 @@ def build(*, model: dict, segments: list[dict], source: dict, compile: dict, com
     }
     if index:
         manifest["index"] = index
+    if prompt:  # the system turn the cartridge's entries were encoded in (read at ask time as it was)
+        manifest["prompt"] = prompt
     if partial:
         manifest["partial"] = True
     return manifest

@@ -56,6 +56,16 @@ def save_prefix(path: Path, manifest: dict, keys: list[torch.Tensor], values: li
     atomic_write(Path(path), data, overwrite=True)
 
 
+def is_prefix_file(path: Path) -> bool:
+    """True when the file's header carries a prefix manifest (cheap: the header only)."""
+    try:
+        raw = carts.read_raw(Path(path), Path(path).name)
+    except Exception:
+        return False
+    meta = raw.header.get("__metadata__")
+    return isinstance(meta, dict) and isinstance(meta.get("lcc_prefix"), str)
+
+
 def read_prefix_manifest(path: Path) -> dict:
     """The manifest alone (cheap: the header only)."""
     return _header(Path(path), Path(path).name)[2]

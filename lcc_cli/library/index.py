@@ -13,10 +13,18 @@ own. The index is derived data: `refresh` rebuilds what changed from the cartrid
   or the new one, never half of one, and two lcc processes updating at once take turns (the
   second waits on SQLite's lock; `busy_timeout`). WAL mode lets readers search while a writer
   works.
-- A page found here is read from its cartridge (opened without following links) only after the
-  cartridge's checksum is checked
-  against the one indexed (library memory does it), so no index state can serve a page from a
-  cartridge that changed since it was indexed.
+- The index only *chooses*. A page found here is read from its cartridge (opened without
+  following links) only after the cartridge's checksum is checked against the one indexed and
+  the row against the cartridge's own page table (runtime/memory/library.py): no index state
+  can make lcc read or show a page its cartridge does not hold. Rows of the wrong type or range
+  are never used: their cartridge is indexed again.
+- The index file is lcc's own: it is opened only when it (and SQLite's -wal, -shm and -journal
+  files beside it) is a regular file or absent, never through a symbolic link (a link could make
+  lcc drop tables in another database). `rebuild` replaces such a link with a new index, and
+  always works: it recreates every table.
+- `refresh(check=...)` runs the checks `ask` runs against the loaded model (shape, RoPE,
+  window, fingerprint, token ids), so a cartridge that cannot be read is listed as unreadable
+  and never indexed.
 
 Tables: `cartridges` (one row per file: name, checksum, stat, source, tokens, pages),
 `pages` (cartridge, page number, entry range), `page_text` (FTS5 over each page's text, rowid =
@@ -43,6 +51,7 @@ BUSY_MS = 30_000  # how long a second lcc waits for another's update before givi
 _WORD = re.compile(r"\w+")
 MAX_QUERY_TERMS = 64
 
+TABLES = ("cartridge_text", "page_text", "pages", "cartridges", "meta")  # dropped in this order
 SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE cartridges(
@@ -90,11 +99,13 @@ class Library:
     """A folder of cartridges and the index beside it. One connection: a process that uses a
     Library from several threads (the server) holds its own lock around every call."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, rebuild: bool = False):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UsageError(f"{self.folder} is not a folder of cartridges")
         self.path = self.folder / INDEX_NAME
+        self._replace_links = rebuild  # `lcc index --rebuild`: a link in the index's place is replaced
+        self._check = None  # the model's checks, once a refresh was given them
         self._db: sqlite3.Connection | None = None
         # files that are not indexed cartridges, by (size, mtime, inode): not opened again until they change
         self._refused: dict[str, tuple] = {}
@@ -107,7 +118,29 @@ class Library:
             self._db = self._connect()
         return self._db
 
+    def _files_are_own(self) -> None:
+        """The index and SQLite's files beside it must be regular files (or absent): lcc never
+        writes through a link. With --rebuild a link is removed (the link, not its target)."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            path = Path(str(self.path) + suffix)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise UsageError(f"cannot read {path.name} in {self.folder}: {exc.strerror}") from exc
+            if stat.S_ISREG(st.st_mode):
+                continue
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            if self._replace_links and not stat.S_ISDIR(st.st_mode):
+                path.unlink()
+                continue
+            raise CartridgeError(f"the library index {path.name} in {self.folder} is {kind}; lcc does not write "
+                                 f"through it", hint=f"remove it, or run `lcc index {self.folder} --rebuild`, "
+                                                     f"which replaces it with a new index")
+
     def _connect(self) -> sqlite3.Connection:
+        self._files_are_own()
         for attempt in (0, 1):
             db = None
             try:
@@ -131,20 +164,25 @@ class Library:
 
     @staticmethod
     def _version(db: sqlite3.Connection) -> int | None:
+        """The schema version, or None when any of its tables is missing (an index damaged by
+        hand is rebuilt from the cartridges: it is derived data)."""
         try:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.OperationalError:
+            return None
+        if not set(TABLES) <= tables:
             return None
         return int(row[0]) if row and str(row[0]).isdecimal() else None
 
-    def _create(self, db: sqlite3.Connection) -> None:
+    def _create(self, db: sqlite3.Connection, force: bool = False) -> None:
         """(Re)create every table in one transaction: another process sees the old index or this one."""
         _begin(db, self.path)
         try:
-            if self._version(db) == SCHEMA_VERSION:  # another process made it while we waited
+            if not force and self._version(db) == SCHEMA_VERSION:  # another process made it while we waited
                 db.execute("COMMIT")
                 return
-            for table in ("cartridge_text", "page_text", "pages", "cartridges", "meta"):
+            for table in TABLES:
                 db.execute(f"DROP TABLE IF EXISTS {table}")
             for statement in filter(str.strip, SCHEMA.split(";")):  # not executescript: it would commit
                 db.execute(statement)
@@ -159,21 +197,12 @@ class Library:
             Path(str(self.path) + suffix).unlink(missing_ok=True)
 
     def rebuild(self) -> None:
-        """Start from an empty index (one transaction: readers see the old one until it commits)."""
-        db = self.db
-        _begin(db, self.path)
+        """Start from an empty index: every table dropped and made again (one transaction:
+        readers see the old index until it commits), whatever state they were in."""
         try:
-            db.execute("DELETE FROM page_text")
-            db.execute("DELETE FROM cartridge_text")
-            db.execute("DELETE FROM pages")
-            db.execute("DELETE FROM cartridges")
-            db.execute("COMMIT")
+            self._create(self.db, force=True)
         except sqlite3.Error as exc:
-            _rollback(db)
             raise _index_error(exc, self.path) from exc
-        except BaseException:
-            _rollback(db)
-            raise
 
     def close(self) -> None:
         if self._db is not None:
@@ -201,11 +230,15 @@ class Library:
                 out[entry.name] = st
         return out
 
-    def refresh(self, progress=None) -> RefreshResult:
+    def refresh(self, progress=None, check=None) -> RefreshResult:
         """Bring the index in line with the folder: new and changed cartridges (by checksum)
         indexed, removed ones dropped; one transaction per cartridge written, so an interrupted
-        refresh keeps everything it finished."""
+        refresh keeps everything it finished. `check(cartridge_file, name)` raises LccError for
+        a cartridge the loaded model cannot read (runtime.memory.check_model): it is then
+        listed as unreadable, not indexed."""
         started = time.perf_counter()
+        self._check = check if check is not None else self._check
+        check = self._check
         db = self.db
         try:
             known = {row[0]: row[1:] for row in db.execute("SELECT name, checksum, size, mtime_ns, inode FROM "
@@ -227,7 +260,7 @@ class Library:
             if progress is not None:
                 progress(n, len(todo), name)
             try:
-                cart = _open_header(self.folder / name)
+                cart = _open_header(self.folder / name, check)
             except Exception as exc:  # one bad file never stops the rest of the library
                 reason = exc.message if isinstance(exc, LccError) else f"unreadable ({type(exc).__name__})"
                 unreadable[name] = reason
@@ -284,7 +317,7 @@ class Library:
 
     # --- searching ------------------------------------------------------------------------------
 
-    def search(self, question: str, limit: int = 64, fingerprint: str | None = None) -> list[Hit]:
+    def search(self, question: str, limit: int = 64, fingerprint: str | None = None, _again: bool = False) -> list[Hit]:
         """The best `limit` pages for `question`, best first (of cartridges made for the model with
         `fingerprint`, when given): FTS5's bm25() of the page plus that of its cartridge's whole
         text, so that of two pages that match alike, the one whose document is about the
@@ -305,16 +338,46 @@ class Library:
                 (query, query, fingerprint, fingerprint, limit)).fetchall()
         except sqlite3.Error as exc:
             raise _index_error(exc, self.path) from exc
-        return [Hit(*row) for row in rows]
+        hits, damaged = [], set()
+        for row in rows:
+            if _sound(row):
+                hits.append(Hit(*row))
+            else:
+                damaged.add(row[1])
+        if damaged and not _again:  # a row of the wrong type or range is never used: its cartridge is indexed again
+            for name in damaged:
+                self.forget(str(name))
+            self.refresh(check=self._check)
+            return self.search(question, limit, fingerprint, _again=True)
+        return hits
 
     def cartridges(self) -> list[dict]:
         rows = self.db.execute("SELECT name, checksum, source, tokens, pages, fingerprint FROM cartridges "
                                "ORDER BY name").fetchall()
         return [dict(zip(("name", "checksum", "source", "tokens", "pages", "fingerprint"), r)) for r in rows]
 
+    def refuse(self, name: str, reason: str) -> None:
+        """A cartridge found unreadable when read (the model's checks): its pages dropped and the
+        file not indexed again until it changes."""
+        try:
+            st = os.stat(self.folder / name, follow_symlinks=False)
+            self._refused[name] = ((st.st_size, st.st_mtime_ns, st.st_ino), reason)
+        except OSError:
+            pass
+        self.forget(name)
+
     def forget(self, name: str) -> None:
         """Drop one cartridge's pages (found changed when read): the next refresh indexes it again."""
         self._write(lambda: self._delete(name), name)
+
+
+def _sound(row) -> bool:
+    """A search row lcc may use: ids, page number and entry range as non-negative integers, a
+    non-empty range, text as text."""
+    _, name, checksum, number, start, entries, text, _ = row
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (number, start, entries))
+    return (ints and number >= 0 and start >= 0 and entries >= 1 and isinstance(name, str)
+            and isinstance(checksum, str) and isinstance(text, str))
 
 
 def fts_query(question: str) -> str:
@@ -324,16 +387,21 @@ def fts_query(question: str) -> str:
     return " OR ".join(f'"{w}"' for w in words)
 
 
-def _open_header(path: Path) -> dict:
+def _open_header(path: Path, check=None) -> dict:
     """What the index keeps of a cartridge, from its header alone (format v3: the checksum
-    covers every block through the block table, checked at open)."""
-    from ..format.cartridge import open_cartridge
+    covers every block through the block table, checked at open), opened without following a
+    link and, with `check`, checked against the model as `ask` would."""
+    from ..format.cartridge import open_held
     from ..format.layouts import layout_of
 
-    f = open_cartridge(path)
+    f = open_held(path)
     m = f.manifest
     if f.version < 3 or not layout_of(m).indexed:
         raise CartridgeError(f"{path.name} is not an indexed cartridge", hint="compile it with --index")
+    if not m["index"]["pages"]:
+        raise CartridgeError(f"{path.name} holds no pages")
+    if check is not None:
+        check(f, path.name)
     return {"checksum": f.meta["lcc_checksum"], "source": m["source"].get("name"),
             "tokens": m["source"].get("token_count"), "pages": m["index"]["pages"],
             "fingerprint": m["model"]["fingerprint"]}

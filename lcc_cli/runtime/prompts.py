@@ -22,6 +22,12 @@ RECONSTRUCT_INSTRUCTION = "Repeat the document word for word."
 ANSWER_FORMATS = {"plain": "", "words": " Answer in a few words."}
 
 
+def prompt_record() -> dict:
+    """What a manifest and an eval report record of the prompt: the system turns and the
+    answer formats (the words a read may put after the question)."""
+    return {"system": SYSTEM_WITH_DOCUMENT, "system_plain": SYSTEM_PLAIN, "answer_formats": ANSWER_FORMATS}
+
+
 @dataclass
 class Prompter:
     """Formats turns for one tokenizer: the one place a chat template is rendered."""

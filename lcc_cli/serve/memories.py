@@ -90,9 +90,13 @@ class ServedLibrary:
         from ..library.index import Library
         from ..runtime.memory import open_memory
 
+        from ..runtime.memory import check_model
+
         if self._library is None:
             self._library = Library(self.folder)
-        self._library.refresh()
+        self._library.refresh(check=lambda f, name: check_model(f, self.loaded, name))
+        if not self._library.cartridges():
+            raise ApiError(404, "the library holds no indexed cartridges the model can read", code="model_unavailable")
         slot = _read_key(read)
         if slot not in self._memories:
             if len(self._memories) > 16:
@@ -111,8 +115,7 @@ class ServedLibrary:
             except ApiError:
                 raise
             except UsageError as exc:
-                raise ApiError(404 if "holds no" in exc.message else 400, exc.message,
-                               code="model_unavailable" if "holds no" in exc.message else "invalid_request") from None
+                raise ApiError(400, exc.message, code="invalid_request") from None
             except LccError as exc:
                 raise ApiError(503, exc.message, code="model_unavailable") from None
             return _keyed(view, ("library", memory.checksums(question), memory.key(question)))

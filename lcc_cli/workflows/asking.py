@@ -33,12 +33,22 @@ class Reader:
         self.loaded = loaded or load(run or RunOptions())
         self.read = read or ReadConfig()
         self.prefix = reading_prefix(self.loaded, self.read.prefix, self.read.prefix_file)
-        self.memory = None
-        if library is not None or carts:
-            self.memory = open_memory(carts, self.loaded, [Path(p).name for p in cartridges], force, read=self.read,
-                                      library=library)
+        self._opened = (carts, [Path(p).name for p in cartridges], force, library)
+        self.memory = open_memory(carts, self.loaded, self._opened[1], force, read=self.read,
+                                  library=library) if library is not None or carts else None
         self.mode = self.memory.mode if self.memory else "context" if context is not None else "none"
         self._text_view = None
+
+    def reread(self, read: ReadConfig) -> None:
+        """Read the same cartridges with other settings (chat's /budget), the model kept."""
+        from ..runtime.memory import open_memory
+        from ..runtime.prefix import reading_prefix
+
+        carts, names, force, library = self._opened
+        memory = open_memory(carts, self.loaded, names, force, read=read,
+                             library=library) if self.memory is not None else None
+        self.read, self.memory = read, memory
+        self.prefix = reading_prefix(self.loaded, read.prefix, read.prefix_file)
 
     def view(self, question: str):
         """What `question` reads (runtime.reading.View): its memory's view, or the context turn

@@ -236,7 +236,7 @@ def compile_paths(sources: list, out_dir: Path, cfg: CompileConfig | dict | None
         from .library import index_folder
 
         progress.status("indexing the library…")
-        index_folder(out_dir)
+        index_folder(out_dir, loaded=loaded)
     return BatchResult(items, time.perf_counter() - started, run.backend)
 
 

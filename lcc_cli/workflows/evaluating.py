@@ -75,11 +75,16 @@ def run_eval(data: Path, settings: EvalSettings, out: Path, compiler: CompilerSp
         return task.cartridge
 
     results = evaluate(loaded, rows, settings, out, methods, compile_fn, governed(run, progress))
+    from ..runtime.prefix import reading_prefix
+    from ..runtime.prompts import prompt_record
+
+    prefix = reading_prefix(loaded)
     facts = loaded.facts
     meta = {"model": loaded.model_id, "fingerprint": loaded.fingerprint, "data": Path(data).name,
             "methods": [{"label": m.label, "compiler": [m.spec.name, m.spec.path and Path(m.spec.path).name],
                          "settings": m.settings, "stride": m.stride} for m in methods],
             "ratios": settings.ratios, "lcc_version": __version__, "ask": vars(settings.ask),
+            "prompt": prompt_record(), "reading_prefix": prefix.name if prefix is not None else None,
             "machine": f"{platform.machine()}, {cpu_count()} CPU cores, "
                        f"{'cuda' if loaded.device.type == 'cuda' else 'no GPU'}",
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

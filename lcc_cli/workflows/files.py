@@ -23,20 +23,38 @@ def verify(path: Path, model: bool = True, run: RunOptions | None = None, source
 
 
 def inspect(path: Path) -> dict:
-    """The manifest of a cartridge or a compiler file, checked as on load, plus file facts."""
+    """The manifest of a cartridge, a compiler file or a reading-prefix file, checked as on
+    load, plus file facts. A cartridge's `reading_prefix` is the prefix `lcc ask` reads before
+    it by default (the shipped one, when it was trained for the cartridge's model), or None."""
     from ..format.cartridge import load_cartridge
     from ..format.compiler_file import is_compiler_file, load_compiler
+    from ..format.prefix_file import is_prefix_file, load_prefix
 
     path = Path(path)
     if path.is_file() and is_compiler_file(path):
         comp = load_compiler(path)
         return {"path": str(path), "kind": "compiler", "bytes": path.stat().st_size, "sha256": comp.sha256,
                 "manifest": comp.manifest}
+    if path.is_file() and is_prefix_file(path):
+        return {"path": str(path), "kind": "prefix", "bytes": path.stat().st_size,
+                "manifest": load_prefix(path).manifest}
     cart = load_cartridge(path)
     size = path.stat().st_size
     tokens = cart.manifest["source"].get("token_count") or 0
     return {"path": str(path), "kind": "cartridge", "bytes": size, "manifest": cart.manifest,
-            "bytes_per_token": round(size / tokens, 1) if tokens else None}
+            "bytes_per_token": round(size / tokens, 1) if tokens else None,
+            "reading_prefix": _default_prefix(cart.fingerprint)}
+
+
+def _default_prefix(fingerprint: str) -> str | None:
+    from ..format.prefix_file import read_prefix_manifest
+    from ..runtime.prefix import shipped_prefix
+
+    shipped = shipped_prefix()
+    if shipped is None:
+        return None
+    m = read_prefix_manifest(shipped)
+    return f"{m['name']} ({m['tensor_sha256'][:12]})" if m["model"]["fingerprint"] == fingerprint else None
 
 
 def export_cartridge(path: Path, to: str, out_dir: Path, force: bool = False, drop_bias: bool = False) -> Path:

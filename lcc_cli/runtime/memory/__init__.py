@@ -32,10 +32,11 @@ from typing import Hashable, Literal, Protocol
 
 from ...buffer import Buffer
 from ...config import ReadConfig
-from ...errors import ModelMismatchError, UsageError
+from ...errors import CartridgeError, ModelMismatchError, UsageError
 from ...format.cartridge import Cartridge, CartridgeFile, open_cartridge
 from ...format.checks import check_compatible, check_fingerprint
 from ...format.layouts import layout_of
+from ...library.index import Library
 from ..reading import View
 
 Layout = Literal["consecutive", "overlap"]
@@ -75,12 +76,16 @@ def check_model(cart: Cartridge | CartridgeFile, loaded, name: str, force: bool 
         if limit and any(w["position_start"] + w["entries"] > limit for w in m["index"]["windows"]):
             raise ModelMismatchError(f"{name}: its pages were encoded past the model's {limit}-position window")
         tensors = getattr(cart, "index", None) if hasattr(cart, "read") else getattr(cart, "index_tensors", None)
-        ids = (tensors or {}).get("index.token_ids")
-        vocab = getattr(loaded.model.config, "vocab_size", None)
-        if ids is not None and ids.numel() and vocab and int(ids.max()) >= vocab:  # re-encoding would embed them
-            raise ModelMismatchError(f"{name}: its token ids run past the model's {vocab}-token vocabulary")
     check_compatible(m["model"], loaded.facts, end, name)
     check_fingerprint(m["model"], loaded.model_id, loaded.fingerprint, name, force)
+    if layout_of(m, name).indexed:
+        tensors = getattr(cart, "index", None) if hasattr(cart, "read") else getattr(cart, "index_tensors", None)
+        ids = (tensors or {}).get("index.token_ids")
+        vocab = getattr(loaded.model.config, "vocab_size", None)
+        if ids is not None and ids.numel() and vocab and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            # made for this very model (its fingerprint): ids it could not have written are damage
+            raise CartridgeError(f"{name}: its token ids run outside the model's {vocab}-token vocabulary "
+                                 f"(file corrupted or modified)")
 
 
 def check_composable(indexed: list[bool], names: list[str]) -> None:
@@ -131,7 +136,8 @@ def open_memory(sources: list, loaded, names: list[str] | None = None, force: bo
         from .library import LibraryMemory
 
         if not hasattr(library, "search"):
-            library = open_library(Path(library))
+            library = Library(Path(library))
+        library.refresh(check=lambda f, name: check_model(f, loaded, name, force))  # what ask would refuse, skipped
         return LibraryMemory(loaded, library, read, check=lambda s: check_model(s.handle, loaded, s.name, force))
     carts = [open_cartridge(s) if isinstance(s, (str, Path)) else s for s in sources]
     names = names or [Path(s).name if isinstance(s, (str, Path)) else f"cartridge {i + 1}"
@@ -155,9 +161,6 @@ def open_memory(sources: list, loaded, names: list[str] | None = None, force: bo
 
 
 def open_library(folder: Path):
-    """A folder of cartridges asked as one: its index brought up to date first (library/)."""
-    from ...library.index import Library
-
-    library = Library(folder)
-    library.refresh()
-    return library
+    """A folder of cartridges asked as one, its index opened (and checked: library/); it is
+    brought up to date, with the model's checks, when its memory is opened."""
+    return Library(folder)

@@ -48,6 +48,7 @@ class LibraryMemory(Paged):
             raise UsageError("layout gaps keeps pages where they were encoded: one cartridge only", field="layout")
         self.selector = selector(self.cfg.selector)
         self.check = check  # check(source) -> None, raises for a cartridge the model cannot read
+        self.skipped: dict[str, str] = {}  # cartridges refused when read, and why
         self._open: OrderedDict[str, Source] = OrderedDict()
         self._checksums: dict[str, str] = {}
         self._chosen: dict[str, tuple] = {}
@@ -86,7 +87,12 @@ class LibraryMemory(Paged):
             raise Stale(ident)
         source = Source(ident, handle)
         if self.check is not None:
-            self.check(source)
+            try:
+                self.check(source)
+            except LccError as exc:  # one cartridge the model cannot read never takes the library down
+                self.library.refuse(ident, exc.message)
+                self.skipped[ident] = exc.message
+                raise Stale(ident) from exc
         self._open[ident] = source
         while len(self._open) > OPEN_LIMIT:
             self._open.popitem(last=False)

@@ -3,9 +3,9 @@ chooses, up to a budget, re-laid at consecutive positions.
 
 What a question reads, in cache order: the gist of each cartridge (its compiled buffer, when it
 has one and `gist` is on), the context turn's header (the system instruction up to
-"Document:"), the chosen pages in document order, and the end of the turn. Only the budget's
-worth of pages and gist is counted: header and end are what `retrieve` puts around its text
-too. Pages are read by ranged reads (format v3), so a question loads its pages and no others,
+"Document:"), the chosen pages in document order, and the end of the turn. Only the pages are
+counted against the budget: header and end are what `retrieve` puts around its text too, and a
+gist is read beside the pages (it once took the whole budget at the default ratio). Pages are read by ranged reads (format v3), so a question loads its pages and no others,
 every byte checked.
 
 Why consecutive positions: in the prototype (issue 29, 220 questions) the same pages read at
@@ -127,8 +127,8 @@ class Paged:
     # --- what a question reads ---------------------------------------------------------------
 
     def _budget(self) -> int:
-        """Entries of pages and gist: --budget, or the documents' tokens / --ratio (default:
-        each cartridge's own compile ratio), as a cartridge of that ratio would hold."""
+        """Entries of pages: --budget, or the documents' tokens / --ratio (default: each
+        cartridge's own compile ratio), as a cartridge of that ratio would hold."""
         if self.cfg.budget is not None:
             return self.cfg.budget
         return sum(default_budget(s.doc_tokens, self.cfg.ratio or s.ratio) for s in self.sources)
@@ -190,7 +190,7 @@ class Paged:
         floor is read whole."""
         if question in self._chosen:
             return self._chosen[question]
-        room = self.budget - sum(g.slots for g in self.gist)
+        room = self.budget  # pages only: a gist is read beside them, not out of their budget
         floor = self.cfg.floor
         chosen, used = [], 0
         if self.pages and sum(p.entries for p in self.pages) <= max(room, floor):  # a short document: all of it
