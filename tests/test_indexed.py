@@ -154,9 +154,9 @@ def test_a_short_read_is_reencoded_whole_and_a_long_one_is_read_as_stored(indexe
     assert not torch.allclose(view(reencode=43).keys[1], whole.keys[1])  # 44 > 43: as stored
     torch.testing.assert_close(view(reencode=43).keys[1], stored.keys[1])
     shown = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=44)).read_pages(question)
-    assert [p["reencoded"] for p in shown] == [p["entries"] for p in shown] == [22, 22]
+    assert [p.reencoded for p in shown] == [p.entries for p in shown] == [22, 22]
     plain = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=44, reencode=0, repair=3))
-    assert [p["reencoded"] for p in plain.read_pages(question)] == [3, 3]
+    assert [p.reencoded for p in plain.read_pages(question)] == [3, 3]
 
 
 def test_a_question_reads_its_own_pages_and_no_others(tmp_path, tiny_model_dir, tiny_loaded):
@@ -168,17 +168,17 @@ def test_a_question_reads_its_own_pages_and_no_others(tmp_path, tiny_model_dir, 
     question = "When was the lighthouse completed by Ada Pellinger?"
     view = _kv(memory, question, tiny_loaded)
     pages = memory.read_pages(question)
-    assert [p["text"] for p in pages] == ["It was completed in 1868 by the engineer Ada Pellinger."]
+    assert [p.text for p in pages] == ["It was completed in 1868 by the engineer Ada Pellinger."]
     (h0, h1), (t0, t1) = f.manifest["index"]["always"]
-    assert view.slots == (h1 - h0) + pages[0]["entries"] + (t1 - t0)
+    assert view.slots == (h1 - h0) + pages[0].entries + (t1 - t0)
     # consecutive positions: header, the page, the end of the turn, then the question
     assert view.positions.tolist() == list(range(view.slots))
     # only the blocks holding the header, the page and the end were read, each once
     block = f.manifest["buffer"]["block_entries"]
     per_entry = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in f.raw.header.items()
                     if k in ("k", "v")) // f.entries
-    start = pages[0]["start"]
-    touched = {e // block for e in (*range(h0, h1), *range(start, start + pages[0]["entries"]), *range(t0, t1))}
+    start = pages[0].start
+    touched = {e // block for e in (*range(h0, h1), *range(start, start + pages[0].entries), *range(t0, t1))}
     assert f.entries > 10 * block and f.raw.bytes_read - opened <= len(touched) * block * per_entry
     # the same pages for questions with the same words: one key, one batch
     assert memory.key("Who completed it, Ada Pellinger?") == memory.key("Ada Pellinger completed it when?")
@@ -188,7 +188,7 @@ def test_gaps_keep_each_page_where_it_was_encoded(indexed, tiny_loaded):
     memory = open_memory([open_cartridge(indexed)], tiny_loaded, read=ReadConfig(budget=20, layout="gaps"))
     view = _kv(memory, "When was the lighthouse completed by Ada Pellinger?", tiny_loaded)
     page = memory.read_pages("When was the lighthouse completed by Ada Pellinger?")[0]
-    start = open_cartridge(indexed).manifest["index"]["pages"][page["page"]]["start"]
+    start = open_cartridge(indexed).manifest["index"]["pages"][page.page]["start"]
     assert start in view.positions.tolist() and view.positions.tolist() != list(range(view.slots))
 
 
@@ -251,7 +251,7 @@ def test_the_attention_selector_and_fusion_rank_every_page(indexed, tiny_loaded)
         memory = Paged(tiny_loaded, [Source("doc", open_cartridge(indexed))], ReadConfig(budget=30, selector=selector))
         scores = memory.selector.score(memory, "Who designed the lighthouse?", memory.pages)
         assert len(scores) == len(memory.pages) and all(s > 0 for s in scores)
-        assert 0 < sum(p["entries"] for p in memory.read_pages("Who designed the lighthouse?")) <= 30
+        assert 0 < sum(p.entries for p in memory.read_pages("Who designed the lighthouse?")) <= 30
 
 
 def test_verify_checks_the_index_and_inspect_reports_bytes_per_token(indexed):
@@ -357,14 +357,14 @@ def test_a_page_cut_at_the_budget_shows_only_the_part_read(tmp_path, tiny_model_
     path = _compile(tmp_path, tiny_model_dir)
     memory = open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=4, floor=0))
     page = memory.read_pages("When was the lighthouse completed by Ada Pellinger?")[0]
-    assert page["entries"] == 4 < page["page_entries"]
+    assert page.entries == 4 < page.page_entries
     whole = "It was completed in 1868 by the engineer Ada Pellinger."
-    assert page["text"] and whole.startswith(page["text"].strip()) and len(page["text"]) < len(whole)
+    assert page.text and whole.startswith(page.text.strip()) and len(page.text) < len(whole)
     result = CliRunner().invoke(app, ["ask", str(path), "When was the lighthouse completed by Ada Pellinger?",
                                       "--model", str(tiny_model_dir), "--budget", "4", "--floor", "0", "--show-pages",
                                       "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.stderr
-    assert f"first 4 of {page['page_entries']} entries" in result.output
+    assert f"first 4 of {page.page_entries} entries" in result.output
 
 
 def test_a_read_never_starves_below_its_floor(tmp_path, tiny_model_dir, tiny_loaded):
@@ -378,9 +378,9 @@ def test_a_read_never_starves_below_its_floor(tmp_path, tiny_model_dir, tiny_loa
         return open_memory([open_cartridge(path)], tiny_loaded, read=ReadConfig(budget=4, **cfg)).read_pages(q)
 
     (page,) = read()
-    assert page["entries"] == page["page_entries"] == 22 and "Ada Pellinger" in page["text"]  # whole: 22 <= 64
-    assert [p["entries"] for p in read(floor=10)] == [10]  # past the floor: cut there, not at the budget
-    assert [p["entries"] for p in read(floor=0)] == [4]
+    assert page.entries == page.page_entries == 22 and "Ada Pellinger" in page.text  # whole: 22 <= 64
+    assert [p.entries for p in read(floor=10)] == [10]  # past the floor: cut there, not at the budget
+    assert [p.entries for p in read(floor=0)] == [4]
     short = _compile(tmp_path, tiny_model_dir, "short", text="The tower is tall. It was completed in 1868 by Ada "
                                                            "Pellinger. Boats sail at noon.")  # under the floor
     whole = open_memory([open_cartridge(short)], tiny_loaded, read=ReadConfig(budget=4)).read_pages(q)

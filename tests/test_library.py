@@ -103,7 +103,7 @@ def test_a_page_is_never_read_from_a_cartridge_changed_since_it_was_indexed(tmp_
     memory.view("Who is the miller?")
     pages = memory.read_pages("Who is the miller?")
     # re-indexed, then read (the page's part that the budget holds)
-    assert len(pages) == 1 and "The miller now is Ines Dorn.".startswith(pages[0]["text"]) and "now" in pages[0]["text"]
+    assert len(pages) == 1 and "The miller now is Ines Dorn.".startswith(pages[0].text) and "now" in pages[0].text
 
 
 def test_an_interrupted_update_leaves_the_old_index(tmp_path, tiny_model_dir, monkeypatch):

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from ..config import AskConfig, lcc_home
 from ..errors import LccError, UsageError
+from ..runtime.reading import NO_PAGES
 from .render import clean
 
 HELP = """commands:
@@ -81,7 +82,7 @@ def repl(reader, cfg: AskConfig, out, err, show_pages: bool, print_pages) -> Non
             continue
         out.print()
         if last.pages == []:
-            err.print("lcc: no page of the library matches the question: answered without it", markup=False)
+            err.print(f"lcc: {NO_PAGES}", markup=False)
         elif show_pages:
             print_pages(last.pages)
 

@@ -234,6 +234,8 @@ def ask(
         return
     out.print()
     if result.pages == []:
+        from ..runtime.reading import NO_PAGES
+
         err.print(f"lcc: {NO_PAGES}", markup=False)
     elif show_pages:
         _print_pages(result.pages)
@@ -278,18 +280,7 @@ def chat(
 
 
 def _answer_json(a, mode: str) -> dict:
-    out = {"answer": a.text, "mode": mode, "question": a.question,
-           "seconds_to_first_token": round(a.seconds_to_first_token, 4), "seconds_total": round(a.seconds_total, 4),
-           "kv_positions": a.kv_positions, "prompt_tokens": a.prompt_tokens, "new_tokens": len(a.token_ids),
-           "prefix": a.prefix}
-    if a.pages is not None:
-        out["pages"] = a.pages
-        if not a.pages:
-            out["note"] = NO_PAGES
-    return out
-
-
-NO_PAGES = "no page of the library matches the question: answered without it"
+    return a.to_dict(mode)
 
 
 def _print_pages(pages: list[dict] | None) -> None:
@@ -297,7 +288,7 @@ def _print_pages(pages: list[dict] | None) -> None:
         err.print("lcc: --show-pages: these cartridges are not indexed (every entry was read)", markup=False)
         return
     for p in pages:
-        out.print(f"[{clean(p['cartridge'])} p{p['page']}, {_entries(p)}] {clean(p['text'])}",
+        out.print(f"[{clean(p.cartridge)} p{p.page}, {_entries(p)}] {clean(p.text)}",
                   markup=False, highlight=False)
 
 
@@ -381,8 +372,7 @@ def verify(
         raise VerifyFailed(f"check '{failed.name}' failed: {failed.detail}")
 
 
-def _entries(page: dict) -> str:
-    total = page.get("page_entries", page["entries"])
-    shown = f"{page['entries']} entries" if page["entries"] >= total else f"first {page['entries']} of {total} entries"
-    done = page.get("reencoded", 0)
-    return shown + (", re-encoded" if done >= page["entries"] else f", first {done} re-encoded" if done else "")
+def _entries(page) -> str:
+    total, n, done = page.page_entries, page.entries, page.reencoded
+    shown = f"{n} entries" if n >= total else f"first {n} of {total} entries"
+    return shown + (", re-encoded" if done >= n else f", first {done} re-encoded" if done else "")

@@ -20,7 +20,7 @@ carries attention biases (one biased buffer at a time: runtime/bias.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Hashable
 
 import torch
@@ -31,6 +31,25 @@ from .bias import slot_biases
 from . import decode as decoding
 from .decode import Placed
 from .text import TextStream, answer_text, check_window
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page a read chose: what `--show-pages` prints, the server's `lcc.pages` lists and
+    the Python API returns. Its text is the token ids of the entries read, decoded (taken from
+    the cartridge, never from an index)."""
+
+    cartridge: str  # the cartridge's name (its file name, or "cartridge N")
+    source: str | None  # the document it was compiled from
+    page: int  # the page's number in its cartridge
+    start: int  # its first entry in the cartridge
+    entries: int  # entries read: fewer than page_entries when it was cut past the floor
+    page_entries: int
+    reencoded: int  # of those, tokens re-encoded at read time
+    text: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -45,7 +64,7 @@ class View:
     buffer: Buffer | None = None
     fresh: list[int] = field(default_factory=list)
     fresh_positions: list[int] = field(default_factory=list)
-    pages: list[dict] | None = None
+    pages: list[Page] | None = None
     key: Hashable = ()
     seconds: float = 0.0
 
@@ -127,8 +146,23 @@ class Answer:
     seconds_total: float
     kv_positions: int  # stored KV entries the question attended to (the reading prefix's included)
     prompt_tokens: int  # tokens encoded at question time: the prompt, and any text or page re-encoded
-    pages: list[dict] | None = None  # an indexed read's pages (runtime/memory/paged.py)
+    pages: list[Page] | None = None  # an indexed read's pages (runtime/memory/paged.py); None: not a paged read
     prefix: str | None = None  # the reading prefix read before the context turn (its name), if any
+
+    def to_dict(self, mode: str | None = None) -> dict:
+        """What `lcc ask --json` prints."""
+        out = {"answer": self.text, "mode": mode, "question": self.question,
+               "seconds_to_first_token": round(self.seconds_to_first_token, 4),
+               "seconds_total": round(self.seconds_total, 4), "kv_positions": self.kv_positions,
+               "prompt_tokens": self.prompt_tokens, "new_tokens": len(self.token_ids), "prefix": self.prefix}
+        if self.pages is not None:
+            out["pages"] = [p.to_dict() for p in self.pages]
+            if not self.pages:
+                out["note"] = NO_PAGES
+        return out
+
+
+NO_PAGES = "no page of the library matches the question: answered without it"
 
 
 def row_end(view: View, prompt: list[int], prefix: Buffer | None) -> int:

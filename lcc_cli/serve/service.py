@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from ..config import ReadConfig
 from ..errors import LccError, UsageError, WindowError
+from ..runtime.reading import NO_PAGES
 from ..runtime.text import StopStrings, check_window
 from .cache import BufferCache
 from .catalog import LIBRARY, Catalog, composed_first
@@ -254,13 +255,13 @@ class Service:
         if view.pages is not None:
             extra = {"read": _read_report(read, view), "prefix": prefix.name if prefix is not None else None}
             if req.lcc is None or req.lcc.pages:
-                extra["pages"] = view.pages
+                extra["pages"] = [p.to_dict() for p in view.pages]
             if not view.pages:
-                extra["note"] = "no page matched the question: answered without the library"
+                extra["note"] = NO_PAGES
         return job, prompt_tokens, extra
 
 
 def _read_report(read: ReadConfig, view) -> dict:
     """What the read was: the settings that chose the pages, and the entries the pages hold."""
     return {"budget": read.budget, "ratio": read.ratio, "selector": read.selector, "reencode": read.reencode,
-            "prefix": read.prefix, "entries": sum(p["entries"] for p in view.pages or [])}
+            "prefix": read.prefix, "entries": sum(p.entries for p in view.pages or [])}

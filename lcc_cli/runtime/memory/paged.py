@@ -35,7 +35,7 @@ import torch
 from ...buffer import Buffer
 from ...config import ReadConfig
 from ...errors import CartridgeError, UsageError
-from ..reading import View
+from ..reading import Page as PageRead, View
 from .select import BM25, attention_scores, question_queries, selector
 
 
@@ -234,7 +234,7 @@ class Paged:
         fresh, where = [], []
         shown = self._shown_pages(key)
         for (page, n), start, info in zip(key, at, shown):
-            r = info["reencoded"]
+            r = info.reencoded
             fresh += self.source(page.source).token_ids(page.start, r) if r else []
             where += range(start, start + r)
         fresh_positions = buffer.positions[where].tolist() if where else []
@@ -248,7 +248,7 @@ class Paged:
     def _view_key(self, question: str) -> Hashable:
         return ("pages", id(self), self.choose(question))
 
-    def _shown_pages(self, key) -> list[dict]:
+    def _shown_pages(self, key) -> list[PageRead]:
         """What `--show-pages` prints of each page read: its text as the token ids of the
         entries read (the manifest's text where the cartridge stores no ids), and how many of
         them are re-encoded."""
@@ -258,12 +258,11 @@ class Paged:
             source = self.source(page.source)
             ids = source.token_ids(page.start, n)
             text = page.text if ids is None else self.loaded.tokenizer.decode(ids, skip_special_tokens=False).strip()
-            out.append({"cartridge": source.name, "source": source.manifest["source"].get("name"),
-                        "page": page.number, "start": page.start, "entries": n, "page_entries": page.entries,
-                        "reencoded": min(per_page, n) if ids is not None else 0, "text": text})
+            out.append(PageRead(source.name, source.manifest["source"].get("name"), page.number, page.start, n,
+                                page.entries, min(per_page, n) if ids is not None else 0, text))
         return out
 
-    def read_pages(self, question: str) -> list[dict]:
+    def read_pages(self, question: str) -> list[PageRead]:
         """What `--show-pages` prints: each page the question reads, with its cartridge and text."""
         return self._shown_pages(self.choose(question))
 
