@@ -157,6 +157,13 @@ class Reads:
         return memory
 
 
+def _holds(view: View, answer: str) -> bool:
+    """True when the pages a view read hold `answer` (case and spacing aside)."""
+    from ..scoring import normalize
+
+    return bool(view.pages) and normalize(answer) in normalize(" ".join(p.text for p in view.pages))
+
+
 # --- the reader over a batch of rows, differentiable in the prefix -------------------------------
 
 
@@ -237,7 +244,8 @@ class Trainer:
         self.loaded, self.output, self.cfg, self.progress = loaded, Path(output), cfg, progress
         self.ckpt = Path(str(output) + ".ckpt")
         self.pools = build_pools(paths, cfg)
-        self.reads = Reads(loaded, self.pools.docs, self.ckpt / "work", cfg)
+        # compiled long documents, kept across runs (--force starts the training over, not them)
+        self.reads = Reads(loaded, self.pools.docs, Path(str(output) + ".work"), cfg)
         self.responses: dict[str, list[int]] = {}  # the plain model's responses to training instructions
         self.responses_val: dict = {}  # ... and its answers to the held-out ones
         self.history: list[dict] = []
@@ -257,15 +265,27 @@ class Trainer:
 
     # --- examples -------------------------------------------------------------------------------
 
-    def draw(self, step: int) -> list[Example]:
+    def draw(self, step: int) -> list[tuple[Example, View]]:
+        """This step's examples and their views (seeded by the step: a resumed run draws the
+        same). With `answerable`, a question is drawn again until its read holds its answer:
+        taught to answer from a read that lacks it, the reader learns to make answers up."""
         cfg, pools = self.cfg, self.pools
         rng = random.Random(f"{cfg.seed}:step:{step}")
         n_long = round(cfg.qa_rows * cfg.long_share) if pools.long else 0
         n_para = cfg.qa_rows - n_long if pools.para else 0
-        out = [rng.choice(pools.para) for _ in range(n_para)] + [rng.choice(pools.long) for _ in range(n_long)]
+        out = []
+        for pool, count in ((pools.para, n_para), (pools.long, n_long)):
+            for _ in range(count):
+                for attempt in range(8):
+                    ex = rng.choice(pool)
+                    view = self.reads.view(ex)
+                    if not cfg.answerable or attempt == 7 or _holds(view, ex.answer):
+                        break
+                out.append((ex, view))
         for j in range(cfg.kl_rows):
             pool = pools.plain_kl if j % 2 == 0 or not pools.doc_kl else pools.doc_kl
-            out.append(rng.choice(pool))
+            ex = rng.choice(pool)
+            out.append((ex, self.reads.view(ex)))
         return out
 
     def response(self, ex: Example, view: View) -> list[int]:
@@ -279,11 +299,10 @@ class Trainer:
             self.responses[key] = (a.token_ids + (p.end_ids if ended else []))[: self.cfg.response_tokens] or p.end_ids
         return self.responses[key]
 
-    def rows(self, examples: list[Example]) -> tuple[list[View], list[tuple]]:
+    def rows(self, drawn: list[tuple[Example, View]]) -> tuple[list[View], list[tuple]]:
         p = self.loaded.prompter
         views, rows = [], []
-        for ex in examples:
-            view = self.reads.view(ex)
+        for ex, view in drawn:
             prompt = p.query_ids(ex.question)
             if ex.answer is None:
                 target, is_kl = self.response(ex, view), True
