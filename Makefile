@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test bench bench-indexed example compiler data clean
+.PHONY: install test bench bench-indexed bench-prefix example compiler prefix data clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,15 @@ data: build/fairytale/fairytale_train.jsonl
 # (The shipped step-450 file came from the previous recipe: `git checkout 9bd04e3 && make compiler`.)
 compiler: $(SQUAD)/squad_train.jsonl
 	$(VENV)/bin/lcc train-compiler $(SQUAD)/squad_train.jsonl $(SQUAD)/squad_train_long.jsonl -o build/compiler.safetensors --threads 2 $(RESUME) $(if $(RESUME),,--force)
+
+# Train the reading prefix (docs/prefix.md): SQuAD train reads as `lcc ask` makes them, KL to the
+# plain model on generic instructions; checkpoints every 25 steps in PREFIX.ckpt/ (`make prefix
+# RESUME=--resume` continues). The shipped file (lcc_cli/data/) is replaced only by one that wins
+# bench/prefix-*.toml paired against the plain read.
+PREFIX_OUT ?= build/prefix/reading-prefix.safetensors
+
+prefix: $(SQUAD)/squad_train.jsonl
+	$(VENV)/bin/lcc train-prefix $(SQUAD)/squad_train.jsonl $(SQUAD)/squad_train_long.jsonl -o $(PREFIX_OUT) --threads 1 $(RESUME) $(if $(RESUME),,--force)
 
 example:
 	$(VENV)/bin/lcc compile examples/harbor.md --ratio 8 -o /tmp/harbor.lcc --force

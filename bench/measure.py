@@ -328,8 +328,8 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
                 from lcc_cli.eval.run import time_prefill
 
                 compiles.append(seconds / time_prefill(loaded, loaded.prompter.context_ids(row["context"]), repeats=1))
-        readers = {f"indexed {kv}": api.Reader([carts[kv]], loaded=loaded, read=ReadConfig()) for kv in ("bfloat16", "int8")}
-        readers |= {f"indexed int8 repair {r}": api.Reader([carts["int8"]], loaded=loaded, read=ReadConfig(repair=r))
+        readers = {f"indexed {kv}": api.Reader([carts[kv]], model=api.Model(loaded), read=ReadConfig()) for kv in ("bfloat16", "int8")}
+        readers |= {f"indexed int8 repair {r}": api.Reader([carts["int8"]], model=api.Model(loaded), read=ReadConfig(repair=r))
                     for r in REPAIRS}
         budget = readers["indexed int8"].memory.budget
         questions = random.Random(n).sample(row["questions"], min(per_doc, len(row["questions"])))
@@ -368,7 +368,7 @@ def _time_reads(loaded, document: str, question: str, budget: int, readers: dict
     chosen = time.perf_counter() - started
     times["retrieve"].append(chosen + _text_answer(loaded, text, question, one).seconds_to_first_token)
     for name, reader in readers.items():
-        times[name].append(reader.ask(question, one).seconds_to_first_token)
+        times[name].append(reader.ask(question, **vars(one)).seconds_to_first_token)
 
 
 def _paragraph_reads(tmp: Path, loaded, documents: int = 8, per_doc: int = 4) -> dict:
@@ -388,8 +388,8 @@ def _paragraph_reads(tmp: Path, loaded, documents: int = 8, per_doc: int = 4) ->
         src.write_text(row["context"])
         api.compile_file(src, cart, {"ratio": 8.0, "index": True, "gist": False}, compiler="truncate",
                          run=api.RunOptions())
-        readers = {"indexed, re-encoded (default)": api.Reader([cart], loaded=loaded, read=ReadConfig()),
-                   "indexed, as stored": api.Reader([cart], loaded=loaded, read=ReadConfig(reencode=0))}
+        readers = {"indexed, re-encoded (default)": api.Reader([cart], model=api.Model(loaded), read=ReadConfig()),
+                   "indexed, as stored": api.Reader([cart], model=api.Model(loaded), read=ReadConfig(reencode=0))}
         budget = readers["indexed, as stored"].memory.budget
         for q in (q["q"] for q in random.Random(n).sample(row["questions"], min(per_doc, len(row["questions"])))):
             _time_reads(loaded, row["context"], q, budget, readers, times)
@@ -419,7 +419,7 @@ def _fifty_thousand(tmp: Path) -> dict:
             "from lcc_cli import api\nfrom lcc_cli.config import AskConfig, ReadConfig\n"
             "loaded = api.load(api.RunOptions())\n"
             "started = time.perf_counter()\n"
-            "reader = api.Reader([sys.argv[1]], loaded=loaded, read=ReadConfig())\n"
+            "reader = api.Reader([sys.argv[1]], model=api.Model(loaded), read=ReadConfig())\n"
             "opened = time.perf_counter() - started\n"
             "q = 'What did the city council decide about the new bridge?'\n"
             "started = time.perf_counter()\nview = reader.memory.view(q)\nchosen = time.perf_counter() - started\n"
@@ -500,13 +500,13 @@ def measure_library(tmp: Path) -> dict:
         code = ("import json, statistics, sys, time\n"
                 "from lcc_cli import api\nfrom lcc_cli.config import AskConfig, ReadConfig\n"
                 "loaded = api.load(api.RunOptions())\n"
-                "reader = api.Reader([sys.argv[1]], loaded=loaded, read=ReadConfig(budget=24))\n"
+                "reader = api.Reader([sys.argv[1]], model=api.Model(loaded), read=ReadConfig(budget=24))\n"
                 "qs = json.loads(sys.argv[2])\nselect, first = [], []\n"
                 "for q in qs:\n"
-                "    reader.memory._chosen.clear(); reader.memory._view = None\n"
+                "    reader.memory.forget_choices()\n"
                 "    t = time.perf_counter(); reader.memory.choose(q); select.append(time.perf_counter() - t)\n"
-                "    reader.memory._chosen.clear(); reader.memory._view = None\n"
-                "    first.append(reader.ask(q, AskConfig(max_new_tokens=1)).seconds_to_first_token)\n"
+                "    reader.memory.forget_choices()\n"
+                "    first.append(reader.ask(q, max_new_tokens=1).seconds_to_first_token)\n"
                 "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
                 "q = lambda v, p: sorted(v)[min(len(v) - 1, int(p * len(v)))]\n"
                 "print(json.dumps({'select_p50_ms': round(1000 * statistics.median(select), 1),"

@@ -1,11 +1,13 @@
 """lcc: compile documents into memory cartridges that a frozen language model reads instead.
 
-The typed Python API lives in `lcc_cli.api` (imports are lazy, so `import lcc_cli` stays cheap):
+The Python API is `import lcc` (the module lcc_cli/api.py; docs/python.md):
 
-    from lcc_cli import api
-    from lcc_cli.config import CompileConfig
-    api.compile_file("doc.md", "doc.lcc", CompileConfig(ratio=16))
-    api.ask(["Who founded it?"], ["doc.lcc"])[0].text
+    import lcc
+    model = lcc.load_model()
+    reader = model.reader(model.compile("doc.md", ratio=16))
+    reader.ask("Who founded it?").text
+
+`import lcc_cli` alone stays cheap: nothing heavy is imported until the API is.
 """
 
 from ._version import __version__

@@ -70,6 +70,12 @@ def read_document(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Docum
     return _document(data, path.name, path.suffix.lower(), path)
 
 
+def document_from_bytes(data: bytes, name: str = "document.txt") -> Document:
+    """A document from bytes already in memory; `name`'s suffix says how to read them (.pdf,
+    .md, .txt; a PDF is also known by its first bytes)."""
+    return _document(data, name, Path(name).suffix.lower())
+
+
 def check_readable(path: Path, st) -> None:
     """The one rule for every input lcc reads (documents, questions, datasets, training data):
     a regular file, or a pipe (a FIFO, `<(...)`, stdin as '-'), read once from start to end.

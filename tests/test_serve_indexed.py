@@ -129,3 +129,29 @@ def test_requests_that_chose_different_pages_decode_in_one_batch(server, monkeyp
     assert {q: g["choices"][0]["message"]["content"] for q, g in got.items()} == want
     sizes = engine.batch_sizes[len(before):]
     assert max(sizes) >= 2, sizes
+
+
+def test_a_request_reads_with_its_own_budget_through_the_openai_client(tmp_path, tiny_model_dir):
+    from openai import BadRequestError, OpenAI
+    from test_serve import Running
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    filler = " ".join(f"Boat number {i} is painted blue and sails at noon." for i in range(12))
+    _indexed(folder, tmp_path, tiny_model_dir, "harbor", filler + " " + TEXTS["harbor"] + " " + filler)
+    server = Running(api.load(run_opts(tiny_model_dir)), [folder])
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="none")
+        ask = {"model": "harbor", "max_tokens": 3, "messages": [{"role": "user", "content": QUESTION}]}
+        wide = client.chat.completions.create(**ask, extra_body={"lcc": {"budget": 64}}).model_extra["lcc"]
+        narrow = client.chat.completions.create(**ask, extra_body={"lcc": {"budget": 24}})
+        narrow = narrow.model_extra["lcc"]
+        assert wide["read"]["budget"] == 64 and wide["read"]["entries"] == sum(p["entries"] for p in wide["pages"])
+        assert 40 < wide["read"]["entries"] <= 64 and narrow["read"]["entries"] < wide["read"]["entries"]
+        plain = client.chat.completions.create(**ask, extra_body={"lcc": {"prefix": False, "pages": False}})
+        assert "pages" not in plain.model_extra["lcc"] and plain.model_extra["lcc"]["prefix"] is None
+        for bad in ({"budget": "64"}, {"budget": 0}, {"budget": 8, "ratio": 4}, {"bogus": 1}, {"selector": "magic"}):
+            with pytest.raises(BadRequestError):
+                client.chat.completions.create(**ask, extra_body={"lcc": bad})
+    finally:
+        server.stop()

@@ -72,7 +72,7 @@ def repl(reader, cfg: AskConfig, out, err, show_pages: bool, print_pages) -> Non
             last = _command(text, reader, last, out, err, print_pages)
             continue
         try:
-            last = reader.ask(line, cfg, on_text=lambda piece: out.print(clean(piece), end="", markup=False))
+            last = reader.ask(line, on_text=lambda piece: out.print(clean(piece), end="", markup=False), **vars(cfg))
         except KeyboardInterrupt:
             out.print()
             err.print("(cancelled)", highlight=False)

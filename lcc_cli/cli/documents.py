@@ -221,14 +221,15 @@ def ask(
     cfg = AskConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode, floor=floor,
                       answer_format=answer_format, prefix=prefix, prefix_file=str(prefix_file) if prefix_file else None)
-    reader = api.Reader([Path(c) for c in cartridges], context, _run(model, device, threads, dtype), force, read=read)
-    reader.check(asked, cfg)  # every question, before the first answer is printed
+    reader = api.Reader([Path(c) for c in cartridges], run=_run(model, device, threads, dtype), context=context,
+                        force=force, read=read)
+    reader.check(asked, **vars(cfg))  # every question, before the first answer is printed
     if questions is not None:
-        for a in reader.ask_many(asked, cfg):  # questions that read the same pages are decoded together
+        for a in reader.ask_many(asked, **vars(cfg)):  # questions that read the same pages are decoded together
             print_json_line(_answer_json(a, reader.mode))
         return
     stream = None if as_json else (lambda piece: out.print(clean(piece), end="", markup=False, highlight=False))
-    result = reader.ask(asked[0], cfg, on_text=stream)
+    result = reader.ask(asked[0], on_text=stream, **vars(cfg))
     if as_json:
         print_json(_answer_json(result, reader.mode))
         return
@@ -275,7 +276,8 @@ def chat(
     read = ReadConfig(budget=budget, ratio=ratio, selector=selector, repair=repair, reencode=reencode, floor=floor,
                       answer_format=answer_format, prefix=prefix, prefix_file=str(prefix_file) if prefix_file else None)
     err.print("loading…", highlight=False)
-    reader = api.Reader(list(cartridges or []), context, _run(model, device, threads, dtype), force, read=read)
+    reader = api.Reader(list(cartridges or []), run=_run(model, device, threads, dtype), context=context, force=force,
+                        read=read)
     repl(reader, cfg, out, err, show_pages, _print_pages)
 
 

@@ -305,12 +305,20 @@ def read_partial(path: Path, loaded, doc: Document, cfg: CompileConfig, compiler
 def compile_text(loaded, text: str, name: str = "document.txt", compiler: str | CompilerSpec | None = "auto",
                  settings: dict | CompileConfig | None = None, quality: str = "balanced",
                  progress: Progress = NO_PROGRESS, built: dict | None = None) -> Cartridge:
-    """One document's text compiled in memory with the model already loaded, through the one
-    compile path (in this process), and returned as it would be read back from its file (keys
-    and values stored as the settings store them: int8 for the default indexed cartridge).
-    `built`: compilers already built, by spec, reused across calls."""
+    """`compile_document` for a text."""
     import hashlib
 
+    doc = Document(text=text, sha256=hashlib.sha256(text.encode()).hexdigest(), name=name)
+    return compile_document(loaded, doc, compiler, settings, quality, progress, built)
+
+
+def compile_document(loaded, doc: Document, compiler: str | CompilerSpec | None = "auto",
+                     settings: dict | CompileConfig | None = None, quality: str = "balanced",
+                     progress: Progress = NO_PROGRESS, built: dict | None = None) -> Cartridge:
+    """One document compiled in memory with the model already loaded, through the one compile
+    path (in this process), and returned as it would be read back from its file (keys and
+    values stored as the settings store them: int8 for the default indexed cartridge).
+    `built`: compilers already built, by spec, reused across calls."""
     from ..backends.local import LocalExecutor
     from ..format.cartridge import from_bytes, to_bytes
     from .base import build_compiler
@@ -321,7 +329,6 @@ def compile_text(loaded, text: str, name: str = "document.txt", compiler: str | 
     if spec not in built:
         built[spec] = build_compiler(spec, loaded)
     method = built[spec]
-    doc = Document(text=text, sha256=hashlib.sha256(text.encode()).hexdigest(), name=name)
-    task = DocumentTask(doc, None, text_segments(loaded, text, cfg))
+    task = DocumentTask(doc, None, text_segments(loaded, doc.text, cfg))
     compile_all(loaded, [task], cfg, spec, method.describe(), LocalExecutor(loaded, method), progress)
-    return from_bytes(to_bytes(task.cartridge), name)
+    return from_bytes(to_bytes(task.cartridge), doc.name)

@@ -24,16 +24,20 @@ class Reader:
 
         if cartridges and context is not None:
             raise UsageError("give cartridges or --context, not both")
-        folders = [Path(p) for p in cartridges if Path(p).is_dir()]
+        paths = [p for p in cartridges if isinstance(p, (str, Path))]  # the rest: cartridges already in memory
+        folders = [Path(p) for p in paths if Path(p).is_dir()]
         if folders and len(cartridges) > 1:
             raise UsageError("ask one library (a folder) or cartridges, not both")
-        library = open_library(folders[0]) if folders else None  # indexed before the model loads
-        carts = [] if library else open_cartridges(cartridges)  # format errors before the slow model load
+        library = open_library(folders[0]) if folders else None  # opened (and checked) before the model loads
+        carts = [] if library else [c if not isinstance(c, (str, Path)) else open_cartridges([c])[0]
+                                    for c in cartridges]  # format errors before the slow model load
         self.document = read_document(context).text if context is not None else None
         self.loaded = loaded or load(run or RunOptions())
         self.read = read or ReadConfig()
         self.prefix = reading_prefix(self.loaded, self.read.prefix, self.read.prefix_file)
-        self._opened = (carts, [Path(p).name for p in cartridges], force, library)
+        names = [Path(c).name if isinstance(c, (str, Path)) else str(c.manifest["source"].get("name") or f"cartridge {i + 1}")
+                 for i, c in enumerate(cartridges)]
+        self._opened = (carts, names, force, library)
         self.memory = open_memory(carts, self.loaded, self._opened[1], force, read=self.read,
                                   library=library) if library is not None or carts else None
         self.mode = self.memory.mode if self.memory else "context" if context is not None else "none"
@@ -115,6 +119,7 @@ MAX_QUESTION_CHARS = 200_000
 
 
 def check_question(question: str, where: str = "the question") -> None:
+    """UsageError for a question that is empty, not text, or over MAX_QUESTION_CHARS."""
     if not question.strip():
         raise UsageError(f"{where} is empty")
     if len(question) > MAX_QUESTION_CHARS:

@@ -41,6 +41,7 @@ class CompileResult:
 
 
 def estimate_seconds(segment_tokens: list[int], cfg: CompileConfig) -> float:
+    """Rough seconds a compile takes on 2 CPU cores, from its segments' tokens and steps."""
     return sum(n * (cfg.steps * _STEP_SECONDS_PER_TOKEN + _PASS_SECONDS_PER_TOKEN) for n in segment_tokens)
 
 
