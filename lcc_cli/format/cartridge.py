@@ -30,7 +30,8 @@ from . import storage as st
 from .fsio import atomic_write
 from .layouts import layout_of, positions
 from .raw import (_DTYPE_CODES, _DTYPES, BIAS_LIMIT, MAX_HEADER, RawFile, _check_legacy_entries,  # noqa: F401
-                  check_checksums, check_values, checksum, read_manifest, read_raw, read_tensors, tensor_sha256)
+                  carries, check_checksums, check_values, checksum, read_manifest, read_raw, read_tensors,
+                  side_manifest, tensor_sha256)
 
 PARTIAL_SUFFIX = ".partial"
 BLOCK_TABLE = "blocks"  # [blocks, 32] uint8: the sha256 of each block's bytes

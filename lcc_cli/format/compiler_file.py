@@ -65,27 +65,12 @@ def save_compiler(path: Path, manifest: dict, tensors: dict[str, torch.Tensor], 
 
 def is_compiler_file(path: Path) -> bool:
     """True when the file's header carries a compiler manifest (cheap: header only)."""
-    try:
-        raw = carts.read_raw(Path(path), Path(path).name)
-    except Exception:
-        return False
-    meta = raw.header.get("__metadata__")
-    return isinstance(meta, dict) and isinstance(meta.get("lcc_compiler"), str)
+    return carts.carries(path, "lcc_compiler")
 
 
 def _read_header(source: Path | bytes, name: str) -> tuple:
     """(raw header, metadata, checked manifest) from the header alone."""
-    try:
-        raw = carts.read_raw(source, name)
-    except Exception as exc:
-        raise CompilerFileError(getattr(exc, "message", str(exc))) from exc
-    meta = raw.header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not isinstance(meta.get("lcc_compiler"), str):
-        raise CompilerFileError(f"{name} is not an lcc compiler file (no compiler manifest)")
-    try:
-        manifest = json.loads(meta["lcc_compiler"])
-    except (ValueError, RecursionError) as exc:
-        raise CompilerFileError(f"{name}: compiler manifest is not valid JSON") from exc
+    raw, meta, manifest = carts.side_manifest(source, name, "lcc_compiler", CompilerFileError, "an lcc compiler file")
     _validate(manifest, raw, name)
     return raw, meta, manifest
 

@@ -58,12 +58,7 @@ def save_prefix(path: Path, manifest: dict, keys: list[torch.Tensor], values: li
 
 def is_prefix_file(path: Path) -> bool:
     """True when the file's header carries a prefix manifest (cheap: the header only)."""
-    try:
-        raw = carts.read_raw(Path(path), Path(path).name)
-    except Exception:
-        return False
-    meta = raw.header.get("__metadata__")
-    return isinstance(meta, dict) and isinstance(meta.get("lcc_prefix"), str)
+    return carts.carries(path, "lcc_prefix")
 
 
 def read_prefix_manifest(path: Path) -> dict:
@@ -91,17 +86,7 @@ def load_prefix(path: str | Path) -> PrefixFile:
 def _header(source: Path, name: str) -> tuple:
     if not source.is_file():
         raise CartridgeError(f"no such reading prefix: {source}")
-    try:
-        raw = carts.read_raw(source, name)
-    except Exception as exc:
-        raise CartridgeError(getattr(exc, "message", str(exc))) from exc
-    meta = raw.header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not isinstance(meta.get("lcc_prefix"), str):
-        raise CartridgeError(f"{name} is not an lcc reading prefix (no prefix manifest)")
-    try:
-        m = json.loads(meta["lcc_prefix"])
-    except (ValueError, RecursionError) as exc:
-        raise CartridgeError(f"{name}: prefix manifest is not valid JSON") from exc
+    raw, meta, m = carts.side_manifest(source, name, "lcc_prefix", CartridgeError, "an lcc reading prefix")
     _validate(m, raw, name)
     return raw, meta, m
 

@@ -97,6 +97,36 @@ def read_raw(source: Path | bytes, name: str) -> RawFile:
     return RawFile(path, data, size, header, 8 + length)
 
 
+def carries(path: Path, key: str) -> bool:
+    """True when a file's safetensors header carries the metadata string `key` (cheap: the
+    header only). How a compiler file (`lcc_compiler`) and a reading prefix (`lcc_prefix`) are
+    told from a cartridge."""
+    try:
+        raw = read_raw(Path(path), Path(path).name)
+    except Exception:
+        return False
+    meta = raw.header.get("__metadata__")
+    return isinstance(meta, dict) and isinstance(meta.get(key), str)
+
+
+def side_manifest(source: Path | bytes, name: str, key: str, error, what: str) -> tuple:
+    """(raw header, metadata, manifest) of a file whose JSON manifest is the metadata string
+    `key` (a compiler file, a reading prefix), from the header alone; `error` (an LccError
+    class) for anything wrong, naming the file as `what`."""
+    try:
+        raw = read_raw(source, name)
+    except Exception as exc:
+        raise error(getattr(exc, "message", str(exc))) from exc
+    meta = raw.header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not isinstance(meta.get(key), str):
+        raise error(f"{name} is not {what} (no {key} manifest)")
+    try:
+        manifest = json.loads(meta[key])
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{name}: {key} manifest is not valid JSON") from exc
+    return raw, meta, manifest
+
+
 def _json(raw: bytes | str, name: str, what: str):
     try:
         text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
