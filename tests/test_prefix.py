@@ -121,13 +121,17 @@ def test_ask_reads_a_prefix_file_says_so_and_reads_without_it_when_told(trained,
     without = json.loads(CliRunner().invoke(app, base + ["--prefix-file", str(out), "--no-prefix"]).stdout)
     plain = json.loads(CliRunner().invoke(app, base).stdout)  # no prefix is shipped for the tiny model
     assert read["prefix"].startswith("tiny") and without["prefix"] is None and plain["prefix"] is None
+    no_document = CliRunner().invoke(app, ["ask", "Who?", "--model", str(tiny_model_dir), "--json",
+                                           "--max-new-tokens", "2", "--prefix-file", str(out)])
+    assert json.loads(no_document.stdout)["prefix"] is None  # the plain model's answers stay its own
     entries = len(__import__("lcc_cli.format.prefix_file", fromlist=["x"]).load_prefix(out).keys[0][0])
     assert read["kv_positions"] == without["kv_positions"] + entries
 
 
 def test_a_prefix_for_another_model_or_a_damaged_one_is_refused(trained, tmp_path, other_model_dir, tiny_model_dir):
     _, _, out, _ = trained
-    ask = ["ask", "Who?", "--max-new-tokens", "2", "--prefix-file"]
+    (tmp_path / "d.txt").write_text(DOC)
+    ask = ["ask", "--context", str(tmp_path / "d.txt"), "Who?", "--max-new-tokens", "2", "--prefix-file"]
     other = CliRunner().invoke(app, ask + [str(out), "--model", str(other_model_dir)])
     assert other.exit_code == 6 and "was made for model" in other.stderr and "Traceback" not in other.stderr
     broken = tmp_path / "broken.prefix"

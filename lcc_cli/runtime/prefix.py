@@ -2,9 +2,11 @@
 
 It carries the *reading skill* (answer with the document's own short phrase; issue 38), not
 a document: trained once per base model with the reader frozen (training/prefix.py), shipped
-for the embedded model under lcc_cli/data/, pinned to the model's fingerprint. Every read puts
-it first (runtime/reading.py moves the rest after it); `--no-prefix` reads without it. A
-model without a prefix trained for it reads without one.
+for the embedded model under lcc_cli/data/, pinned to the model's fingerprint. Every read of a
+document puts it first (runtime/reading.py moves the rest after it): cartridges, libraries,
+`--context`; the plain model answering with no document reads without it, so its answers stay
+its own. `--no-prefix` reads without it. A model without a prefix trained for it reads without
+one.
 """
 
 from __future__ import annotations

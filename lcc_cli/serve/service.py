@@ -233,7 +233,8 @@ class Service:
     async def submit(self, req: ChatRequest) -> tuple[Job, int, dict | None]:
         """(the job, in the engine's queue; its prompt tokens; the `lcc` extra of the response)."""
         read = self.read_of(req)
-        prefix = self.prefix if read.prefix else None
+        # before a document only: the plain model's answers stay its own (runtime/prefix.py)
+        prefix = self.prefix if read.prefix and req.model != self.plain else None
         first = prefix.slots if prefix is not None else 0
         if req.model not in (self.plain, LIBRARY):
             await self.refreshed(req.model.split("+")[:self.limits.max_parts + 1])

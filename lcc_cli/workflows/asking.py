@@ -34,9 +34,12 @@ class Reader:
         self.document = read_document(context).text if context is not None else None
         self.loaded = loaded or load(run or RunOptions())
         self.read = read or ReadConfig()
-        self.prefix = reading_prefix(self.loaded, self.read.prefix, self.read.prefix_file)
-        names = [Path(c).name if isinstance(c, (str, Path)) else str(c.manifest["source"].get("name") or f"cartridge {i + 1}")
-                 for i, c in enumerate(cartridges)]
+        # the prefix carries a reading skill: read before a document (cartridges, a library,
+        # --context), never before the plain model's own system turn, whose answers stay its own
+        self.reads_document = bool(library is not None or carts or context is not None)
+        self.prefix = reading_prefix(self.loaded, self.read.prefix and self.reads_document, self.read.prefix_file)
+        names = [Path(c).name if isinstance(c, (str, Path)) else
+                 str(c.manifest["source"].get("name") or f"cartridge {i + 1}") for i, c in enumerate(cartridges)]
         self._opened = (carts, names, force, library)
         self.memory = open_memory(carts, self.loaded, self._opened[1], force, read=self.read,
                                   library=library) if library is not None or carts else None
@@ -52,7 +55,7 @@ class Reader:
         memory = open_memory(carts, self.loaded, names, force, read=read,
                              library=library) if self.memory is not None else None
         self.read, self.memory = read, memory
-        self.prefix = reading_prefix(self.loaded, read.prefix, read.prefix_file)
+        self.prefix = reading_prefix(self.loaded, read.prefix and self.reads_document, read.prefix_file)
 
     def view(self, question: str):
         """What `question` reads (runtime.reading.View): its memory's view, or the context turn
