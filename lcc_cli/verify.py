@@ -46,6 +46,9 @@ class VerifyReport:
                 "checks": [asdict(c) for c in self.checks], "probe": self.probe}
 
 
+# Long for a reason: each file check is a small step over the state the previous one left (the
+# raw header, then the manifest, then the tensors...), written in the order it runs, so that the
+# sequence reads top to bottom as docs/format.md lists it.
 def verify_file(path: str | Path, loaded=None, source: str | Path | None = None, probe=None) -> VerifyReport:
     """Run the checks. `loaded` (a LoadedModel, or a function that loads one: called only
     once the file checks have passed) enables the model checks; `source` the source-hash
@@ -134,19 +137,24 @@ def verify_file(path: str | Path, loaded=None, source: str | Path | None = None,
         if loaded is None:
             report.checks += [Check("model-shape", None, "skipped"), Check("fingerprint", None, "skipped")]
     if loaded is not None:
-        run("model-shape", lambda: check_compatible(cart.manifest["model"], loaded.facts,
-                                                    cart.buffer.first_query_position, path.name))
-        run("fingerprint", lambda: check_fingerprint(cart.manifest["model"], loaded.model_id, loaded.fingerprint,
-                                                     path.name))
-        if indexed:
-            run("tokens", lambda: _tokens(cart, loaded))
-            run("page-text", lambda: _page_text(cart, loaded))
-            run("page-kv", lambda: _page_kv(cart, loaded))
+        _model_checks(run, cart, loaded, path.name, indexed)
     if source is not None:
         run("source", lambda: _source(cart, Path(source)))
         if probe is not None and loaded is not None:
             run("probe", lambda: _probe(probe, cart, loaded, Path(source), report))
     return report
+
+
+def _model_checks(run, cart, loaded, name: str, indexed: bool) -> None:
+    """The checks that need the model: it fits (shape, RoPE, window), it is the one the
+    cartridge names, and an indexed cartridge's pages say what they store."""
+    run("model-shape", lambda: check_compatible(cart.manifest["model"], loaded.facts,
+                                                cart.buffer.first_query_position, name))
+    run("fingerprint", lambda: check_fingerprint(cart.manifest["model"], loaded.model_id, loaded.fingerprint, name))
+    if indexed:
+        run("tokens", lambda: _tokens(cart, loaded))
+        run("page-text", lambda: _page_text(cart, loaded))
+        run("page-kv", lambda: _page_kv(cart, loaded))
 
 
 def _index(cart) -> str:

@@ -86,6 +86,9 @@ class TrainResult:
     history: list[dict]
 
 
+# One function on purpose: setup, the step loop and the final file share the run's state (the
+# LoRA attached to the model, the optimiser, the best tensors, DDP's wrapper), and the `finally`
+# that unloads the LoRA must cover all of it; split, each piece would take a dozen of them.
 def train_compiler(loaded, data: list[Path], output: Path, cfg: TrainConfig, resume: bool = False,
                    time_limit: float | None = None, progress: Progress = NO_PROGRESS,
                    overwrite: bool = False, stop_after: int | None = None, dist: Dist | None = None,
