@@ -310,6 +310,7 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
     rows = [json.loads(line) for line in LONG.read_text().splitlines()][:documents]
     one = AskConfig(max_new_tokens=1)
     times: dict[str, list[float]] = {"full": [], "retrieve": [], "indexed bfloat16": [], "indexed int8": [],
+                                     "indexed int8, no prefix": [],
                                      **{f"indexed int8 repair {r}": [] for r in REPAIRS}}
     sizes, compiles = {}, []
     for n, row in enumerate(rows):
@@ -329,6 +330,8 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
 
                 compiles.append(seconds / time_prefill(loaded, loaded.prompter.context_ids(row["context"]), repeats=1))
         readers = {f"indexed {kv}": api.Reader([carts[kv]], model=api.Model(loaded), read=ReadConfig()) for kv in ("bfloat16", "int8")}
+        readers["indexed int8, no prefix"] = api.Reader([carts["int8"]], model=api.Model(loaded),
+                                                        read=ReadConfig(prefix=False))
         readers |= {f"indexed int8 repair {r}": api.Reader([carts["int8"]], model=api.Model(loaded), read=ReadConfig(repair=r))
                     for r in REPAIRS}
         budget = readers["indexed int8"].memory.budget
@@ -340,6 +343,7 @@ def measure_indexed(tmp: Path, documents: int = 6, per_doc: int = 5) -> dict:
     out = {"documents": len(rows), "questions": len(times["full"]), "ttft_p50_s": p50,
            "indexed_int8 / retrieve": round(p50["indexed int8"] / p50["retrieve"], 3),
            "indexed_int8 / full": round(p50["indexed int8"] / p50["full"], 3),
+           "indexed_int8 / no prefix": round(p50["indexed int8"] / p50["indexed int8, no prefix"], 3),
            **{f"repair_{r} / retrieve": round(p50[f"indexed int8 repair {r}"] / p50["retrieve"], 3) for r in REPAIRS},
            "bytes_per_token": {k: round(statistics.mean(v)) for k, v in sizes.items()},
            "compile_pe_int8": round(statistics.median(compiles), 2)}
@@ -382,14 +386,17 @@ def _paragraph_reads(tmp: Path, loaded, documents: int = 8, per_doc: int = 4) ->
     from lcc_cli.config import ReadConfig
 
     rows = [json.loads(line) for line in PARAGRAPHS.read_text().splitlines()][:documents]
-    times: dict[str, list[float]] = {"retrieve": [], "indexed, re-encoded (default)": [], "indexed, as stored": []}
+    times: dict[str, list[float]] = {"retrieve": [], "indexed, re-encoded (default)": [], "indexed, as stored": [],
+                                     "indexed, re-encoded, no prefix": []}
     for n, row in enumerate(rows):
         src, cart = tmp / f"para{n}.txt", tmp / f"para{n}.lcc"
         src.write_text(row["context"])
         api.compile_file(src, cart, {"ratio": 8.0, "index": True, "gist": False}, compiler="truncate",
                          run=api.RunOptions())
         readers = {"indexed, re-encoded (default)": api.Reader([cart], model=api.Model(loaded), read=ReadConfig()),
-                   "indexed, as stored": api.Reader([cart], model=api.Model(loaded), read=ReadConfig(reencode=0))}
+                   "indexed, as stored": api.Reader([cart], model=api.Model(loaded), read=ReadConfig(reencode=0)),
+                   "indexed, re-encoded, no prefix": api.Reader([cart], model=api.Model(loaded),
+                                                                read=ReadConfig(prefix=False))}
         budget = readers["indexed, as stored"].memory.budget
         for q in (q["q"] for q in random.Random(n).sample(row["questions"], min(per_doc, len(row["questions"])))):
             _time_reads(loaded, row["context"], q, budget, readers, times)
@@ -651,7 +658,8 @@ def render(results: dict) -> str:
                   "| condition | first token (p50) |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in t.items()]
         lines += ["", f"indexed int8 / retrieve: {x['indexed_int8 / retrieve']}; indexed int8 / full: "
-                      f"{x['indexed_int8 / full']}; " + "; ".join(
+                      f"{x['indexed_int8 / full']}; with the reading prefix / without: "
+                      f"{x.get('indexed_int8 / no prefix')}; " + "; ".join(
                           f"repair {r} / retrieve: {x[f'repair_{r} / retrieve']}" for r in REPAIRS
                           if f"repair_{r} / retrieve" in x) + ".", "",
                   "Bytes per document token (file size / context tokens): " + ", ".join(
@@ -659,9 +667,12 @@ def render(results: dict) -> str:
                   f"{x['compile_pe_int8']} prefills of the same document.", ""]
         para = x.get("paragraphs")
         if para:
+            p50 = para["ttft_p50_s"]
             lines += [f"Paragraphs at 8x ({para['questions']} questions of the first {para['documents']} paragraphs of "
-                      f"the shared sample; about 27 entries, so re-encoded whole by default): first token (p50) "
-                      + ", ".join(f"{k} {v} s" for k, v in para["ttft_p50_s"].items()) + ".", ""]
+                      f"the shared sample; about 27 entries, so re-encoded whole by default, in the question's own "
+                      f"pass): first token (p50) " + ", ".join(f"{k} {v} s" for k, v in p50.items())
+                      + f"; the default / retrieve: {round(p50['indexed, re-encoded (default)'] / p50['retrieve'], 3)}.",
+                      ""]
         d = x.get("long_document")
         if d:
             lines += [f"A {d['tokens']:,}-token document: compiled in {d['compile_s']} s ({d['windows']} windows), "
