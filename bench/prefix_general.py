@@ -1,8 +1,10 @@
 """General ability with the reading prefix (issue 38's target): held-out generic instructions
 (bench/data/general-heldout.txt, none seen in training) answered with the prefix and by the
 plain model on the same read, their token F1 (per instruction, then the mean with a bootstrap
-interval): with no document (the plain system turn) and with a document (the default read of
-an indexed cartridge of a paragraph of the bench sample, at 8x).
+interval): with a document (the default read of an indexed cartridge of a paragraph of the bench
+sample, at 8x) and with no document. lcc reads no prefix before the plain model's own system
+turn (no document), so there its answers are the plain model's by construction; the "no
+document" row forces the prefix there anyway, to show what it would do.
 
     python bench/prefix_general.py [--prefix-file FILE] > bench/results/prefix-general.json
 """
@@ -52,9 +54,17 @@ def main() -> None:
     out: dict = {"instructions": {"no document": len(agnostic), "with a document": len(about)}}
     rows = {"no document": [], "with a document": []}
     read = {"prefix_file": args.prefix_file} if args.prefix_file else {}
-    plain, prefixed = model.reader(prefix=False), model.reader(**read)
+    from lcc_cli.config import AskConfig
+    from lcc_cli.runtime.prefix import reading_prefix
+    from lcc_cli.runtime.reading import Row, View, answer_rows
+
+    loaded = model.loaded
+    forced = reading_prefix(loaded, True, args.prefix_file)
+    plain_turn = View.text(loaded.prompter.context_ids(None), document=True)  # the prefix forced on it
+    cfg = AskConfig(max_new_tokens=48)
     for q in agnostic:
-        a, b = plain.ask(q, max_new_tokens=48), prefixed.ask(q, max_new_tokens=48)
+        row = [Row(plain_turn, loaded.prompter.query_ids(q), q)]
+        a, b = answer_rows(loaded, row, cfg)[0], answer_rows(loaded, row, cfg, forced)[0]
         rows["no document"].append({"q": q, "plain": a.text, "prefix": b.text, "f1": _agree(b.text, a.text)})
     docs = [json.loads(line) for line in PARAGRAPHS.read_text().splitlines()][:args.documents]
     for n, doc in enumerate(docs):
@@ -68,7 +78,7 @@ def main() -> None:
         f1 = [r["f1"] for r in got]
         out[kind] = {"n": len(f1), "token_f1": round(sum(f1) / len(f1), 3), "ci95": bootstrap(f1),
                      "identical": round(sum(r["prefix"] == r["plain"] for r in got) / len(got), 3)}
-    out["prefix"] = prefixed.ask("x", max_new_tokens=1).prefix
+    out["prefix"] = forced.name if forced is not None else None
     out["rows"] = rows
     print(json.dumps(out, indent=1))
 

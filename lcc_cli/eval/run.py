@@ -322,7 +322,7 @@ def text_view(loaded, document: str | None):
     """The context turn with `document` in it (None: the plain instruction), read as text."""
     from ..runtime.reading import View
 
-    return View.text(loaded.prompter.context_ids(document))
+    return View.text(loaded.prompter.context_ids(document), document=document is not None)
 
 
 def answers(loaded, source, questions: list[str], ask, prefix=None, answer_format: str = "plain") -> list:

@@ -67,11 +67,15 @@ class View:
     pages: list[Page] | None = None
     key: Hashable = ()
     seconds: float = 0.0
+    # False for the plain model's own system turn, with no document: the reading prefix is a
+    # reading skill, so the engine reads such a view without it (its answers stay the model's)
+    document: bool = True
 
     @classmethod
-    def text(cls, ids: list[int], key: Hashable = None) -> View:
+    def text(cls, ids: list[int], key: Hashable = None, document: bool = True) -> View:
         """Token ids read as text from position 0 (a context turn in the prompt)."""
-        return cls(None, list(ids), list(range(len(ids))), key=("text", tuple(ids)) if key is None else key)
+        return cls(None, list(ids), list(range(len(ids))), key=("text", tuple(ids)) if key is None else key,
+                   document=document)
 
     @property
     def stored(self) -> int:
@@ -167,7 +171,7 @@ NO_PAGES = "no page of the library matches the question: answered without it"
 
 def row_end(view: View, prompt: list[int], prefix: Buffer | None) -> int:
     """The position after a row's prompt (where its answer starts)."""
-    return (prefix.slots if prefix is not None else 0) + view.end + len(prompt)
+    return (prefix.slots if prefix is not None and view.document else 0) + view.end + len(prompt)
 
 
 def check_rows(loaded, rows: list[Row], max_new_tokens: int, prefix: Buffer | None = None,
@@ -194,7 +198,7 @@ def answer_rows(loaded, rows: list[Row], cfg: AskConfig | None = None, prefix=No
     views: dict[Hashable, View] = {}  # rows with one key read one view, moved and encoded once
     for r in rows:
         if r.view.key not in views:
-            views[r.view.key] = _on_device(r.view, loaded).after(kv, rope)
+            views[r.view.key] = _on_device(r.view, loaded).after(kv if r.view.document else None, rope)
     rows = [replace(r, view=views[r.view.key]) for r in rows]
     groups = _groups(rows, batch)
     if on_step is not None and len(groups) > 1:
@@ -205,7 +209,7 @@ def answer_rows(loaded, rows: list[Row], cfg: AskConfig | None = None, prefix=No
         stream = on_text if len(group) == 1 else None
         for i, a in zip(group, _decode_group(loaded, [rows[i] for i in group], cfg, max_new, generator, stream,
                                              on_step)):
-            out[i] = replace(a, prefix=prefix.name if prefix is not None else None)
+            out[i] = replace(a, prefix=prefix.name if prefix is not None and rows[i].view.document else None)
     return out
 
 

@@ -137,7 +137,7 @@ class Service:
         if name == self.plain:
             ids = self.loaded.prompter.context_ids(None)
             admit(len(ids))
-            return View.text(ids, key=())  # the plain model: its own system turn
+            return View.text(ids, key=(), document=False)  # the plain model: its own system turn
         if name == LIBRARY and self.libraries:
             return self.libraries[0].view(question, admit, read)
         entries = self._entries(name)
@@ -233,8 +233,7 @@ class Service:
     async def submit(self, req: ChatRequest) -> tuple[Job, int, dict | None]:
         """(the job, in the engine's queue; its prompt tokens; the `lcc` extra of the response)."""
         read = self.read_of(req)
-        # before a document only: the plain model's answers stay its own (runtime/prefix.py)
-        prefix = self.prefix if read.prefix and req.model != self.plain else None
+        prefix = self.prefix if read.prefix else None  # read before documents only (runtime.reading.View)
         first = prefix.slots if prefix is not None else 0
         if req.model not in (self.plain, LIBRARY):
             await self.refreshed(req.model.split("+")[:self.limits.max_parts + 1])

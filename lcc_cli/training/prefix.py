@@ -129,7 +129,9 @@ class Reads:
 
     def view(self, ex: Example) -> View:
         if ex.doc is None:
-            return View.text(self.loaded.prompter.context_ids(None), key=("plain",))
+            # trained (and validated) with the prefix read even here, so that a prefix forced on the
+            # plain model (a bench, a client that asks for it) still keeps its answers
+            return View.text(self.loaded.prompter.context_ids(None), key=("plain",), document=True)
         return self.memory(ex.doc).view(ex.question)
 
     def memory(self, doc: int):

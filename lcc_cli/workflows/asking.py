@@ -35,7 +35,7 @@ class Reader:
         self.loaded = loaded or load(run or RunOptions())
         self.read = read or ReadConfig()
         # the prefix carries a reading skill: read before a document (cartridges, a library,
-        # --context), never before the plain model's own system turn, whose answers stay its own
+        # --context), never before the plain model's own system turn (runtime.reading.View)
         self.reads_document = bool(library is not None or carts or context is not None)
         self.prefix = reading_prefix(self.loaded, self.read.prefix and self.reads_document, self.read.prefix_file)
         names = [Path(c).name if isinstance(c, (str, Path)) else
@@ -65,7 +65,8 @@ class Reader:
         if self._text_view is None:  # one view for every question: rows that share it are encoded once
             from ..runtime.reading import View
 
-            self._text_view = View.text(self.loaded.prompter.context_ids(self.document))
+            self._text_view = View.text(self.loaded.prompter.context_ids(self.document),
+                                        document=self.document is not None)
         return self._text_view
 
     def prompt(self, question: str) -> list[int]:

@@ -170,7 +170,7 @@ class LibraryMemory(Paged):
         def build():
             key = self.choose(question)
             if not key:  # no page shares a word with the question: the plain model, stated as such
-                return View.text(self.loaded.prompter.context_ids(None), key=("library", "no pages"))
+                return View.text(self.loaded.prompter.context_ids(None), key=("library", "no pages"), document=False)
             self._first = self._first or key[0][0].source
             return Paged.view(self, question)
 
