@@ -314,3 +314,16 @@ def test_chat_commands_show_pages_change_the_budget_and_explain_themselves(libra
     assert "/budget N" in r.stdout and "nothing asked yet" in r.stderr
     assert "now reads 12 entries" in r.stderr and "whole number" in r.stderr and "unknown command" in r.stderr
     assert "[harbor.lcc p" in r.stdout and "Ada Pellinger" in r.stdout  # /pages after the answer
+
+
+# --- 7. progress a user can see ------------------------------------------------------------------
+
+
+def test_a_batch_of_indexed_documents_reports_each_ones_seconds(library, tiny_model_dir, tmp_path):
+    for name, text in DOCS.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    r = CliRunner().invoke(app, ["compile", str(tmp_path / "harbor.txt"), str(tmp_path / "mill.txt"), "-o",
+                                 str(tmp_path / "out") + "/", "--model", str(tiny_model_dir), "--json"])
+    assert r.exit_code == 0, r.stderr
+    items = json.loads(r.stdout)["documents"]
+    assert [i["status"] for i in items] == ["done", "done"] and all(i["seconds"] > 0 for i in items)
