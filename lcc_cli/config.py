@@ -490,6 +490,8 @@ class PrefixConfig(_FromDict):
     # The prefix starts as this instruction's own KV (one prefill): as many entries as it has
     # tokens. The prototype (shared/DESIGN.md 4d) started here with 16 entries.
     init: str = "Answer with the exact words of the document: a short phrase, never a sentence."
+    # Or start from a trained prefix file (a second phase with other weights).
+    start_from: Optional[str] = None
     steps: int = 1200
     # Adam directly on the entries, as the Cartridges recipe and compile/refine.py do for a
     # buffer; 3e-3 moved the prototype's prefix from restating questions to spans in 400 steps.
@@ -529,6 +531,8 @@ class PrefixConfig(_FromDict):
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, "0 or more", value)
         _check(isinstance(self.init, str) and bool(self.init.strip()), "init", "a non-empty instruction", self.init)
         _check(isinstance(self.answerable, bool), "answerable", "true or false", self.answerable)
+        _check(self.start_from is None or isinstance(self.start_from, str), "start_from", "a prefix file",
+               self.start_from)
         _check(_finite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
         _check(_finite(self.kl_weight) and self.kl_weight >= 0, "kl_weight", "0 or more", self.kl_weight)
         _check(_finite(self.long_share) and 0 <= self.long_share <= 1, "long_share", "between 0 and 1", self.long_share)

@@ -253,17 +253,26 @@ class Trainer:
         self.history: list[dict] = []
         self.step = 0
         self.best: tuple[float, int] | None = None
-        p = loaded.prompter
-        init = p.encode(cfg.init)
-        from ..runtime.cache import prefill
-
-        with torch.no_grad():
-            layers, _ = prefill(loaded.model, init)
-        self.keys = [torch.nn.Parameter(k[0].float().clone()) for k, _ in layers]
-        self.values = [torch.nn.Parameter(v[0].float().clone()) for _, v in layers]
+        start = self._start(loaded, cfg)
+        self.keys = [torch.nn.Parameter(k.float().clone()) for k in start.keys]
+        self.values = [torch.nn.Parameter(v.float().clone()) for v in start.values]
         self.opt = torch.optim.Adam(self.keys + self.values, lr=cfg.lr)
         for param in loaded.model.parameters():
             param.requires_grad_(False)
+
+    @staticmethod
+    def _start(loaded, cfg: PrefixConfig) -> Buffer:
+        """Where the entries start: a trained prefix (`start_from`: a second phase with other
+        weights), or the KV of the `init` instruction's prefill."""
+        if cfg.start_from:
+            from ..runtime.prefix import open_prefix
+
+            return open_prefix(loaded, Path(cfg.start_from)).buffer
+        from ..runtime.cache import prefill
+
+        with torch.no_grad():
+            layers, _ = prefill(loaded.model, loaded.prompter.encode(cfg.init))
+        return Buffer([k[0] for k, _ in layers], [v[0] for _, v in layers], torch.arange(layers[0][0].shape[2]))
 
     # --- examples -------------------------------------------------------------------------------
 
@@ -399,7 +408,9 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = json.loads((self.ckpt / "state.json").read_text())
-        if state["config"] != self.cfg.to_dict():
+        defaults = PrefixConfig().to_dict()  # a setting added since the run began, at its default, changes nothing
+        mine = {k: v for k, v in self.cfg.to_dict().items() if k in state["config"] or v != defaults[k]}
+        if state["config"] != mine:
             raise OutputExistsError(f"{self.ckpt} was made with other settings; pass --force to start over")
         tensors = load_file(str(self.ckpt / "state.safetensors"))
         with torch.no_grad():
