@@ -507,6 +507,9 @@ class PrefixConfig(_FromDict):
     # at weight 1 (2 KL rows a step) held-out general answers kept 0.29 token F1 against the
     # plain model's after 100 steps (docs/prefix.md): the term must weigh more.
     kl_weight: float = 4.0
+    # The share of KL rows that read a document (the rest read the plain system turn, with the
+    # prefix forced on it): lcc reads the prefix before documents only.
+    kl_document_share: float = 0.5
     # Draw a question again until its read holds its gold answer (see training/prefix.py).
     answerable: bool = True
     para_ratio: float = 8.0
@@ -536,6 +539,8 @@ class PrefixConfig(_FromDict):
         _check(_finite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
         _check(_finite(self.kl_weight) and self.kl_weight >= 0, "kl_weight", "0 or more", self.kl_weight)
         _check(_finite(self.long_share) and 0 <= self.long_share <= 1, "long_share", "between 0 and 1", self.long_share)
+        _check(_finite(self.kl_document_share) and 0 <= self.kl_document_share <= 1, "kl_document_share",
+               "between 0 and 1", self.kl_document_share)
         for name in ("para_ratio", "long_ratio"):
             _check(_finite(getattr(self, name)) and getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
 
