@@ -178,6 +178,13 @@ def train_prefix_cmd(
     steps: int = typer.Option(PrefixConfig.steps, help="Optimiser steps."),
     lr: float = typer.Option(PrefixConfig.lr, help="Peak learning rate."),
     kl_weight: float = typer.Option(PrefixConfig.kl_weight, help="Weight of the KL term on generic instructions."),
+    kl_rows: int = typer.Option(PrefixConfig.kl_rows, help="Generic-instruction rows a step."),
+    kl_document_share: float = typer.Option(PrefixConfig.kl_document_share,
+                                            help="Share of those rows that read a document."),
+    warmup: int = typer.Option(PrefixConfig.warmup, help="Steps of learning-rate warm-up."),
+    start_from: Optional[Path] = typer.Option(None, "--start-from", metavar="PREFIX",
+                                              help="Start from a trained prefix (a second phase with other "
+                                                   "weights) instead of the instruction's KV."),
     validate_every: int = typer.Option(PrefixConfig.validate_every, help="Steps between held-out validations."),
     seed: int = typer.Option(PrefixConfig.seed, help="Random seed: a run is deterministic for a seed."),
     stop_after: Optional[int] = typer.Option(None, help="Stop after this many steps (resume later)."),
@@ -197,7 +204,9 @@ def train_prefix_cmd(
     out to choose the kept step. Checkpoints in OUTPUT.ckpt/ allow --resume."""
     from .. import api
 
-    cfg = PrefixConfig(steps=steps, lr=lr, kl_weight=kl_weight, validate_every=validate_every, seed=seed)
+    cfg = PrefixConfig(steps=steps, lr=lr, kl_weight=kl_weight, kl_rows=kl_rows, kl_document_share=kl_document_share,
+                       warmup=warmup, start_from=str(start_from) if start_from else None,
+                       validate_every=validate_every, seed=seed)
     if stop_after is not None and stop_after < 1:
         raise UsageError(f"stop_after must be at least 1 (got {stop_after})", field="stop_after")
     with _progress(as_json) as progress:
