@@ -222,8 +222,8 @@ class AskConfig(_FromDict):
     # Greedy by default: answers are reproducible and comparable across conditions.
     temperature: float = 0.0
     seed: int = 0
-    # Stop an answer once a cycle of 2-4 tokens repeats this many times in a row ("P.P.P.P."):
-    # a degenerate loop, never an answer (0: never stop for it).
+    # Stop an answer once a cycle of 2-4 tokens repeats this many times in a row ("P.P.P.P."),
+    # or one of 5-8 tokens one time fewer: a degenerate loop, never an answer (0: never stop).
     stop_repeats: int = 4
 
     def __post_init__(self):

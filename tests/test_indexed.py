@@ -418,7 +418,9 @@ def test_a_degenerate_repeat_ends_the_answer_and_a_run_of_one_token_does_not():
     assert looping([ada, p, dot, p, dot, p, dot, p, dot], 4)  # "Ada P.P.P.P."
     assert not looping([ada, p, dot, p, dot, p, dot], 4)
     assert not looping([dot] * 12, 4)  # "............" may be text (and is the pinned greedy answer)
-    assert looping([1, 2, 3] * 4, 4) and looping([1, 2, 3, 4] * 4, 4) and not looping([1, 2, 3, 4, 5] * 4, 4)
+    assert looping([1, 2, 3] * 4, 4) and looping([1, 2, 3, 4] * 4, 4)
+    assert looping([9, 1, 2, 3, 4, 5] * 3, 4) and not looping([9, 1, 2, 3, 4, 5] * 2, 4)  # a longer loop, 3 times
+    assert not looping(list(range(30)), 4)
 
 
 def test_the_answer_format_puts_its_words_after_the_question(tiny_loaded):

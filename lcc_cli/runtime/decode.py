@@ -44,8 +44,8 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
     `placed` (per row, or None): the row's prompt tokens at explicit positions, some of them
     *between* prefix entries (pages re-encoded at read time, in the question's own pass). The
     first pass then masks by position (`Placed`); `first_position` is not used for such a row.
-    `stop_repeats`: a row ends once a cycle of 2-4 tokens has repeated that many times in a
-    row (a degenerate loop such as "P.P.P.P."); 0 never ends one for it."""
+    `stop_repeats`: a row ends once it loops (`looping`: a cycle of 2-4 tokens repeated that
+    many times in a row, such as "P.P.P.P.", or a longer one a few times); 0 never ends one."""
     start = time.perf_counter()
     batch = len(prompts)
     device = next(model.parameters()).device
@@ -89,13 +89,15 @@ def decode(model, prefix: Layers | list[Layers] | None, first_position: int | li
 
 
 def looping(tokens: list[int], repeats: int) -> bool:
-    """True when the tokens end in a cycle of 2-4 tokens repeated `repeats` times (a run of one
-    token is not a cycle: "....." or "----" can be text)."""
-    for period in (2, 3, 4):
-        span = period * repeats
+    """True when the tokens end in a loop: a cycle of 2-4 tokens repeated `repeats` times, or
+    of 5-8 tokens repeated (at least 3) times ("that the document says that the document
+    says..."). A run of one token is not a cycle: "....." or "----" can be text."""
+    for period in range(2, 9):
+        times = repeats if period <= 4 else max(3, repeats - 1)
+        span = period * times
         if len(tokens) >= span:
             cycle = tokens[-period:]
-            if len(set(cycle)) > 1 and tokens[-span:] == cycle * repeats:
+            if len(set(cycle)) > 1 and tokens[-span:] == cycle * times:
                 return True
     return False
 
