@@ -293,9 +293,9 @@ class Trainer:
                     if not cfg.answerable or attempt == 7 or _holds(view, ex.answer):
                         break
                 out.append((ex, view))
-        documents = round(cfg.kl_rows * cfg.kl_document_share) if pools.doc_kl else 0
-        for j in range(cfg.kl_rows):
-            pool = pools.doc_kl if j >= cfg.kl_rows - documents else pools.plain_kl
+        share = cfg.kl_document_share if pools.doc_kl else 0.0
+        for j in range(cfg.kl_rows):  # spread evenly: at a half share, every other row reads a document
+            pool = pools.doc_kl if math.floor((j + 1) * share) > math.floor(j * share) else pools.plain_kl
             ex = rng.choice(pool)
             out.append((ex, self.reads.view(ex)))
         return out
