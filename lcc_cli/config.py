@@ -315,6 +315,9 @@ class EvalSettings(_FromDict):
     # an A/B whose other side and baselines another run with the same questions already has
     # (bench/paired.py pairs two results files).
     baselines: bool = True
+    # The whole document in the prompt (`full`, `full_words`, `full_prefix`). false on long
+    # benches where it is the slowest condition by far and not what is compared.
+    full: bool = True
     # Also answer multi-segment cartridges reading only the `route` segments each question's
     # attention favours (runtime/memory/): condition `cartridge_routed`.
     route: int | None = None

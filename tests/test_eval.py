@@ -371,3 +371,14 @@ def test_an_ab_half_without_baselines_pairs_with_a_full_run(toy, tmp_path, tiny_
     out = subprocess.run([sys.executable, str(script), str(full), "one", str(again), "one"], capture_output=True,
                          text=True, check=True, cwd=script.parents[1])
     assert "one (second run)" in json.loads(out.stdout)["8x"]["contains"]
+
+
+def test_full_false_leaves_the_whole_document_out_and_formats_reach_the_baselines(toy, tmp_path, tiny_model_dir):
+    cfg = EvalSettings(ratios=[8.0], compile=fast_config(steps=2), max_new_tokens=4, general_probes=False,
+                       full=False, baseline_formats=["plain", "words"], limit=1)
+    out = tmp_path / "out"
+    api.run_eval(toy, cfg, out, run=run_opts(tiny_model_dir))
+    rows = [r for d in json.loads((out / "results.json").read_text())["documents"] for r in d["rows"]]
+    assert {r["condition"] for r in rows} == {"none", "truncate", "retrieve", "retrieve_words", "cartridge"}
+    report = (out / "report.md").read_text()
+    assert "| cartridge | retrieve | 8x |" in report

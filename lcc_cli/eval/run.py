@@ -247,14 +247,15 @@ def evaluate_document(loaded, row: dict, doc_sha: str, settings: EvalSettings, c
     def add(condition, ratio, method, answers, budget=None):
         rows.extend(_row(row, q, condition, ratio, method, a, budget) for q, a in zip(qs, answers))
 
-    if settings.baselines:
+    if settings.baselines and settings.full:
         add("full", None, None, answers(loaded, text_view(loaded, text), texts, ask))
         for fmt in settings.baseline_formats:
             if fmt != "plain":
                 add(f"full_{fmt}", None, None, answers(loaded, text_view(loaded, text), texts, ask, answer_format=fmt))
-        add("none", None, None, answers(loaded, text_view(loaded, None), texts, ask))
         if settings.prefix_baselines and plain_prefix is not None:
             add("full_prefix", None, None, answers(loaded, text_view(loaded, text), texts, ask, plain_prefix))
+    if settings.baselines:
+        add("none", None, None, answers(loaded, text_view(loaded, None), texts, ask))
     none_general = ([a.text for a in answers(loaded, text_view(loaded, None), GENERAL_PROBES, ask)]
                     if settings.general_probes else [])
     truncated_at: set[tuple[float, int]] = set()
