@@ -66,7 +66,8 @@ def test_real_model_default_compile_is_indexed_and_reads_the_right_page(tmp_path
                                             "--json"]).stdout)
     assert answer["mode"] == "indexed" and answer["answer"].strip()
     assert any("Ada Pellinger" in p["text"] for p in answer["pages"])
-    prefix_slots = _prefix_slots() if answer["prefix"] else 0
+    assert answer["prefix"].startswith("reading-prefix-smollm2-135m")  # the shipped prefix, pinned to this model
+    prefix_slots = _prefix_slots()
     # the prefix, the header, a few pages, the end of the turn: not the document
     assert answer["kv_positions"] - prefix_slots < 80
 
