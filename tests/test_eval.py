@@ -381,4 +381,4 @@ def test_full_false_leaves_the_whole_document_out_and_formats_reach_the_baseline
     rows = [r for d in json.loads((out / "results.json").read_text())["documents"] for r in d["rows"]]
     assert {r["condition"] for r in rows} == {"none", "truncate", "retrieve", "retrieve_words", "cartridge"}
     report = (out / "report.md").read_text()
-    assert "| cartridge | retrieve | 8x |" in report
+    assert "| cartridge | retrieve | 8x |" in report and "| cartridge | retrieve_words | 8x |" in report

@@ -14,7 +14,10 @@ import random
 from collections import defaultdict
 
 METRICS = ("contains", "f1")
-BASELINES = ("truncate", "retrieve")
+# Baselines run once per KV budget at a ratio (eval/run.py): the same budget as text, read by
+# the plain model (`_words`: with the best plain prompt; `_dense`: chosen by embeddings;
+# `_prefix`: with the reading prefix)
+BASELINES = ("truncate", "retrieve", "retrieve_words", "retrieve_dense", "retrieve_prefix")
 
 
 def _side(rows: list[dict], label: str, ratio: float, budgets: dict | None = None) -> dict:

@@ -70,7 +70,8 @@ def is_compiler_file(path: Path) -> bool:
 
 def _read_header(source: Path | bytes, name: str) -> tuple:
     """(raw header, metadata, checked manifest) from the header alone."""
-    raw, meta, manifest = carts.side_manifest(source, name, "lcc_compiler", CompilerFileError, "an lcc compiler file")
+    raw, meta, manifest = carts.side_manifest(source, name, "lcc_compiler", CompilerFileError, "an lcc compiler file",
+                                             (FORMAT_NAME, FORMAT_VERSION, "compiler"))
     _validate(manifest, raw, name)
     return raw, meta, manifest
 
@@ -104,11 +105,6 @@ def load_compiler(path: str | Path) -> CompilerFile:
 
 
 def _validate(m, raw, name: str) -> None:
-    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise CompilerFileError(f"{name} is not an lcc compiler file")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise CompilerFileError(f"{name} uses compiler format version {str(m.get('format_version'))[:12]}; "
-                                f"this lcc reads version {FORMAT_VERSION}", hint="upgrade lcc")
     model, comp = m.get("model"), m.get("compiler")
     if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
         raise CompilerFileError(f"{name}: manifest has no model fingerprint")

@@ -86,17 +86,13 @@ def load_prefix(path: str | Path) -> PrefixFile:
 def _header(source: Path, name: str) -> tuple:
     if not source.is_file():
         raise CartridgeError(f"no such reading prefix: {source}")
-    raw, meta, m = carts.side_manifest(source, name, "lcc_prefix", CartridgeError, "an lcc reading prefix")
+    raw, meta, m = carts.side_manifest(source, name, "lcc_prefix", CartridgeError, "an lcc reading prefix",
+                                      (FORMAT_NAME, FORMAT_VERSION, "prefix"))
     _validate(m, raw, name)
     return raw, meta, m
 
 
 def _validate(m, raw, name: str) -> None:
-    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise CartridgeError(f"{name} is not an lcc reading prefix")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise CartridgeError(f"{name} uses prefix format version {str(m.get('format_version'))[:12]}; this lcc "
-                             f"reads version {FORMAT_VERSION}", hint="upgrade lcc")
     model = m.get("model")
     ok = isinstance(model, dict) and isinstance(model.get("fingerprint"), str) and isinstance(model.get("id"), str)
     sizes = [model.get(k) for k in ("num_layers", "num_kv_heads", "head_dim")] if ok else []

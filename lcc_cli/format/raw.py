@@ -109,10 +109,12 @@ def carries(path: Path, key: str) -> bool:
     return isinstance(meta, dict) and isinstance(meta.get(key), str)
 
 
-def side_manifest(source: Path | bytes, name: str, key: str, error, what: str) -> tuple:
+def side_manifest(source: Path | bytes, name: str, key: str, error, what: str,
+                  fmt: tuple[str, int, str]) -> tuple:
     """(raw header, metadata, manifest) of a file whose JSON manifest is the metadata string
     `key` (a compiler file, a reading prefix), from the header alone; `error` (an LccError
-    class) for anything wrong, naming the file as `what`."""
+    class) for anything wrong, naming the file as `what`. `fmt`: the format name and version
+    the manifest must declare, and the word for it in the version error."""
     try:
         raw = read_raw(source, name)
     except Exception as exc:
@@ -124,6 +126,12 @@ def side_manifest(source: Path | bytes, name: str, key: str, error, what: str) -
         manifest = json.loads(meta[key])
     except (ValueError, RecursionError) as exc:
         raise error(f"{name}: {key} manifest is not valid JSON") from exc
+    format_name, version, word = fmt
+    if not isinstance(manifest, dict) or manifest.get("format") != format_name:
+        raise error(f"{name} is not {what}")
+    if manifest.get("format_version") != version:
+        raise error(f"{name} uses {word} format version {str(manifest.get('format_version'))[:12]}; this lcc "
+                    f"reads version {version}", hint="upgrade lcc")
     return raw, meta, manifest
 
 
