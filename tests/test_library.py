@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,31 @@ def test_of_two_pages_that_match_alike_the_one_whose_document_is_about_the_quest
     lib.refresh()
     assert lib.db.execute("SELECT count(*) FROM cartridge_text").fetchone()[0] == 1
     assert {h.cartridge for h in lib.search("Which keeper lit the tower lamp at dusk?")} == {"a_bakery.lcc"}
+
+
+def _open_index_at(folder: str, start: float, out) -> None:
+    while time.time() < start:
+        pass
+    try:
+        Library(folder).db
+        out.put("ok")
+    except Exception as exc:  # reported to the parent, which asserts on it
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_processes_opening_a_new_index_at_once_both_wait_their_turn(tmp_path):
+    # SQLite answers "locked" at once (no busy handler) when two connections switch a new
+    # file to WAL together: before the fix about half of these rounds failed
+    ctx = multiprocessing.get_context("fork")
+    results = []
+    for i in range(20):
+        folder = tmp_path / f"lib{i}"
+        folder.mkdir()
+        out, start = ctx.Queue(), time.time() + 0.2
+        procs = [ctx.Process(target=_open_index_at, args=(str(folder), start, out)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        results += [out.get(timeout=5) for _ in procs]
+    assert results == ["ok"] * 40, [r for r in results if r != "ok"][:3]

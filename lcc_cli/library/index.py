@@ -147,7 +147,7 @@ class Library:
                 db = sqlite3.connect(self.path, timeout=BUSY_MS / 1000, isolation_level=None,
                                      check_same_thread=False)
                 db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
-                db.execute("PRAGMA journal_mode = WAL")
+                _wal(db)
                 db.execute("PRAGMA foreign_keys = ON")
                 if self._version(db) != SCHEMA_VERSION:
                     self._create(db)
@@ -428,6 +428,20 @@ def _index_error(exc: sqlite3.Error, path: Path, where: str = "") -> LccError:
                              hint="try again when it is done")
     return CartridgeError(f"the library index {path.name} cannot be used{where}: {exc}",
                           hint="run `lcc index DIR --rebuild`, or delete the file: it is rebuilt from the cartridges")
+
+
+def _wal(db: sqlite3.Connection) -> None:
+    """Switch to WAL. Two processes opening a new index at once race here, and SQLite answers
+    "database is locked" at once instead of calling the busy handler, so wait as it would."""
+    deadline = time.monotonic() + BUSY_MS / 1000
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _begin(db: sqlite3.Connection, path: Path) -> None:
