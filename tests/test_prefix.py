@@ -140,3 +140,36 @@ def test_a_prefix_for_another_model_or_a_damaged_one_is_refused(trained, tmp_pat
     broken.write_bytes(bytes(data))
     damaged = CliRunner().invoke(app, ask + [str(broken), "--model", str(tiny_model_dir)])
     assert damaged.exit_code == 5 and "checksum" in damaged.stderr
+
+
+def test_serve_reports_the_prefix_only_where_it_was_read(trained, tmp_path, tiny_model_dir):
+    from openai import OpenAI
+    from test_serve import Running
+
+    from conftest import run_opts
+    from lcc_cli import api
+
+    _, _, out, _ = trained
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    (tmp_path / "d.txt").write_text(DOC)
+    r = CliRunner().invoke(app, ["compile", str(tmp_path / "d.txt"), "-o", str(folder / "d.lcc"), "--index",
+                                 "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0, r.stderr
+    server = Running(api.load(run_opts(tiny_model_dir)), [folder], read=ReadConfig(prefix_file=str(out)))
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="none")
+
+        def ask(question, **lcc):
+            return client.chat.completions.create(model="library", max_tokens=2, extra_body={"lcc": lcc} if lcc else None,
+                                                  messages=[{"role": "user", "content": question}])
+        read = ask("Who designed the lighthouse?")
+        unread = ask("zzz qqq?")  # matches no page: the plain model's own turn, read without the prefix
+        assert read.model_extra["lcc"]["prefix"].startswith("tiny") and unread.model_extra["lcc"]["prefix"] is None
+        # and its usage counts no prefix entries: the same as a request that turned the prefix off
+        assert unread.usage.prompt_tokens == ask("zzz qqq?", prefix=False).usage.prompt_tokens
+        without = ask("Who designed the lighthouse?", prefix=False)
+        entries = len(__import__("lcc_cli.format.prefix_file", fromlist=["x"]).load_prefix(out).keys[0][0])
+        assert read.usage.prompt_tokens == without.usage.prompt_tokens + entries
+    finally:
+        server.stop()

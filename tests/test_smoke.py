@@ -40,9 +40,9 @@ def test_real_model_compile_then_ask(tmp_path):
     answer = runner.invoke(app, ["ask", str(out), "Who designed the lighthouse?", "--json"])
     payload = json.loads(answer.stdout)
     assert answer.exit_code == 0 and payload["answer"].strip()
-    # the buffer, and the shipped reading prefix's entries before it when the answer read it
-    prefix_slots = _prefix_slots() if payload["prefix"] else 0
-    assert payload["kv_positions"] == summary["slots"] + prefix_slots
+    # the buffer, and the shipped reading prefix's entries before it (read before every document)
+    assert payload["prefix"].startswith("reading-prefix-smollm2-135m")
+    assert payload["kv_positions"] == summary["slots"] + _prefix_slots()
 
     full = json.loads(runner.invoke(app, ["ask", "--context", str(EXAMPLE), "When was the lighthouse completed?",
                                           "--json"]).stdout)

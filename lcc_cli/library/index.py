@@ -439,7 +439,7 @@ def _wal(db: sqlite3.Connection) -> None:
             db.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+            if not ("locked" in str(exc) or "busy" in str(exc)) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
 

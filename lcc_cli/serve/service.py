@@ -233,8 +233,8 @@ class Service:
     async def submit(self, req: ChatRequest) -> tuple[Job, int, dict | None]:
         """(the job, in the engine's queue; its prompt tokens; the `lcc` extra of the response)."""
         read = self.read_of(req)
-        prefix = self.prefix if read.prefix else None  # read before documents only (runtime.reading.View)
-        first = prefix.slots if prefix is not None else 0
+        prefix = self.prefix if read.prefix else None
+        first = prefix.slots if prefix is not None else 0  # admitted before the view is known: the most it reads
         if req.model not in (self.plain, LIBRARY):
             await self.refreshed(req.model.split("+")[:self.limits.max_parts + 1])
         readied: list[Prepared] = []
@@ -250,10 +250,12 @@ class Service:
             self.engine.submit(job)
         except QueueFull as exc:
             raise ApiError(429, f"too many requests: {exc}", "rate_limit_error", "queue_full") from None
-        prompt_tokens = len(ready.prompt) + view.stored + len(view.fresh) + first
+        # the engine reads the prefix before documents only (runtime.reading.View.document)
+        read_prefix = prefix if prefix is not None and view.document else None
+        prompt_tokens = len(ready.prompt) + view.stored + len(view.fresh) + (read_prefix.slots if read_prefix else 0)
         extra = None
         if view.pages is not None:
-            extra = {"read": _read_report(read, view), "prefix": prefix.name if prefix is not None else None}
+            extra = {"read": _read_report(read, view), "prefix": read_prefix.name if read_prefix else None}
             if req.lcc is None or req.lcc.pages:
                 extra["pages"] = [p.to_dict() for p in view.pages]
             if not view.pages:
