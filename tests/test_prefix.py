@@ -140,6 +140,10 @@ def test_a_prefix_for_another_model_or_a_damaged_one_is_refused(trained, tmp_pat
     broken.write_bytes(bytes(data))
     damaged = CliRunner().invoke(app, ask + [str(broken), "--model", str(tiny_model_dir)])
     assert damaged.exit_code == 5 and "checksum" in damaged.stderr
+    # a plain question reads no prefix, but a bad file is still a bad file (not silently ignored)
+    plain = CliRunner().invoke(app, ["ask", "Who?", "--max-new-tokens", "2", "--model", str(tiny_model_dir),
+                                     "--prefix-file", str(broken)])
+    assert plain.exit_code == 5 and "checksum" in plain.stderr
 
 
 def test_serve_reports_the_prefix_only_where_it_was_read(trained, tmp_path, tiny_model_dir):

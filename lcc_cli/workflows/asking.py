@@ -34,10 +34,9 @@ class Reader:
         self.document = read_document(context).text if context is not None else None
         self.loaded = loaded or load(run or RunOptions())
         self.read = read or ReadConfig()
-        # the prefix carries a reading skill: read before a document (cartridges, a library,
-        # --context), never before the plain model's own system turn (runtime.reading.View)
-        self.reads_document = bool(library is not None or carts or context is not None)
-        self.prefix = reading_prefix(self.loaded, self.read.prefix and self.reads_document, self.read.prefix_file)
+        # loaded whatever is read (a bad --prefix-file is an error even for a plain question);
+        # the engine decides which views read it (runtime.reading.View.document)
+        self.prefix = reading_prefix(self.loaded, self.read.prefix, self.read.prefix_file)
         names = [Path(c).name if isinstance(c, (str, Path)) else
                  str(c.manifest["source"].get("name") or f"cartridge {i + 1}") for i, c in enumerate(cartridges)]
         self._opened = (carts, names, force, library)
@@ -55,7 +54,7 @@ class Reader:
         memory = open_memory(carts, self.loaded, names, force, read=read,
                              library=library) if self.memory is not None else None
         self.read, self.memory = read, memory
-        self.prefix = reading_prefix(self.loaded, read.prefix and self.reads_document, read.prefix_file)
+        self.prefix = reading_prefix(self.loaded, read.prefix, read.prefix_file)
 
     def view(self, question: str):
         """What `question` reads (runtime.reading.View): its memory's view, or the context turn
@@ -77,15 +76,21 @@ class Reader:
         """Refuse any question that cannot be answered before the first is: empty, not text,
         too long in characters (checked before tokenising) or for the model's window (from
         what each question chose, before any entry is read)."""
+        from ..runtime.reading import Row, check_rows
         from ..runtime.text import check_window
 
         cfg = cfg or AskConfig()
         for question in questions:
             check_question(question)
-        first = self.prefix.slots if self.prefix is not None else 0
+        kv = self.prefix.buffer if self.prefix is not None else None
         for question in questions:
-            end = self.memory.end(question) if self.memory is not None else self.view(question).end
-            check_window(self.loaded, first + end + len(self.prompt(question)), cfg.max_new_tokens)
+            if self.memory is None:  # the text view is cheap: the engine's own rule decides
+                check_rows(self.loaded, [Row(self.view(question), self.prompt(question), question)],
+                           cfg.max_new_tokens, kv)
+            else:  # counted as if the prefix is read, from what the question chose (no entry read yet)
+                first = kv.slots if kv is not None else 0
+                check_window(self.loaded, first + self.memory.end(question) + len(self.prompt(question)),
+                             cfg.max_new_tokens)
 
     def ask(self, question: str, cfg: AskConfig | None = None, on_text=None):
         """One answer (runtime.reading.Answer), alone: it never depends on other questions."""
