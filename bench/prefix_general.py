@@ -7,6 +7,10 @@ turn (no document), so there its answers are the plain model's by construction; 
 document" row forces the prefix there anyway, to show what it would do.
 
     python bench/prefix_general.py [--prefix-file FILE] > bench/results/prefix-general.json
+    python bench/prefix_general.py --untrained > bench/results/prefix-general-init.json
+
+`--untrained` reads the prefix's starting point instead (the KV of its one instruction, as
+`lcc train-prefix` begins): how far a single plain instruction moves the answers.
 """
 
 from __future__ import annotations
@@ -47,9 +51,12 @@ def bootstrap(values: list[float], draws: int = 2000) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prefix-file", default=None)
+    parser.add_argument("--untrained", action="store_true", help="the prefix's starting point (step 0)")
     parser.add_argument("--documents", type=int, default=10)
     args = parser.parse_args()
     model = lcc.load_model()
+    if args.untrained:
+        args.prefix_file = _untrained(model.loaded)
     agnostic, about = instructions()
     out: dict = {"instructions": {"no document": len(agnostic), "with a document": len(about)}}
     rows = {"no document": [], "with a document": []}
@@ -81,6 +88,23 @@ def main() -> None:
     out["prefix"] = forced.name if forced is not None else None
     out["rows"] = rows
     print(json.dumps(out, indent=1))
+
+
+def _untrained(loaded) -> str:
+    """The KV of the init instruction's prefill written as a prefix file (a temporary one)."""
+    import tempfile
+
+    from lcc_cli.config import PrefixConfig
+    from lcc_cli.format.prefix_file import save_prefix
+    from lcc_cli.training.prefix import Trainer
+
+    cfg = PrefixConfig()
+    start = Trainer._start(loaded, cfg)
+    path = Path(tempfile.mkdtemp()) / "untrained.safetensors"
+    save_prefix(path, {"name": "init-instruction", "prompt": {"init": cfg.init}, "training": {"steps": 0},
+                       "model": loaded.facts.to_manifest(loaded.model_id, loaded.fingerprint)},
+                list(start.keys), list(start.values))
+    return str(path)
 
 
 def _agree(mine: str, plain: str) -> float:
