@@ -204,7 +204,7 @@ def row_logits(loaded, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, v
 
 
 def step_loss(loaded, prefix, views: list[View], rows: list[tuple[list[int], list[int], bool]]) -> dict:
-    """{"loss", "qa", "kl"} for rows of (prompt, target, is_kl): cross-entropy of QA targets,
+    """{"qa", "kl"} for rows of (prompt, target, is_kl): cross-entropy of QA targets,
     KL(plain model || prefixed) on instruction responses, each a mean over its tokens."""
     keep = max(len(t) for _, t, _ in rows) + 1
     logits = row_logits(loaded, prefix, views, [p + t for p, t, _ in rows], keep)
@@ -214,6 +214,14 @@ def step_loss(loaded, prefix, views: list[View], rows: list[tuple[list[int], lis
         with torch.no_grad():
             teacher = row_logits(loaded, None, [views[i] for i in kl_rows], [rows[i][0] + rows[i][1] for i in kl_rows],
                                  keep)
+    return loss_terms(logits, teacher, rows, keep)
+
+
+def loss_terms(logits: torch.Tensor, teacher: torch.Tensor | None, rows: list[tuple[list[int], list[int], bool]],
+               keep: int) -> dict:
+    """The two terms from the trained reader's logits and the plain model's on the KL rows (in
+    order); bench/page_lora.py trains another form of the skill on the same terms."""
+    kl_rows = [i for i, (_, _, is_kl) in enumerate(rows) if is_kl]
     qa, kl, n_qa, n_kl = 0.0, 0.0, 0, 0
     for i, (_, target, is_kl) in enumerate(rows):
         n = len(target)
@@ -225,8 +233,7 @@ def step_loss(loaded, prefix, views: list[View], rows: list[tuple[list[int], lis
         else:
             qa = qa - student.gather(-1, torch.tensor(target, device=student.device)[:, None]).sum()
             n_qa += n
-    terms = {"qa": qa / max(n_qa, 1), "kl": kl / max(n_kl, 1)}
-    return terms
+    return {"qa": qa / max(n_qa, 1), "kl": kl / max(n_kl, 1)}
 
 
 # --- the loop ---------------------------------------------------------------------------------------
