@@ -23,13 +23,13 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 SQUAD = ROOT / "build" / "squad" / "squad_train.jsonl"
 
 import torch  # noqa: E402
@@ -38,8 +38,9 @@ import lcc  # noqa: E402
 from lcc_cli.config import AskConfig, PrefixConfig  # noqa: E402
 from lcc_cli.runtime.prefix import reading_prefix  # noqa: E402
 from lcc_cli.runtime.reading import Row, answer_rows  # noqa: E402
-from lcc_cli.scoring import score, token_f1  # noqa: E402
+from lcc_cli.scoring import score  # noqa: E402
 from lcc_cli.training import prefix as tp  # noqa: E402
+from prefix_general import _agree, bootstrap  # noqa: E402
 
 
 class PageLora:
@@ -121,12 +122,21 @@ def evaluate(loaded, reads, qa, general, plain_general, lora=None, prefix=None) 
         got = [answer(loaded, reads.view(ex), ex.question, lora, prefix) for ex in qa]
         mine = [answer(loaded, reads.view(ex), ex.question, lora, prefix) for ex in general]
     scores = [score(a, [ex.answer]) for a, ex in zip(got, qa)]
-    agree = [token_f1(m, [g]) if g.strip() else float(not m.strip()) for m, g in zip(mine, plain_general)]
+    agree = [_agree(m, g) for m, g in zip(mine, plain_general)]
     mean = lambda xs: round(sum(xs) / max(len(xs), 1), 4)  # noqa: E731
     return {"em": mean([s["em"] for s in scores]), "f1": mean([s["f1"] for s in scores]),
             "contains": mean([s["contains"] for s in scores]), "general_f1_document": mean(agree),
             "per_question": [{"q": ex.question, "gold": ex.answer, "got": a, **s} for ex, a, s in zip(qa, got, scores)],
             "general": [{"q": ex.question, "got": m} for ex, m in zip(general, mine)]}
+
+
+def paired(out: dict) -> dict:
+    pairs = {}
+    for a, b in (("page lora", "no prefix"), ("page lora", "shipped prefix"), ("shipped prefix", "no prefix")):
+        for metric in ("f1", "contains", "em"):
+            diffs = [x[metric] - y[metric] for x, y in zip(out[a]["per_question"], out[b]["per_question"])]
+            pairs[f"{a} - {b} {metric}"] = [round(sum(diffs) / len(diffs), 3), *bootstrap(diffs)]
+    return pairs
 
 
 def main() -> None:
@@ -184,14 +194,7 @@ def main() -> None:
     out["train_seconds"] = round(time.perf_counter() - started, 1)
     out["page lora"] = evaluate(loaded, reads, qa, general, plain_general, lora=lora)
     out["history"] = history
-    pairs = {}
-    for a, b in (("page lora", "no prefix"), ("page lora", "shipped prefix"), ("shipped prefix", "no prefix")):
-        for metric in ("f1", "contains", "em"):
-            diffs = [x[metric] - y[metric] for x, y in zip(out[a]["per_question"], out[b]["per_question"])]
-            rng = random.Random(0)
-            means = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(2000))
-            pairs[f"{a} - {b} {metric}"] = [round(sum(diffs) / len(diffs), 3), round(means[50], 3), round(means[1949], 3)]
-    out["paired (mean, 95% CI over questions)"] = pairs
+    out["paired (mean, 95% CI over questions)"] = pairs = paired(out)
     Path(args.out).write_text(json.dumps(out, indent=1))
     summary = {k: {m: out[k][m] for m in ("em", "f1", "contains", "general_f1_document")}
                for k in ("no prefix", "shipped prefix", "page lora")}

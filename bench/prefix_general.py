@@ -99,7 +99,7 @@ def _untrained(loaded) -> str:
     from lcc_cli.training.prefix import Trainer
 
     cfg = PrefixConfig()
-    start = Trainer._start(loaded, cfg)
+    start = Trainer.starting_entries(loaded, cfg)
     path = Path(tempfile.mkdtemp()) / "untrained.safetensors"
     save_prefix(path, {"name": "init-instruction", "prompt": {"init": cfg.init}, "training": {"steps": 0},
                        "model": loaded.facts.to_manifest(loaded.model_id, loaded.fingerprint)},

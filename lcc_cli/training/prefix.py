@@ -260,7 +260,7 @@ class Trainer:
         self.history: list[dict] = []
         self.step = 0
         self.best: tuple[float, int] | None = None
-        start = self._start(loaded, cfg)
+        start = self.starting_entries(loaded, cfg)
         self.keys = [torch.nn.Parameter(k.float().clone()) for k in start.keys]
         self.values = [torch.nn.Parameter(v.float().clone()) for v in start.values]
         self.opt = torch.optim.Adam(self.keys + self.values, lr=cfg.lr)
@@ -268,7 +268,7 @@ class Trainer:
             param.requires_grad_(False)
 
     @staticmethod
-    def _start(loaded, cfg: PrefixConfig) -> Buffer:
+    def starting_entries(loaded, cfg: PrefixConfig) -> Buffer:
         """Where the entries start: a trained prefix (`start_from`: a second phase with other
         weights), or the KV of the `init` instruction's prefill."""
         if cfg.start_from:
