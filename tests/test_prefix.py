@@ -124,7 +124,7 @@ def test_ask_reads_a_prefix_file_says_so_and_reads_without_it_when_told(trained,
     no_document = CliRunner().invoke(app, ["ask", "Who?", "--model", str(tiny_model_dir), "--json",
                                            "--max-new-tokens", "2", "--prefix-file", str(out)])
     assert json.loads(no_document.stdout)["prefix"] is None  # the plain model's answers stay its own
-    entries = len(__import__("lcc_cli.format.prefix_file", fromlist=["x"]).load_prefix(out).keys[0][0])
+    entries = _entries(out)
     assert read["kv_positions"] == without["kv_positions"] + entries
 
 
@@ -173,7 +173,14 @@ def test_serve_reports_the_prefix_only_where_it_was_read(trained, tmp_path, tiny
         # and its usage counts no prefix entries: the same as a request that turned the prefix off
         assert unread.usage.prompt_tokens == ask("zzz qqq?", prefix=False).usage.prompt_tokens
         without = ask("Who designed the lighthouse?", prefix=False)
-        entries = len(__import__("lcc_cli.format.prefix_file", fromlist=["x"]).load_prefix(out).keys[0][0])
+        entries = _entries(out)
         assert read.usage.prompt_tokens == without.usage.prompt_tokens + entries
     finally:
         server.stop()
+
+
+def _entries(path) -> int:
+    """Entries a layer in a prefix file (what reading it adds to kv_positions and usage)."""
+    from lcc_cli.format.prefix_file import load_prefix
+
+    return load_prefix(path).keys[0].shape[1]
